@@ -1,0 +1,39 @@
+"""fwdgrad_jax: forward gradients for JAX — gradient estimates from jax.jvp along random tangents.
+
+The core is pure functions over pytrees; models, data and the training loop live in
+their own modules and are imported explicitly (``from fwdgrad_jax import train``).
+"""
+
+from fwdgrad_jax import aggregation, functions, metrics, tangents
+from fwdgrad_jax.estimators import (
+  forward_grad,
+  get_estimator,
+  value_and_exact_grad,
+  value_and_forward_grad,
+)
+from fwdgrad_jax.metrics import cosine_similarity, norm_ratio
+from fwdgrad_jax.transforms import (
+  ForwardGradientState,
+  exact_gradient,
+  forward_gradient,
+  gradient_transform,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "ForwardGradientState",
+  "aggregation",
+  "cosine_similarity",
+  "exact_gradient",
+  "forward_grad",
+  "forward_gradient",
+  "functions",
+  "get_estimator",
+  "gradient_transform",
+  "metrics",
+  "norm_ratio",
+  "tangents",
+  "value_and_exact_grad",
+  "value_and_forward_grad",
+]

@@ -1,0 +1,73 @@
+"""Tests of the tangent samplers (fwdgrad_jax.tangents)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fwdgrad_jax import tangents
+
+_PARAMS = {"w": jnp.zeros((30, 40)), "b": jnp.zeros((7,), jnp.bfloat16), "s": jnp.zeros(())}
+
+
+@pytest.mark.parametrize("name", sorted(tangents.SAMPLERS))
+def test_shapes_dtypes_and_structure(name):
+  batch = tangents.sample(jax.random.key(0), _PARAMS, 3, name)
+  assert jax.tree.structure(batch) == jax.tree.structure(_PARAMS)
+  for v, p in zip(jax.tree.leaves(batch), jax.tree.leaves(_PARAMS)):
+    assert v.shape == (3, *p.shape) and v.dtype == p.dtype
+
+
+@pytest.mark.parametrize("name", ["normal", "rademacher"])
+def test_unit_second_moment_and_independence(name):
+  """E v = 0 and E v² = 1 per component, within standard errors, over 3×1207 draws."""
+  batch = tangents.sample(jax.random.key(1), {"w": jnp.zeros((400_000,))}, 2, name)
+  v = np.asarray(batch["w"], np.float64)
+  n = v.size
+  assert abs(v.mean()) < 5 / math.sqrt(n)
+  fourth = 3.0 if name == "normal" else 1.0  # E v⁴, so Var v² = fourth − 1
+  assert abs((v**2).mean() - 1) < 5 * math.sqrt(max(fourth - 1, 1e-12) / n) + 1e-12
+  # Tangents of one batch are independent of each other: E[v_1 v_2] = 0.
+  assert abs(np.mean(v[0] * v[1])) < 5 / math.sqrt(v.shape[1])
+  if name == "rademacher":
+    assert set(np.unique(v)) == {-1.0, 1.0}
+
+
+def test_rademacher_bits_are_balanced_per_position():
+  # The bit-unpacking must not favour any of the 32 positions of a random word.
+  v = np.asarray(tangents.sample(jax.random.key(2), jnp.zeros((32 * 20_000,)), 1, "rademacher"))
+  ones = (v.reshape(-1, 32) > 0).mean(0)
+  assert np.all(np.abs(ones - 0.5) < 5 * 0.5 / math.sqrt(20_000))
+
+
+def test_normalized_tangents_have_unit_norm_over_the_pytree():
+  batch = tangents.sample(jax.random.key(3), _PARAMS, 4, "normal", normalized=True)
+  sq = sum(
+    np.sum(np.asarray(v, np.float64).reshape(4, -1) ** 2, axis=1) for v in jax.tree.leaves(batch)
+  )
+  np.testing.assert_allclose(sq, 1.0, rtol=1e-2)  # bf16 leaf limits the precision
+
+
+def test_partition_blocks_are_contiguous_and_sum_to_one_gaussian_vector():
+  params = {"a": jnp.zeros((5,)), "b": jnp.zeros((7,))}
+  batch = tangents.sample(jax.random.key(4), params, 3, "partition")
+  flat = np.concatenate([np.asarray(batch["a"]), np.asarray(batch["b"])], axis=1)  # (3, 12)
+  owner = np.argmax(flat != 0, axis=0)
+  np.testing.assert_array_equal(owner, (np.arange(12) * 3) // 12)
+  assert ((flat != 0).sum(0) == 1).all()
+
+
+def test_fresh_keys_give_fresh_tangents_and_same_keys_repeat():
+  a = tangents.sample(jax.random.key(5), _PARAMS, 2)
+  b = tangents.sample(jax.random.key(5), _PARAMS, 2)
+  c = tangents.sample(jax.random.key(6), _PARAMS, 2)
+  np.testing.assert_array_equal(a["w"], b["w"])
+  assert not np.allclose(a["w"], c["w"])
+  assert not np.allclose(a["w"][0], a["w"][1])
+
+
+def test_unknown_name_is_a_clear_error():
+  with pytest.raises(ValueError, match="tangents='sobol'"):
+    tangents.get_sampler("sobol")
