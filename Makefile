@@ -5,7 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint clean
+# Debian's package with the real Fashion-MNIST: the offline default data set.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: install data demo functions test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +19,18 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: install
+$(FASHION_MNIST):
+	$(SUDO) apt-get install -y -q dataset-fashion-mnist || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
+
+data: $(FASHION_MNIST)
+
+# The main job: Fashion-MNIST MLP, forward gradients (k = 1, 4) vs backprop, 300 steps each.
+demo: install data
+	$(PY) experiments/compare.py
+
+# Beale and Rosenbrock minimised with forward gradients and jax.grad (Baydin et al. Fig. 2).
+functions: install
 	$(PY) experiments/demo.py
 
 test: install

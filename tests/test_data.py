@@ -7,15 +7,13 @@ data come from tiny IDX files written here and prepared by tfds's real
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import socket
-import struct
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import _tiny_tfds
 import numpy as np
 import pytest
 
@@ -28,21 +26,6 @@ N_TRAIN, N_TEST, VAL_SIZE = 40, 12, 8
 _TFDS_FASHION_CHECKSUMS = Path(tfds.__file__).parent / "url_checksums" / "fashion_mnist.txt"
 
 
-def _refuse_network(*args, **kwargs):
-  raise OSError("network access is disabled in tests")
-
-
-@pytest.fixture(scope="module")
-def no_network():
-  """Make any network use fail at once, for the whole module."""
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(socket.socket, "connect", _refuse_network)
-    mp.setattr(socket.socket, "connect_ex", _refuse_network)
-    mp.setattr(socket, "create_connection", _refuse_network)
-    mp.setattr(socket, "getaddrinfo", _refuse_network)
-    yield
-
-
 @pytest.fixture(autouse=True)
 def _isolated(no_network, monkeypatch):
   # The developer's own settings must not leak into the tests.
@@ -50,44 +33,15 @@ def _isolated(no_network, monkeypatch):
   monkeypatch.delenv(data.FASHION_MNIST_DIR_ENV, raising=False)
 
 
-def _write_idx_images(path: Path, images: np.ndarray) -> None:
-  n, rows, cols = images.shape
-  with gzip.open(path, "wb") as f:
-    f.write(struct.pack(">IIII", 0x803, n, rows, cols) + images.tobytes())
-
-
-def _write_idx_labels(path: Path, labels: np.ndarray) -> None:
-  with gzip.open(path, "wb") as f:
-    f.write(struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, no_network):
   """A tiny Fashion-MNIST-format data set prepared by tfds into a temp data dir."""
-  rng = np.random.default_rng(1234)
   manual = tmp_path_factory.mktemp("manual")
-  train_x = rng.integers(0, 256, (N_TRAIN, 28, 28), dtype=np.uint8)
-  train_y = rng.integers(0, 10, N_TRAIN)
-  test_x = rng.integers(0, 256, (N_TEST, 28, 28), dtype=np.uint8)
-  test_y = rng.integers(0, 10, N_TEST)
-  _write_idx_images(manual / "train-images-idx3-ubyte.gz", train_x)
-  _write_idx_labels(manual / "train-labels-idx1-ubyte.gz", train_y)
-  _write_idx_images(manual / "t10k-images-idx3-ubyte.gz", test_x)
-  _write_idx_labels(manual / "t10k-labels-idx1-ubyte.gz", test_y)
   data_dir = tmp_path_factory.mktemp("tfds")
   checksums_before = hashlib.sha256(_TFDS_FASHION_CHECKSUMS.read_bytes()).hexdigest()
-
-  # tfds's MNIST-family builders read exactly `_TRAIN_EXAMPLES` (60000) and
-  # `_TEST_EXAMPLES` (10000) images, ignoring the count in the IDX header, so
-  # tiny files need those two module constants lowered. Everything else is
-  # tfds's real code: manual-dir lookup, checksum validation, .gz extraction,
-  # example generation, PNG encoding, tfrecord writing and as_dataset.
-  # (`raising=True`, the default: if tfds renames them this fails loudly.)
-  mnist_module = sys.modules[tfds.image_classification.FashionMNIST.__module__]
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(mnist_module, "_TRAIN_EXAMPLES", N_TRAIN)
-    mp.setattr(mnist_module, "_TEST_EXAMPLES", N_TEST)
-    ds = data.load("fashion_mnist", data_dir=data_dir, manual_dir=manual, val_size=VAL_SIZE, seed=0)
+  ds, (train_x, train_y, test_x, test_y) = _tiny_tfds.make(
+    manual, data_dir, N_TRAIN, N_TEST, seed=1234, val_size=VAL_SIZE
+  )
   return SimpleNamespace(
     ds=ds,
     data_dir=data_dir,

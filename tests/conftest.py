@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny tfds-prepared data set for the training tests (no network)."""
+
+import socket
+
+import _tiny_tfds
+import pytest
+
+N_TRAIN, N_TEST, VAL_SIZE = 320, 64, 64
+
+
+def _refuse_network(*args, **kwargs):
+  raise OSError("network access is disabled in tests")
+
+
+@pytest.fixture(scope="session")
+def no_network():
+  """Make any network use fail at once, for the whole session."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(socket.socket, "connect", _refuse_network)
+    mp.setattr(socket.socket, "connect_ex", _refuse_network)
+    mp.setattr(socket, "create_connection", _refuse_network)
+    mp.setattr(socket, "getaddrinfo", _refuse_network)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, no_network):
+  """(data_dir, dataset): learnable Fashion-MNIST-format data prepared by tfds's builder."""
+  manual = tmp_path_factory.mktemp("tiny_manual")
+  data_dir = tmp_path_factory.mktemp("tiny_tfds")
+  ds, _ = _tiny_tfds.make(manual, data_dir, N_TRAIN, N_TEST, seed=7, val_size=VAL_SIZE)
+  return data_dir, ds

@@ -1,0 +1,59 @@
+"""Smoke tests of the Baydin et al. 2022 Fig. 1 and Fig. 2 scripts (run in-process, --quick)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _load(name):
+  # experiments/ is a folder of scripts, not a package: load them by path.
+  spec = importlib.util.spec_from_file_location(name, _EXPERIMENTS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_fig1_writes_the_png_and_consistent_numbers(tmp_path):
+  _load("baydin2022_fig1").main(["--out", str(tmp_path), "--seed", "1"])
+  assert (tmp_path / "fig1_beale_samples.png").stat().st_size > 10_000
+  rec = json.loads((tmp_path / "fig1_beale_samples.json").read_text())
+  true = np.array(rec["true_gradient"])
+  np.testing.assert_allclose(true, [-3.4339, -0.8079], atol=1e-3)  # ∇Beale at (1.5, −0.1)
+  assert len(rec["samples"]) == 5
+  for s in rec["samples"]:
+    v, g = np.array(s["tangent"]), np.array(s["forward_gradient"])
+    # Each sample is exactly (∇f·v) v, and a single-tangent forward gradient never points
+    # away from ∇f: cos = |∇f·v| / (‖∇f‖ ‖v‖) ≥ 0.
+    np.testing.assert_allclose(g, (true @ v) * v, rtol=1e-4, atol=1e-5)
+    assert 0.0 <= s["cosine_to_true"] <= 1.0 + 1e-6
+  mean = np.mean([s["forward_gradient"] for s in rec["samples"]], axis=0)
+  np.testing.assert_allclose(rec["mean"], mean, rtol=1e-5)
+
+
+def test_fig2_quick_writes_the_png_and_sane_numbers(tmp_path):
+  argv = ["--quick", "--runs", "3", "--timing-reps", "3", "--out", str(tmp_path)]
+  _load("baydin2022_fig2").main(argv)
+  assert (tmp_path / "fig2_test_functions.png").stat().st_size > 10_000
+  rec = json.loads((tmp_path / "fig2_test_functions.json").read_text())
+  assert set(rec["functions"]) == {"beale", "rosenbrock"}
+  assert rec["jax_version"] and rec["hardware"] and "--quick" in rec["command"]
+  for name, entry in rec["functions"].items():
+    start = entry["start_loss"]
+    assert start > 1.0, name
+    fwd, bp = entry["methods"]["forward"], entry["methods"]["backprop"]
+    for m in (fwd, bp):
+      assert m["all_finite"], name
+      assert m["final_loss"]["min"] <= m["final_loss"]["median"] <= m["final_loss"]["max"]
+      assert m["seconds_per_iteration"] > 0
+    # Even a few hundred steps take both methods well below the start.
+    assert fwd["final_loss"]["max"] < 0.5 * start, name
+    assert bp["final_loss"]["max"] < 0.5 * start, name
+    # Backprop is deterministic: all its runs end at the same point.
+    assert bp["final_loss"]["max"] == pytest.approx(bp["final_loss"]["min"], rel=1e-6)
+    ratio = fwd["seconds_per_iteration"] / bp["seconds_per_iteration"]
+    assert entry["time_ratio_forward_over_backprop"] == pytest.approx(ratio)
