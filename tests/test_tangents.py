@@ -20,19 +20,33 @@ def test_shapes_dtypes_and_structure(name):
     assert v.shape == (3, *p.shape) and v.dtype == p.dtype
 
 
-@pytest.mark.parametrize("name", ["normal", "rademacher"])
+@pytest.mark.parametrize("name", ["normal", "rademacher", "normal_threefry", "rademacher_threefry"])
 def test_unit_second_moment_and_independence(name):
   """E v = 0 and E v² = 1 per component, within standard errors, over 3×1207 draws."""
   batch = tangents.sample(jax.random.key(1), {"w": jnp.zeros((400_000,))}, 2, name)
   v = np.asarray(batch["w"], np.float64)
   n = v.size
   assert abs(v.mean()) < 5 / math.sqrt(n)
-  fourth = 3.0 if name == "normal" else 1.0  # E v⁴, so Var v² = fourth − 1
+  fourth = 3.0 if name.startswith("normal") else 1.0  # E v⁴, so Var v² = fourth − 1
   assert abs((v**2).mean() - 1) < 5 * math.sqrt(max(fourth - 1, 1e-12) / n) + 1e-12
   # Tangents of one batch are independent of each other: E[v_1 v_2] = 0.
   assert abs(np.mean(v[0] * v[1])) < 5 / math.sqrt(v.shape[1])
-  if name == "rademacher":
+  # Neighbouring counters of the hash are independent too: E[v_j v_{j+1}] = 0.
+  assert abs(np.mean(v[0, 1:] * v[0, :-1])) < 5 / math.sqrt(v.shape[1])
+  if name.startswith("rademacher"):
     assert set(np.unique(v)) == {-1.0, 1.0}
+  else:
+    # Gaussian tails: P(|v| > 3) = 0.0027, with its binomial standard error.
+    p = 2 * 0.0013499
+    assert abs(np.mean(np.abs(v) > 3) - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_leaves_get_independent_streams():
+  # Two leaves of the same shape must not receive the same (or a shifted) stream.
+  batch = tangents.sample(jax.random.key(9), {"a": jnp.zeros(50_000), "b": jnp.zeros(50_000)}, 1)
+  a, b = np.asarray(batch["a"][0], np.float64), np.asarray(batch["b"][0], np.float64)
+  assert abs(np.mean(a * b)) < 5 / math.sqrt(a.size)
+  assert abs(np.mean(a[1:] * b[:-1])) < 5 / math.sqrt(a.size)
 
 
 def test_rademacher_bits_are_balanced_per_position():
