@@ -34,7 +34,12 @@ RUNS = [
   ("forward k=1", ["estimator=forward", "estimator.num_tangents=1", "optimizer.lr=1e-4"]),
   ("forward k=4", ["estimator=forward", "estimator.num_tangents=4", "optimizer.lr=1e-4"]),
 ]
-DEFAULTS = ["train.steps=300", "train.log_every=50", "train.eval_every=300", "train.grad_check_every=100"]
+DEFAULTS = [
+  "train.steps=300",
+  "train.log_every=50",
+  "train.eval_every=300",
+  "train.grad_check_every=100",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,18 +66,25 @@ def main(argv: list[str] | None = None) -> int:
 
   cfg0 = configs[0][1]
   try:
-    dataset = data.load(cfg0.data.name, data_dir=cfg0.data.data_dir, val_size=cfg0.data.val_size, seed=cfg0.seed)
+    dataset = data.load(
+      cfg0.data.name, data_dir=cfg0.data.data_dir, val_size=cfg0.data.val_size, seed=cfg0.seed
+    )
   except data.DatasetUnavailableError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   summaries = []
   for label, cfg in configs:
     run_dir = Path(args.out) / label.replace(" ", "_").replace("=", "")
-    print(f"\n== {label}: {cfg.model.name} on {cfg.data.name}, {cfg.train.steps} steps -> {run_dir}", flush=True)
+    print(
+      f"\n== {label}: {cfg.model.name} on {cfg.data.name}, {cfg.train.steps} steps -> {run_dir}",
+      flush=True,
+    )
     summaries.append((label, train.train(cfg, run_dir, dataset=dataset)))
 
   device = jax.devices()[0]
-  print(f"\n{cfg0.model.name} on {cfg0.data.name}, batch {cfg0.train.batch_size}, {cfg0.train.steps} steps; ")
+  print(
+    f"\n{cfg0.model.name} on {cfg0.data.name}, batch {cfg0.train.batch_size}, {cfg0.train.steps} steps; "
+  )
   print(f"jax {jax.__version__} on {device.platform} ({device.device_kind})\n")
   header = f"{'method':12s} {'lr':>7s} {'test acc':>8s} {'test loss':>9s} {'step ms':>8s} {'base ms':>8s} {'R':>6s}"
   print(header + "   (R = step time / forward+loss time: R_b for backprop, R_f for forward)")
@@ -89,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     if s["runtime_ratio"] and r_b:
       print(f"R_f/R_b ({label}) = {s['runtime_ratio'] / r_b:.3f}")
   Path(args.out).mkdir(parents=True, exist_ok=True)
-  (Path(args.out) / "comparison.json").write_text(json.dumps({lbl: s for lbl, s in summaries}, indent=2))
+  (Path(args.out) / "comparison.json").write_text(
+    json.dumps({lbl: s for lbl, s in summaries}, indent=2)
+  )
   return 0
 
 

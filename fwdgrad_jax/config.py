@@ -161,75 +161,47 @@ def _nonnegative_int(key: str, value: Any) -> None:
   _require(_is_int(value) and value >= 0, key, value, "must be an integer >= 0 (0 = off)")
 
 
+def _choice(key: str, value: Any, choices: Any) -> None:
+  _require(value in choices, key, value, f"use one of {sorted(choices)}")
+
+
+def _optional_positive(key: str, value: Any) -> None:
+  if value is not None:
+    _require(_is_real(value) and value > 0, key, value, "must be > 0 or null")
+
+
+def _unit_interval(key: str, value: Any) -> None:
+  _require(_is_real(value) and 0 <= value < 1, key, value, "must be in [0, 1)")
+
+
 def validate(cfg: Config) -> Config:
   """Checks every value of ``cfg``; returns it unchanged.
 
   Raises:
     ConfigError: the first invalid value, naming its key.
   """
-  _require(
-    cfg.data.name in data.SUPPORTED,
-    "data.name",
-    cfg.data.name,
-    f"use one of {list(data.SUPPORTED)}",
-  )
+  _choice("data.name", cfg.data.name, data.SUPPORTED)
   _nonnegative_int("data.val_size", cfg.data.val_size)
-  _require(
-    cfg.model.name in models.MODELS,
-    "model.name",
-    cfg.model.name,
-    f"use one of {sorted(models.MODELS)}",
-  )
+  _choice("model.name", cfg.model.name, models.MODELS)
   est = cfg.estimator
-  _require(est.name in ESTIMATORS, "estimator.name", est.name, f"use one of {list(ESTIMATORS)}")
+  _choice("estimator.name", est.name, ESTIMATORS)
   _positive_int("estimator.num_tangents", est.num_tangents)
-  _require(
-    est.tangents in tangents.SAMPLERS,
-    "estimator.tangents",
-    est.tangents,
-    f"use one of {sorted(tangents.SAMPLERS)}",
-  )
-  _require(
-    est.aggregation in aggregation.AGGREGATIONS,
-    "estimator.aggregation",
-    est.aggregation,
-    f"use one of {sorted(aggregation.AGGREGATIONS)}",
-  )
-  if est.max_jvp_norm is not None:
-    _require(
-      _is_real(est.max_jvp_norm) and est.max_jvp_norm > 0,
-      "estimator.max_jvp_norm",
-      est.max_jvp_norm,
-      "must be > 0 or null",
-    )
+  _choice("estimator.tangents", est.tangents, tangents.SAMPLERS)
+  _choice("estimator.aggregation", est.aggregation, aggregation.AGGREGATIONS)
+  _optional_positive("estimator.max_jvp_norm", est.max_jvp_norm)
   opt = cfg.optimizer
-  _require(opt.name in OPTIMIZERS, "optimizer.name", opt.name, f"use one of {list(OPTIMIZERS)}")
+  _choice("optimizer.name", opt.name, OPTIMIZERS)
   _require(_is_real(opt.lr) and opt.lr > 0, "optimizer.lr", opt.lr, "must be a finite number > 0")
   _require(_is_real(opt.decay) and opt.decay >= 0, "optimizer.decay", opt.decay, "must be >= 0")
-  _require(
-    _is_real(opt.momentum) and 0 <= opt.momentum < 1,
-    "optimizer.momentum",
-    opt.momentum,
-    "must be in [0, 1)",
-  )
+  for key in ("momentum", "b1", "b2"):
+    _unit_interval(f"optimizer.{key}", getattr(opt, key))
   if opt.name == "nesterov":
     _require(opt.momentum > 0, "optimizer.momentum", opt.momentum, "nesterov needs momentum > 0")
-  for key in ("b1", "b2"):
-    value = getattr(opt, key)
-    _require(_is_real(value) and 0 <= value < 1, f"optimizer.{key}", value, "must be in [0, 1)")
   _require(_is_real(opt.eps) and opt.eps > 0, "optimizer.eps", opt.eps, "must be > 0")
-  if opt.clip_norm is not None:
-    _require(
-      _is_real(opt.clip_norm) and opt.clip_norm > 0,
-      "optimizer.clip_norm",
-      opt.clip_norm,
-      "must be > 0 or null",
-    )
+  _optional_positive("optimizer.clip_norm", opt.clip_norm)
   tr = cfg.train
-  _positive_int("train.steps", tr.steps)
-  _positive_int("train.batch_size", tr.batch_size)
-  _positive_int("train.log_every", tr.log_every)
-  _positive_int("train.eval_batch_size", tr.eval_batch_size)
+  for key in ("steps", "batch_size", "log_every", "eval_batch_size"):
+    _positive_int(f"train.{key}", getattr(tr, key))
   for key in ("eval_every", "grad_check_every", "checkpoint_every"):
     _nonnegative_int(f"train.{key}", getattr(tr, key))
   _require(_is_int(cfg.seed), "seed", cfg.seed, "must be an integer")

@@ -357,63 +357,11 @@ class MLP(nnx.Module):
     return self.head(h)
 
 
-@register("cnn")
-class BaydinCNN(nnx.Module):
-  """CNN of Baydin et al. 2022, "Gradients without Backpropagation" (Sec. 5, Fig. 5).
-
-  conv3x3(64)-ReLU, conv3x3(64)-ReLU, maxpool 2x2, conv3x3(64)-ReLU, conv3x3(64)-ReLU,
-  maxpool 2x2, Linear(1024)-ReLU, Linear(num_classes). Convolutions use 'SAME' zero
-  padding, so a 28x28 input reaches the first Linear as 7x7x64 = 3136 features.
-  """
+class _BlockCNN(nnx.Module):
+  """Blocks of [conv3x3-ReLU, conv3x3-ReLU, maxpool 2x2], then Linear-ReLU, Linear."""
 
   def __init__(
-    self,
-    *,
-    input_shape: Shape,
-    num_classes: int,
-    rngs: nnx.Rngs,
-    channels: int = 64,
-    hidden: int = 1024,
-  ):
-    h, w, c = input_shape
-    self.convs = nnx.List(
-      [
-        _conv3x3(c, channels, rngs),
-        _conv3x3(channels, channels, rngs),
-        _conv3x3(channels, channels, rngs),
-        _conv3x3(channels, channels, rngs),
-      ]
-    )
-    flat = (h // 2 // 2) * (w // 2 // 2) * channels
-    self.fc1 = nnx.Linear(flat, hidden, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, num_classes, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    for i, conv in enumerate(self.convs):
-      x = jax.nn.relu(conv(x))
-      if i % 2 == 1:
-        x = _max_pool_2x2(x)
-    x = jax.nn.relu(self.fc1(_flatten(x)))
-    return self.fc2(x)
-
-
-@register("vgg")
-class VGGLike(nnx.Module):
-  """VGG-like CIFAR-10 CNN of the forward-gradient reproduction study.
-
-  Three blocks of [conv3x3-ReLU, conv3x3-ReLU, maxpool 2x2] with 64, 128 and 256
-  channels (padding 1, i.e. 'SAME'), then Linear(4096)-ReLU, Linear(num_classes). On a
-  32x32x3 input the flattened feature map is 4x4x256 = 4096.
-  """
-
-  def __init__(
-    self,
-    *,
-    input_shape: Shape,
-    num_classes: int,
-    rngs: nnx.Rngs,
-    channels: Sequence[int] = (64, 128, 256),
-    hidden: int = 4096,
+    self, input_shape: Shape, num_classes: int, rngs: nnx.Rngs, channels: Sequence[int], hidden: int
   ):
     h, w, c = input_shape
     convs = []
@@ -433,6 +381,48 @@ class VGGLike(nnx.Module):
         x = _max_pool_2x2(x)
     x = jax.nn.relu(self.fc1(_flatten(x)))
     return self.fc2(x)
+
+
+@register("cnn")
+class BaydinCNN(_BlockCNN):
+  """CNN of Baydin et al. 2022, "Gradients without Backpropagation" (Sec. 5, Fig. 5).
+
+  conv3x3(64)-ReLU, conv3x3(64)-ReLU, maxpool 2x2, conv3x3(64)-ReLU, conv3x3(64)-ReLU,
+  maxpool 2x2, Linear(1024)-ReLU, Linear(num_classes). Convolutions use 'SAME' zero
+  padding, so a 28x28 input reaches the first Linear as 7x7x64 = 3136 features.
+  """
+
+  def __init__(
+    self,
+    *,
+    input_shape: Shape,
+    num_classes: int,
+    rngs: nnx.Rngs,
+    channels: int = 64,
+    hidden: int = 1024,
+  ):
+    super().__init__(input_shape, num_classes, rngs, (channels, channels), hidden)
+
+
+@register("vgg")
+class VGGLike(_BlockCNN):
+  """VGG-like CIFAR-10 CNN of the forward-gradient reproduction study.
+
+  Three blocks of [conv3x3-ReLU, conv3x3-ReLU, maxpool 2x2] with 64, 128 and 256
+  channels (padding 1, i.e. 'SAME'), then Linear(4096)-ReLU, Linear(num_classes). On a
+  32x32x3 input the flattened feature map is 4x4x256 = 4096.
+  """
+
+  def __init__(
+    self,
+    *,
+    input_shape: Shape,
+    num_classes: int,
+    rngs: nnx.Rngs,
+    channels: Sequence[int] = (64, 128, 256),
+    hidden: int = 4096,
+  ):
+    super().__init__(input_shape, num_classes, rngs, tuple(channels), hidden)
 
 
 @register("deep_mlp")
