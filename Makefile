@@ -34,7 +34,7 @@ functions: install
 	$(PY) experiments/demo.py
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --nbmake tests notebooks
 
 lint: install
 	$(VENV)/bin/ruff check fwdgrad_jax experiments tests

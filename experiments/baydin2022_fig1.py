@@ -41,10 +41,14 @@ def forward_gradient_samples(fn, x, key, num_samples):
   tangent k is exactly the one behind sample k.
   """
   value_and_grad = fg.value_and_forward_grad(fn, num_tangents=1, tangents="normal")
-  keys = jax.random.split(key, num_samples)
-  _, grads = jax.vmap(value_and_grad, in_axes=(0, None))(keys, x)
-  tangents = jax.vmap(lambda k: fg.tangents.sample(k, x, 1, "normal")[0])(keys)
-  jvps = tangents @ jax.grad(fn)(x)
+
+  @jax.jit  # one compilation instead of one per primitive
+  def draw(keys):
+    _, grads = jax.vmap(value_and_grad, in_axes=(0, None))(keys, x)
+    tangents = jax.vmap(lambda k: fg.tangents.sample(k, x, 1, "normal")[0])(keys)
+    return tangents, tangents @ jax.grad(fn)(x), grads
+
+  tangents, jvps, grads = draw(jax.random.split(key, num_samples))
   return np.asarray(tangents), np.asarray(jvps), np.asarray(grads)
 
 
@@ -62,7 +66,8 @@ def plot(path, fn, x, minimizer, tangents, grads, mean, true_grad):
   lo, hi = pts.min(0) - 0.4, pts.max(0) + 0.4
 
   gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 400), np.linspace(lo[1], hi[1], 400))
-  z = np.asarray(jax.vmap(fn)(jnp.stack([gx.ravel(), gy.ravel()], 1))).reshape(gx.shape)
+  grid = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.float32)
+  z = np.asarray(jax.jit(jax.vmap(fn))(grid)).reshape(gx.shape)
   # Beale spans ~10 decades over such a window: log levels show the valley and the walls.
   levels = np.logspace(np.log10(max(z.min(), 1e-3)), np.log10(z.max()), 25)
 
@@ -118,10 +123,11 @@ def main(argv=None):
   tf = FUNCTIONS["beale"]
   x = jnp.array(POINT, jnp.float32)
   tangents, jvps, grads = forward_gradient_samples(tf.fn, x, jax.random.key(args.seed), NUM_SAMPLES)
-  true_grad = np.asarray(jax.grad(tf.fn)(x))
+  true_grad = np.asarray(jax.jit(jax.grad(tf.fn))(x))
   mean = grads.mean(0)
-  cos = [float(fg.cosine_similarity(jnp.asarray(g), jnp.asarray(true_grad))) for g in grads]
-  cos_mean = float(fg.cosine_similarity(jnp.asarray(mean), jnp.asarray(true_grad)))
+  cosine = jax.jit(fg.cosine_similarity)
+  cos = [float(cosine(g, true_grad)) for g in grads]
+  cos_mean = float(cosine(mean, true_grad))
 
   png = out / "fig1_beale_samples.png"
   plot(png, tf.fn, np.asarray(x), tf.minimizer(2), tangents, grads, mean, true_grad)

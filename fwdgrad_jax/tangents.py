@@ -27,17 +27,26 @@ PyTree = Any
 Sampler = Callable[[jax.Array, PyTree, int], PyTree]
 
 
-def _leaf_keys(key: jax.Array, leaves: list) -> list:
-  return list(jax.random.split(key, len(leaves)))
+def _per_leaf(
+  draw: Callable[[jax.Array, tuple, Any], jax.Array], *, hashed: bool = True
+) -> Sampler:
+  """Builds a sampler that draws each leaf independently.
 
-
-def _per_leaf(draw: Callable[[jax.Array, tuple, Any], jax.Array]) -> Sampler:
-  """Builds a sampler that draws each leaf independently with its own key."""
+  ``draw(seed, shape, dtype)`` gets, per leaf, two uint32 hash seeds (``hashed``) or a
+  PRNG key. All leaves' seeds come from one threefry call: on small problems each
+  extra key split is a kernel launch that costs more than the step itself.
+  """
 
   def sampler(key, params, num_tangents):
     leaves, treedef = jax.tree.flatten(params)
-    keys = _leaf_keys(key, leaves)
-    out = [draw(k, (num_tangents, *jnp.shape(p)), jnp.result_type(p)) for k, p in zip(keys, leaves)]
+    if hashed:
+      seeds = jax.random.bits(key, (len(leaves), 2), jnp.uint32)
+    else:
+      seeds = jax.random.split(key, len(leaves))
+    out = [
+      draw(seeds[i], (num_tangents, *jnp.shape(p)), jnp.result_type(p))
+      for i, p in enumerate(leaves)
+    ]
     return jax.tree.unflatten(treedef, out)
 
   return sampler
@@ -62,9 +71,8 @@ def _fmix32(h: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
-def _hash_bits(key: jax.Array, size: int) -> jax.Array:
-  """``size`` pseudo-random uint32 words: a keyed hash of the counter 0 … size-1."""
-  seed = jax.random.bits(key, (2,), jnp.uint32)
+def _hash_bits(seed: jax.Array, size: int) -> jax.Array:
+  """``size`` pseudo-random uint32 words: a hash of the counter 0 … size-1 keyed by ``seed`` (2,)."""
   counter = jax.lax.iota(jnp.uint32, size)
   return _fmix32(_fmix32(counter ^ seed[0]) + seed[1])
 
@@ -76,14 +84,14 @@ def _standard_normal(bits: jax.Array, dtype) -> jax.Array:
   return (np.sqrt(2.0) * jax.lax.erf_inv(u)).astype(dtype)
 
 
-def _normal_leaf(key, shape, dtype):
-  return _standard_normal(_hash_bits(key, int(np.prod(shape))), dtype).reshape(shape)
+def _normal_leaf(seed, shape, dtype):
+  return _standard_normal(_hash_bits(seed, int(np.prod(shape))), dtype).reshape(shape)
 
 
-def _rademacher_leaf(key, shape, dtype):
+def _rademacher_leaf(seed, shape, dtype):
   # One 32-bit word gives 32 signs.
   size = int(np.prod(shape))
-  words = _hash_bits(key, -(-size // 32))
+  words = _hash_bits(seed, -(-size // 32))
   bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
   bits = bits.reshape(-1)[:size].reshape(shape)
   return (1 - 2 * bits.astype(jnp.int8)).astype(dtype)
@@ -108,12 +116,12 @@ rademacher.__doc__ = (
   """Independent Rademacher (±1) tangents: E[v vᵀ] = I with the least variance."""
 )
 
-normal_threefry: Sampler = _per_leaf(_normal_threefry_leaf)
+normal_threefry: Sampler = _per_leaf(_normal_threefry_leaf, hashed=False)
 normal_threefry.__doc__ = (
   """Gaussian tangents from ``jax.random.normal`` (threefry): slower, JAX's PRNG."""
 )
 
-rademacher_threefry: Sampler = _per_leaf(_rademacher_threefry_leaf)
+rademacher_threefry: Sampler = _per_leaf(_rademacher_threefry_leaf, hashed=False)
 rademacher_threefry.__doc__ = """Rademacher tangents from ``jax.random.rademacher`` (threefry)."""
 
 
@@ -133,11 +141,11 @@ def partition(key: jax.Array, params: PyTree, num_tangents: int) -> PyTree:
   # Block i is the global flat range [bounds[i], bounds[i+1]); per leaf it becomes a
   # small (k,) table of local ranges, so no (k, n) mask is ever a constant.
   bounds = (np.arange(num_tangents + 1) * n) // num_tangents
-  keys = _leaf_keys(key, leaves)
+  seeds = jax.random.bits(key, (len(leaves), 2), jnp.uint32)
   out, offset = [], 0
-  for k_leaf, p, size in zip(keys, leaves, sizes):
+  for seed, p, size in zip(seeds, leaves, sizes):
     dtype = jnp.result_type(p)
-    v = _normal_leaf(k_leaf, (size,), dtype)
+    v = _normal_leaf(seed, (size,), dtype)
     lo = np.clip(bounds[:-1] - offset, 0, size)[:, None]
     hi = np.clip(bounds[1:] - offset, 0, size)[:, None]
     idx = jnp.arange(size)[None]
