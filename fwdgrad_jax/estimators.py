@@ -85,6 +85,23 @@ def _check_value(value: Any, who: str) -> None:
     )
 
 
+def _materialize(tree: PyTree, key: jax.Array) -> PyTree:
+  """Returns ``tree`` unchanged, but computed once into buffers that consumers read.
+
+  XLA fuses a cheap elementwise producer into every consumer, so the tangents (a
+  counter hash and erf_inv's polynomial) would be drawn twice: once into the jvp's
+  matmul operands and again in the aggregation — about a third of a k = 4 step on CPU.
+  XLA does not fuse across a conditional (``optimization_barrier`` is expanded before
+  fusion on CPU, so it does not help), hence the ``cond``: its predicate ``(w | 1) != 0``
+  is true for every uint32 ``w`` but not provably so to XLA; the other branch never runs.
+  """
+  data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
+  word = data.reshape(-1)[0]
+  return jax.lax.cond(
+    (word | jnp.uint32(1)) != 0, lambda t: t, lambda t: jax.tree.map(jnp.zeros_like, t), tree
+  )
+
+
 def _value_and_jvps(fun, params, tangent_batch, num_tangents, has_aux):
   """Returns (value, d of shape (k,), aux) with the primal evaluated once."""
   if num_tangents == 1:
@@ -151,6 +168,7 @@ def value_and_forward_grad(
     _check_key(key, "value_and_forward_grad")
     _check_params(params, "value_and_forward_grad")
     tangent_batch = tangents_lib.sample(key, params, num_tangents, tangents, normalized=normalize)
+    tangent_batch = _materialize(tangent_batch, key)
     value, jvps, aux = _value_and_jvps(
       lambda p: fun(p, *args, **kwargs), params, tangent_batch, num_tangents, has_aux
     )
