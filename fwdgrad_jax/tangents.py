@@ -40,7 +40,7 @@ def _per_leaf(
   def sampler(key, params, num_tangents):
     leaves, treedef = jax.tree.flatten(params)
     if hashed:
-      seeds = jax.random.bits(key, (len(leaves), 2), jnp.uint32)
+      seeds = _leaf_seeds(key, len(leaves))
     else:
       seeds = jax.random.split(key, len(leaves))
     out = [
@@ -75,6 +75,21 @@ def _hash_bits(seed: jax.Array, size: int) -> jax.Array:
   """``size`` pseudo-random uint32 words: a hash of the counter 0 … size-1 keyed by ``seed`` (2,)."""
   counter = jax.lax.iota(jnp.uint32, size)
   return _fmix32(_fmix32(counter ^ seed[0]) + seed[1])
+
+
+def _leaf_seeds(key: jax.Array, num_leaves: int) -> jax.Array:
+  """(num_leaves, 2) uint32 hash seeds derived from the key's own bits.
+
+  A key is already well-mixed random bits (the output of a split), so hashing its words
+  with the leaf index gives independent per-leaf seeds without a threefry call: on small
+  problems that call is most of a step's cost.
+  """
+  words = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
+  words = words.reshape(-1)
+  leaf = jax.lax.iota(jnp.uint32, num_leaves)
+  s0 = _fmix32(words[0] ^ _fmix32(2 * leaf + 1))
+  s1 = _fmix32(words[-1] + _fmix32(2 * leaf + 2))
+  return jnp.stack([s0, s1], axis=1)
 
 
 def _standard_normal(bits: jax.Array, dtype) -> jax.Array:
@@ -141,7 +156,7 @@ def partition(key: jax.Array, params: PyTree, num_tangents: int) -> PyTree:
   # Block i is the global flat range [bounds[i], bounds[i+1]); per leaf it becomes a
   # small (k,) table of local ranges, so no (k, n) mask is ever a constant.
   bounds = (np.arange(num_tangents + 1) * n) // num_tangents
-  seeds = jax.random.bits(key, (len(leaves), 2), jnp.uint32)
+  seeds = _leaf_seeds(key, len(leaves))
   out, offset = [], 0
   for seed, p, size in zip(seeds, leaves, sizes):
     dtype = jnp.result_type(p)
