@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -49,6 +47,7 @@ matplotlib.use("Agg")  # headless: the script only writes files
 import matplotlib.colors as mcolors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fwdgrad_jax import benchmark  # noqa: E402
 from fwdgrad_jax.functions import FUNCTIONS, descend  # noqa: E402
 
 # (function, start, learning rate, iterations, iterations with --quick)
@@ -184,17 +183,6 @@ def plot(path, results):
   plt.close(fig)
 
 
-def _cpu_model():
-  """The host CPU's model name (device_kind is just "cpu" on the CPU backend)."""
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} logical cores"
-  except OSError:
-    pass
-  return platform.processor() or None
-
-
 def summary(values):
   return {
     "median": float(np.median(values)),
@@ -279,7 +267,7 @@ def main(argv=None):
     ),
     "functions": record,
     "hardware": f"{device.device_kind} ({device.platform})",
-    "cpu": _cpu_model(),
+    "cpu": benchmark.hardware_info()["cpu_model"],
     "jax_version": jax.__version__,
     "command": shlex.join(["python", "experiments/baydin2022_fig2.py", *argv_used]),
   }

@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -834,17 +833,6 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str | None:
-  """The host CPU's model name (device_kind is just "cpu" on the CPU backend)."""
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} logical cores"
-  except OSError:
-    pass
-  return platform.processor() or None
-
-
 def _loadavg() -> str:
   try:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -961,6 +949,8 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
+  from fwdgrad_jax import benchmark
+
   args = parse_args(argv)
   args.run_cache = {}
   logging.getLogger("absl").setLevel(logging.WARNING)
@@ -1000,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
   context = dict(
     command=command,
     hardware=f"jax.devices()[0] = {device!r} ({device.platform}, {device.device_kind})",
-    cpu=_cpu_model(),
+    cpu=benchmark.hardware_info()["cpu_model"],
     jax_version=jax.__version__,
     data_notes=notes,
     quick=args.quick,

@@ -1,21 +1,15 @@
 """Tests of experiments/baydin2022_training.py: the T_f/T_b logic and a --quick run."""
 
-import importlib.util
 import json
 from pathlib import Path
 
+import _scripts
 import pytest
-
-_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "baydin2022_training.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-  # experiments/ is a folder of scripts, not a package: load it by path.
-  spec = importlib.util.spec_from_file_location("baydin2022_training", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return _scripts.load("baydin2022_training")
 
 
 def _records(points):

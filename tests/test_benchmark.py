@@ -4,24 +4,13 @@ Benchmarks are not timed tests: only sanity bounds on the numbers, and consisten
 ratios with the medians they come from.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
+import _scripts
 import numpy as np
 import pytest
 
 from fwdgrad_jax import benchmark as bench
-
-_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _load(name):
-  # experiments/ is a folder of scripts, not a package: load them by path.
-  spec = importlib.util.spec_from_file_location(name, _EXPERIMENTS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +77,7 @@ def test_cli_writes_json_and_md(tmp_path, capsys):
   out = tmp_path / "lr_b4"
   argv = ["--model", "logreg", "--batch-size", "4", "--tangents", "2", "--aggregations"]
   argv += ["orthogonal", "--memory-only", "--model-option", "use_bias=false"]
-  res = _load("benchmark").main([*argv, "--out", str(out)])
+  res = _scripts.load("benchmark").main([*argv, "--out", str(out)])
   assert [r["name"] for r in res["variants"]] == ["base", "backprop", "forward k=2 orthogonal"]
   rec = json.loads(out.with_suffix(".json").read_text())
   assert rec["settings"]["model_options"] == {"use_bias": False}
@@ -104,7 +93,7 @@ def test_cli_writes_json_and_md(tmp_path, capsys):
 def test_scaling_quick_writes_its_files(tmp_path):
   # One timed depth (each costs six compiles) and a second, compile-only batch size.
   argv = ["--quick", "--depths", "2", "--width", "32", "--out", str(tmp_path)]
-  doc = _load("baydin2022_scaling").main(argv)
+  doc = _scripts.load("baydin2022_scaling").main(argv)
   for name in ("scaling.json", "scaling.md"):
     assert (tmp_path / name).stat().st_size > 500
   for name in ("scaling_runtime.png", "scaling_memory_depth.png", "scaling_memory_batch.png"):

@@ -1,25 +1,14 @@
 """Smoke tests of the Baydin et al. 2022 Fig. 1 and Fig. 2 scripts (run in-process, --quick)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
+import _scripts
 import numpy as np
 import pytest
 
-_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _load(name):
-  # experiments/ is a folder of scripts, not a package: load them by path.
-  spec = importlib.util.spec_from_file_location(name, _EXPERIMENTS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
 
 def test_fig1_writes_the_png_and_consistent_numbers(tmp_path):
-  _load("baydin2022_fig1").main(["--out", str(tmp_path), "--seed", "1"])
+  _scripts.load("baydin2022_fig1").main(["--out", str(tmp_path), "--seed", "1"])
   assert (tmp_path / "fig1_beale_samples.png").stat().st_size > 10_000
   rec = json.loads((tmp_path / "fig1_beale_samples.json").read_text())
   true = np.array(rec["true_gradient"])
@@ -37,7 +26,7 @@ def test_fig1_writes_the_png_and_consistent_numbers(tmp_path):
 
 def test_fig2_quick_writes_the_png_and_sane_numbers(tmp_path):
   argv = ["--quick", "--runs", "3", "--timing-reps", "3", "--out", str(tmp_path)]
-  _load("baydin2022_fig2").main(argv)
+  _scripts.load("baydin2022_fig2").main(argv)
   assert (tmp_path / "fig2_test_functions.png").stat().st_size > 10_000
   rec = json.loads((tmp_path / "fig2_test_functions.json").read_text())
   assert set(rec["functions"]) == {"beale", "rosenbrock"}

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import _scripts
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -252,13 +253,10 @@ def test_app_multirun_two_jobs(tiny_data, tmp_path):
 
 
 def test_every_preset_composes_and_validates():
-  import importlib.util
-
   from hydra import compose, initialize_config_dir
   from omegaconf import OmegaConf
 
-  spec = importlib.util.spec_from_file_location("train_app", ROOT / "experiments" / "train.py")
-  spec.loader.exec_module(importlib.util.module_from_spec(spec))  # registers the schema
+  _scripts.load("train")  # registers the schema
   presets = sorted(
     p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml") if p.stem != "lr_search"
   )
