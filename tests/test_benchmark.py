@@ -109,3 +109,9 @@ def test_scaling_quick_writes_its_files(tmp_path):
   assert bp[1] > bp[0]
   md = (tmp_path / "scaling.md").read_text()
   assert "--quick" in md and "| 2 |" in md
+
+
+def test_estimator_timing_script_reports_every_variant():
+  med = _scripts.load("estimator_timing").main(["--model", "logreg", "--k", "1,2", "--reps", "2"])
+  assert set(med) == {"base (loss)", "jax.value_and_grad", "forward k=1", "forward k=2"}
+  assert all(ms > 0 for ms in med.values())
