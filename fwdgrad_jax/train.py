@@ -361,6 +361,7 @@ def train(
     raise config_lib.ConfigError(f"model.options: {e}") from e
   _check_resume_config(run_dir, cfg)
   graphdef, params, rest = models.split(model)
+  num_params = models.count_params(params)  # before the first chunk donates the buffers
   loss = make_loss(graphdef, rest)
   apply = models.apply_fn(graphdef, rest)
 
@@ -497,7 +498,7 @@ def train(
     "best_val_loss": best["val_loss"] if best else None,
     "best_val_step": best["step"] if best else None,
     "train_time_s": train_time,
-    "num_params": models.count_params(params),
+    "num_params": num_params,
     "data": cfg.data.name,
     "model": cfg.model.name,
     "estimator": cfg.estimator.name,

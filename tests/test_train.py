@@ -69,6 +69,7 @@ def test_a_run_writes_metrics_summary_and_checkpoint(tiny_data, tmp_path, estima
   ):
     assert summary[key] is not None and np.isfinite(summary[key]), key
   assert summary["diverged"] is False and summary["steps"] == 60
+  assert summary["num_params"] == 784 * 32 + 32 + 32 * 10 + 10
   assert summary["runtime_ratio"] == pytest.approx(
     summary["step_time_ms"] / summary["base_time_ms"]
   )
