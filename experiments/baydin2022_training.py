@@ -213,16 +213,9 @@ def _median(values: list[float | None]) -> float | None:
 
 def compose_config(preset: str, overrides: list[str]):
   """A validated :class:`fwdgrad_jax.config.Config` from a preset plus Hydra overrides."""
-  from hydra import compose, initialize_config_dir
-  from hydra.core.config_store import ConfigStore
-  from omegaconf import OmegaConf
-
   from fwdgrad_jax import config as config_lib
 
-  ConfigStore.instance().store(name="schema", node=config_lib.Config)
-  with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-    raw = compose("config", overrides=[f"+experiment={preset}", *overrides])
-  return config_lib.validate(OmegaConf.to_object(raw))
+  return config_lib.compose([f"+experiment={preset}", *overrides], config_dir=ROOT / "configs")
 
 
 def load_dataset(choice: str, data_dir: str | None, val_size: int):

@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
-
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
 from fwdgrad_jax import config as config_lib
 
@@ -42,23 +39,25 @@ DEFAULTS = [
 ]
 
 
+def _num(value: float | None, width: int, digits: int) -> str:
+  # None: a resumed run with no steps left has no step time.
+  return f"{value:{width}.{digits}f}" if value is not None else f"{'–':>{width}}"
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every run")
   parser.add_argument("--out", default="outputs/compare", help="parent of the run directories")
   args = parser.parse_args(argv)
   logging.getLogger("absl").setLevel(logging.WARNING)
-  ConfigStore.instance().store(name="schema", node=config_lib.Config)
-
   configs = []
-  with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-    for label, overrides in RUNS:
-      raw = compose("config", overrides=DEFAULTS + overrides + args.overrides)
-      try:
-        configs.append((label, config_lib.validate(OmegaConf.to_object(raw))))
-      except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+  for label, overrides in RUNS:
+    try:
+      cfg = config_lib.compose(DEFAULTS + overrides + args.overrides, config_dir=ROOT / "configs")
+    except config_lib.ConfigError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    configs.append((label, cfg))
 
   import jax
 
@@ -75,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
   summaries = []
   for label, cfg in configs:
     run_dir = Path(args.out) / label.replace(" ", "_").replace("=", "")
+    # A comparison starts fresh: an old checkpoint here would be resumed, not re-timed.
+    shutil.rmtree(run_dir, ignore_errors=True)
     print(
       f"\n== {label}: {cfg.model.name} on {cfg.data.name}, {cfg.train.steps} steps -> {run_dir}",
       flush=True,
@@ -92,10 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     if s["diverged"]:
       print(f"{label:12s} {s['lr']:7.0e}  diverged at step {s['steps']}")
       continue
-    print(
-      f"{label:12s} {s['lr']:7.0e} {s['test_accuracy']:8.4f} {s['test_loss']:9.4f} "
-      f"{s['step_time_ms']:8.2f} {s['base_time_ms']:8.2f} {s['runtime_ratio']:6.2f}"
-    )
+    cols = [(s["test_accuracy"], 8, 4), (s["test_loss"], 9, 4), (s["step_time_ms"], 8, 2)]
+    cols += [(s["base_time_ms"], 8, 2), (s["runtime_ratio"], 6, 2)]
+    print(f"{label:12s} {s['lr']:7.0e} " + " ".join(_num(v, w, p) for v, w, p in cols))
   r_b = summaries[0][1]["runtime_ratio"]
   for label, s in summaries[1:]:
     if s["runtime_ratio"] and r_b:

@@ -19,13 +19,12 @@ import math
 import sys
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fwdgrad_jax import config as config_lib
 
-ConfigStore.instance().store(name="schema", node=config_lib.Config)
+config_lib.register_schema()
 
 
 def _fail(message: str) -> None:
@@ -57,11 +56,17 @@ def main(raw: DictConfig) -> float:
 def _describe(s: dict) -> str:
   if s["diverged"]:
     return f"{s['estimator']}: diverged at step {s['steps']} (metrics and checkpoints kept)"
-  acc = s["test_accuracy"]
-  return (
-    f"{s['estimator']}: steps {s['steps']}, val loss {s['val_loss']:.4f}, test accuracy {acc:.4f}, "
-    f"step {s['step_time_ms']:.2f} ms, base {s['base_time_ms']:.2f} ms, R {s['runtime_ratio']:.2f}"
-  )
+  parts = [f"{s['estimator']}: steps {s['steps']}"]
+  fields = [
+    ("val loss", "val_loss", ".4f"),
+    ("test accuracy", "test_accuracy", ".4f"),
+    ("step", "step_time_ms", ".2f"),
+    ("base", "base_time_ms", ".2f"),
+    ("R", "runtime_ratio", ".2f"),
+  ]
+  # None when there is nothing to report: no validation split, or no steps left to run.
+  parts += [f"{name} {s[key]:{fmt}}" for name, key, fmt in fields if s[key] is not None]
+  return ", ".join(parts)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fwdgrad_jax import aggregation, data, models, tangents
@@ -238,6 +239,34 @@ def from_dict(raw: dict[str, Any]) -> Config:
     _known_keys(cls, f"{name}.", values)
     sections[name] = cls(**values)
   return Config(**sections, **top)
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def register_schema() -> None:
+  """Registers :class:`Config` as Hydra's ``schema`` node (``configs/config.yaml`` uses it)."""
+  from hydra.core.config_store import ConfigStore  # Hydra only where configs are composed
+
+  ConfigStore.instance().store(name="schema", node=Config)
+
+
+def compose(overrides: list[str], *, config_dir: str | Path = CONFIG_DIR) -> Config:
+  """The validated :class:`Config` that ``experiments/train.py <overrides>`` would run.
+
+  For scripts and notebooks that start runs without the Hydra CLI.
+
+  Raises:
+    ConfigError: an invalid value, naming its key.
+  """
+  from hydra import compose as hydra_compose
+  from hydra import initialize_config_dir
+  from omegaconf import OmegaConf
+
+  register_schema()
+  with initialize_config_dir(config_dir=str(Path(config_dir).absolute()), version_base="1.3"):
+    raw = hydra_compose("config", overrides=list(overrides))
+  return validate(OmegaConf.to_object(raw))
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fwdgrad_jax import estimators
+
 # Styblinski–Tang: the 1-D minimiser solves 4x³ − 32x + 5 = 0 (the negative root).
 _ST_X = -2.903534027771177
 _ST_F = 0.5 * (_ST_X**4 - 16 * _ST_X**2 + 5 * _ST_X)  # ≈ −39.16616570377142 per dimension
@@ -99,8 +101,6 @@ def descend(
     ``(losses, xs)``: f before each step, shape (steps,), and the iterates, shape
     (steps + 1, n), starting with ``x0``.
   """
-  from fwdgrad_jax import estimators  # local: functions.py stays importable on its own
-
   value_and_grad = estimators.get_estimator(estimator)(fn, **options)
 
   def step(x, k):

@@ -83,6 +83,18 @@ def test_a_run_writes_metrics_summary_and_checkpoint(tiny_data, tmp_path, estima
     assert all(-1 <= r["cosine_to_true_grad"] <= 1 for r in checks)
 
 
+def test_a_run_shorter_than_one_chunk_is_timed(tiny_data, tmp_path):
+  data_dir, ds = tiny_data
+  cfg = _cfg(
+    data_dir,
+    estimator={"name": "backprop"},
+    train={"steps": 7, "eval_every": 0, "grad_check_every": 0},
+  )
+  summary = train_lib.train(cfg, tmp_path, dataset=ds)
+  assert summary["steps"] == 7
+  assert summary["step_time_ms"] > 0 and summary["runtime_ratio"] > 0
+
+
 def test_divergence_stops_keeps_metrics_and_reports(tiny_data, tmp_path):
   data_dir, ds = tiny_data
   cfg = _cfg(data_dir, optimizer={"lr": 1e8}, train={"steps": 200, "checkpoint_every": 10})
@@ -254,25 +266,18 @@ def test_app_multirun_two_jobs(tiny_data, tmp_path):
 
 
 def test_every_preset_composes_and_validates():
-  from hydra import compose, initialize_config_dir
-  from omegaconf import OmegaConf
-
-  _scripts.load("train")  # registers the schema
   presets = sorted(
     p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml") if p.stem != "lr_search"
   )
   assert len(presets) >= 18
-  with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-    for preset in presets:
-      cfg = config_lib.validate(
-        OmegaConf.to_object(compose("config", overrides=[f"+experiment={preset}"]))
-      )
-      assert cfg.train.batch_size == 64, preset
-    repro = OmegaConf.to_object(
-      compose("config", overrides=["+experiment=repro_nn_mnist_adam_fwd"])
-    )
-    assert (repro.optimizer.name, repro.optimizer.lr, repro.optimizer.b1) == ("adam", 5e-4, 0.99)
-    assert repro.estimator.max_jvp_norm == 1.0
+  for preset in presets:
+    cfg = config_lib.compose([f"+experiment={preset}"])
+    assert cfg.train.batch_size == 64, preset
+  repro = config_lib.compose(["+experiment=repro_nn_mnist_adam_fwd"])
+  assert (repro.optimizer.name, repro.optimizer.lr, repro.optimizer.b1) == ("adam", 5e-4, 0.99)
+  assert repro.estimator.max_jvp_norm == 1.0
+  with pytest.raises(config_lib.ConfigError, match="estimator.num_tangents=0"):
+    config_lib.compose(["estimator.num_tangents=0"])
 
 
 def test_optuna_lr_search_runs_two_trials(tiny_data, tmp_path):
@@ -290,3 +295,27 @@ def test_optuna_lr_search_runs_two_trials(tiny_data, tmp_path):
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert (sweep / "optimization_results.yaml").exists()
+
+
+def test_compare_main_job_runs_twice_into_the_same_directory(tiny_data, tmp_path, capsys):
+  data_dir, _ = tiny_data
+  argv = [
+    f"data.data_dir={data_dir}",
+    "data.val_size=64",
+    "model.options.hidden=[32]",
+    "train.steps=10",
+    "train.batch_size=16",
+    "train.log_every=10",
+    "train.eval_every=10",
+    "train.grad_check_every=10",
+    "train.progress=false",
+    "--out",
+    str(tmp_path),
+  ]
+  compare = _scripts.load("compare")
+  for _ in range(2):  # the second run starts fresh instead of resuming finished runs
+    assert compare.main(argv) == 0
+    results = json.loads((tmp_path / "comparison.json").read_text())
+    assert set(results) == {"backprop", "forward k=1", "forward k=4"}
+    assert all(s["steps"] == 10 and s["step_time_ms"] > 0 for s in results.values())
+  assert "R_f/R_b (forward k=1)" in capsys.readouterr().out
