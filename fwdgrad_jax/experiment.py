@@ -1,0 +1,310 @@
+"""What every experiment of the project shares: timing, provenance, result files, plotting.
+
+* :func:`time_interleaved` — the one timer: rounds × variants, each round calls every
+  variant once in a shuffled order (so background load hits all alike), compile and
+  first-touch excluded, medians and IQR. The training loop, the benchmark and every
+  paper's script time with it.
+* :func:`provenance` — the record written into every result JSON: the exact command,
+  the git revision (and whether the tree was dirty), jax/jaxlib versions, the device
+  and CPU/GPU model, the date.
+* :func:`write_json` / :func:`read_json` — result files carry their provenance.
+* :func:`pyplot` — matplotlib set up headless, once.
+
+Nothing here imports jax at module level except what timing needs, and nothing finds
+files of the repository: callers pass paths.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = [
+  "Timing",
+  "git_revision",
+  "hardware_info",
+  "provenance",
+  "pyplot",
+  "read_json",
+  "time_interleaved",
+  "write_json",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
+
+
+class Timing(NamedTuple):
+  """Seconds per step of one variant over the timed rounds.
+
+  Attributes:
+    median, q25, q75, iqr: quantiles of ``times``.
+    times: per round, the call's wall time divided by the steps it ran.
+  """
+
+  median: float
+  q25: float
+  q75: float
+  iqr: float
+  times: tuple[float, ...]
+
+  def as_dict(self, scale: float = 1.0) -> dict[str, Any]:
+    """JSON-ready quantiles and per-round times, multiplied by ``scale`` (1e3: ms)."""
+    return {
+      "median": self.median * scale,
+      "q25": self.q25 * scale,
+      "q75": self.q75 * scale,
+      "iqr": self.iqr * scale,
+      "times": [t * scale for t in self.times],
+    }
+
+
+def _timing(times: Sequence[float]) -> Timing:
+  q25, q50, q75 = np.percentile(np.asarray(times, np.float64), [25, 50, 75])
+  return Timing(float(q50), float(q25), float(q75), float(q75 - q25), tuple(map(float, times)))
+
+
+def _block(out: Any) -> None:
+  import jax  # only when something is timed
+
+  jax.block_until_ready(out)
+
+
+def time_interleaved(
+  variants: Mapping[str, Callable[..., Any]],
+  *,
+  rounds: int,
+  args: Mapping[str, Callable[[], tuple]] | None = None,
+  steps: Mapping[str, int] | int = 1,
+  warmup: int = 1,
+  seed: int = 0,
+  on_round: Callable[[int], None] | None = None,
+) -> dict[str, Timing]:
+  """Times ``variants`` against each other: interleaved rounds, medians.
+
+  Every variant is first called ``warmup`` times untimed (compilation if it is not
+  compiled yet, page faults, thread-pool start-up). Then each of ``rounds`` rounds calls
+  every variant once, in an order shuffled by ``seed``, blocking on each result.
+
+  Args:
+    variants: name → function. It is called as ``fn(*args[name]())`` (or ``fn()``).
+    rounds: timed calls per variant.
+    args: name → a function returning the call's arguments, called outside the timer:
+      fresh copies of donated buffers go here, so copying is never timed.
+    steps: steps each call runs (e.g. a ``fori_loop`` of training steps), per variant
+      or for all; the times are per step.
+    warmup: untimed calls per variant before the rounds.
+    seed: seeds the order of the calls within each round.
+    on_round: called with the round index after each round (progress).
+
+  Returns:
+    name → :class:`Timing` in seconds per step.
+
+  Raises:
+    ValueError: ``rounds`` < 1 or ``warmup`` < 0, or a step count < 1.
+  """
+  if rounds < 1 or warmup < 0:
+    raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+  names = list(variants)
+  per_call = {n: steps if isinstance(steps, int) else steps[n] for n in names}
+  if any(s < 1 for s in per_call.values()):
+    raise ValueError(f"steps must be >= 1, got {per_call}")
+  args = args or {}
+
+  def call(name: str) -> float:
+    a = args[name]() if name in args else ()
+    t0 = time.perf_counter()
+    _block(variants[name](*a))
+    return time.perf_counter() - t0
+
+  for name in names:
+    for _ in range(warmup):
+      call(name)
+  times: dict[str, list[float]] = {n: [] for n in names}
+  rng = np.random.default_rng(seed)
+  for r in range(rounds):
+    for i in rng.permutation(len(names)):
+      name = names[i]
+      times[name].append(call(name) / per_call[name])
+    if on_round is not None:
+      on_round(r)
+  return {n: _timing(t) for n, t in times.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Provenance
+# --------------------------------------------------------------------------------------
+
+
+def _git(path: Path, *args: str) -> str | None:
+  try:
+    out = subprocess.run(
+      ["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10, check=True
+    )
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip()
+
+
+def git_revision(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+  """The git commit of the checkout holding ``path`` (default: this package) and its state.
+
+  Returns:
+    ``{"revision": full sha or None, "short": short sha, "dirty": bool or None}``;
+    dirty means tracked files differ from the commit (untracked files are ignored).
+  """
+  where = Path(path) if path is not None else Path(__file__).resolve().parent
+  head = _git(where, "rev-parse", "HEAD")
+  if not head:
+    return {"revision": None, "short": None, "dirty": None}
+  status = _git(where, "status", "--porcelain", "--untracked-files=no")
+  return {"revision": head, "short": head[:10], "dirty": bool(status)}
+
+
+def _cpu_model() -> str | None:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or None
+
+
+def hardware_info() -> dict[str, Any]:
+  """Platform, device kind and count, CPU model and cores, jax/jaxlib/python versions.
+
+  ``device_kind`` is just ``"cpu"`` on the CPU backend, hence the CPU model from
+  ``/proc/cpuinfo``; on a GPU it names the GPU. ``usable_cores`` is the scheduler
+  affinity (what XLA's thread pool can use), ``logical_cores`` the machine's count.
+  """
+  import jax
+  import jaxlib
+
+  dev = jax.devices()[0]
+  try:
+    usable = len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    usable = os.cpu_count()
+  return {
+    "platform": dev.platform,
+    "device_kind": dev.device_kind,
+    "device_count": jax.device_count(),
+    "gpu_model": dev.device_kind if dev.platform == "gpu" else None,
+    "cpu_model": _cpu_model(),
+    "logical_cores": os.cpu_count(),
+    "usable_cores": usable,
+    "jax_version": jax.__version__,
+    "jaxlib_version": getattr(jaxlib, "__version__", None),
+    "python": platform.python_version(),
+  }
+
+
+def _command(argv: Sequence[str] | None, program: str | None) -> str:
+  if argv is None:
+    argv = sys.argv[1:]
+  if program is None:
+    program = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    try:  # relative to the working directory, as a user would type it
+      program = os.path.relpath(program)
+    except ValueError:
+      pass
+  return shlex.join(["python", program, *map(str, argv)])
+
+
+def provenance(
+  argv: Sequence[str] | None = None, *, program: str | None = None, **extra: Any
+) -> dict[str, Any]:
+  """The record that makes a result reproducible and comparable.
+
+  Args:
+    argv: the program's arguments (default ``sys.argv[1:]``).
+    program: the script as typed (default ``sys.argv[0]`` relative to the cwd).
+    **extra: more fields (e.g. ``data="fashion_mnist"``).
+
+  Returns:
+    ``command``, ``git`` (:func:`git_revision`), ``hardware`` (:func:`hardware_info`),
+    ``date`` (UTC, ISO 8601) and ``extra``'s fields.
+  """
+  return {
+    "command": _command(argv, program),
+    "git": git_revision(),
+    "hardware": hardware_info(),
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    **extra,
+  }
+
+
+# --------------------------------------------------------------------------------------
+# Result files
+# --------------------------------------------------------------------------------------
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, list | tuple):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.generic):
+    x = x.item()
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  if isinstance(x, float) and not math.isfinite(x):
+    return None  # JSON has no NaN/inf; a missing number reads as null
+  return x
+
+
+def write_json(
+  path: str | os.PathLike[str], payload: Mapping[str, Any], *, provenance_record: Any = None
+) -> Path:
+  """Writes ``payload`` with a ``provenance`` field (:func:`provenance` unless given).
+
+  Non-finite floats become null and numpy scalars/arrays plain JSON. The file is written
+  to a temporary name and renamed, so a reader never sees half of it.
+
+  Returns:
+    The path written.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  record = dict(payload)
+  record["provenance"] = provenance_record if provenance_record is not None else provenance()
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+  os.replace(tmp, path)
+  return path
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+  """Reads a result file written by :func:`write_json`."""
+  return json.loads(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------------------
+# Plotting
+# --------------------------------------------------------------------------------------
+
+
+def pyplot() -> Any:
+  """``matplotlib.pyplot`` on the headless Agg backend (set once, before pyplot loads)."""
+  import matplotlib
+
+  if "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
