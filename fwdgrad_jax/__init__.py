@@ -13,6 +13,8 @@ from fwdgrad_jax.estimators import (
 )
 from fwdgrad_jax.metrics import cosine_similarity, norm_ratio
 from fwdgrad_jax.transforms import (
+  ESTIMATORS,
+  ExactGradientState,
   ForwardGradientState,
   exact_gradient,
   forward_gradient,
@@ -22,6 +24,8 @@ from fwdgrad_jax.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+  "ESTIMATORS",
+  "ExactGradientState",
   "ForwardGradientState",
   "aggregation",
   "cosine_similarity",

@@ -225,14 +225,15 @@ def value_and_exact_grad(fun: Callable[..., Any], *, has_aux: bool = False) -> V
   return exact_fn
 
 
-ESTIMATORS: dict[str, Callable[..., ValueAndGradFn]] = {
-  "forward": value_and_forward_grad,
-  "backprop": value_and_exact_grad,
-}
-
-
 def get_estimator(name: str) -> Callable[..., ValueAndGradFn]:
-  """Returns :func:`value_and_forward_grad` for ``"forward"``, :func:`value_and_exact_grad` for ``"backprop"``."""
-  if name not in ESTIMATORS:
-    raise ValueError(f"estimator={name!r} is not known; use one of {sorted(ESTIMATORS)}.")
-  return ESTIMATORS[name]
+  """The function transform registered as ``name`` in :data:`fwdgrad_jax.transforms.ESTIMATORS`.
+
+  ``"forward"`` gives :func:`value_and_forward_grad`, ``"backprop"``
+  :func:`value_and_exact_grad`.
+
+  Raises:
+    ValueError: unknown name.
+  """
+  from fwdgrad_jax import transforms  # the registry lives beside the optax forms
+
+  return transforms.get(name).value_and_grad

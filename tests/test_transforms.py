@@ -98,6 +98,7 @@ def test_exact_gradient_and_switch_by_name():
   assert float(s.value) == pytest.approx(float(_quadratic(params)))
   fwd = fg.gradient_transform("forward", key=jax.random.key(0), num_tangents=2, aggregation="sum")
   assert isinstance(fwd.init(params), fg.ForwardGradientState)
+  assert isinstance(tx.init(params), fg.ExactGradientState)
   with pytest.raises(ValueError, match="no options"):
     fg.gradient_transform("backprop", key=jax.random.key(0), num_tangents=2)
   with pytest.raises(ValueError, match="estimator='foo'"):
@@ -136,3 +137,33 @@ def test_with_flax_nnx_optimizer_on_a_linear_regression():
     step(model, optimizer)
   final = float(loss(nnx.state(model, nnx.Param)))
   assert final < 1e-3 * start
+
+
+@pytest.mark.parametrize("name", sorted(fg.ESTIMATORS))
+def test_has_aux_threads_state_through_a_jitted_loop(name):
+  """A counter in aux (like a BatchNorm step count) comes back updated every step."""
+
+  def loss(params, count):
+    return _quadratic(params), count + 1
+
+  tx = optax.chain(fg.gradient_transform(name, key=jax.random.key(0), has_aux=True), optax.sgd(0.1))
+  params = _zeros()
+  state = tx.init(params)
+  assert optax.tree_utils.tree_get(state, "aux") is None
+  state = optax.tree_utils.tree_set(state, aux=jnp.int32(0))
+
+  def body(_, carry):
+    params, state = carry
+    count = optax.tree_utils.tree_get(state, "aux")
+    updates, state = tx.update(params, state, params, value_fn=loss, count=count)
+    return optax.apply_updates(params, updates), state
+
+  params, state = jax.jit(lambda c: jax.lax.fori_loop(0, 5, body, c))((params, state))
+  assert int(optax.tree_utils.tree_get(state, "aux")) == 5
+  value = optax.tree_utils.tree_get(state, "value")
+  assert np.isfinite(value) and value < float(_quadratic(_zeros()))
+
+
+def test_forward_gradient_rejects_a_bad_option_when_built():
+  with pytest.raises(ValueError, match="aggregation='median'"):
+    fg.forward_gradient(2, aggregation="median", key=jax.random.key(0))
