@@ -4,14 +4,18 @@ The core is pure functions over pytrees; models, data and the training loop live
 their own modules and are imported explicitly (``from fwdgrad_jax import train``).
 """
 
-from fwdgrad_jax import aggregation, functions, metrics, tangents
+from fwdgrad_jax import aggregation, functions, metrics, perturbation, tangents
 from fwdgrad_jax.estimators import (
+  cap_jvp_norm,
+  directional_derivatives,
+  expected_norm_ratio,
   forward_grad,
   get_estimator,
   value_and_exact_grad,
   value_and_forward_grad,
 )
 from fwdgrad_jax.metrics import cosine_similarity, norm_ratio
+from fwdgrad_jax.perturbation import site
 from fwdgrad_jax.transforms import (
   ESTIMATORS,
   ExactGradientState,
@@ -28,8 +32,11 @@ __all__ = [
   "ExactGradientState",
   "ForwardGradientState",
   "aggregation",
+  "cap_jvp_norm",
   "cosine_similarity",
+  "directional_derivatives",
   "exact_gradient",
+  "expected_norm_ratio",
   "forward_grad",
   "forward_gradient",
   "functions",
@@ -37,6 +44,8 @@ __all__ = [
   "gradient_transform",
   "metrics",
   "norm_ratio",
+  "perturbation",
+  "site",
   "tangents",
   "value_and_exact_grad",
   "value_and_forward_grad",
