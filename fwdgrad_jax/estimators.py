@@ -133,23 +133,6 @@ def _check_output(
 # --------------------------------------------------------------------------------------
 
 
-def _materialize(tree: PyTree, key: jax.Array) -> PyTree:
-  """Returns ``tree`` unchanged, but computed once into buffers that consumers read.
-
-  XLA fuses a cheap elementwise producer into every consumer, so the tangents (a
-  counter hash and erf_inv's polynomial) would be drawn twice: once into the jvp's
-  matmul operands and again in the aggregation — about a third of a k = 4 step on CPU.
-  XLA does not fuse across a conditional (``optimization_barrier`` is expanded before
-  fusion on CPU, so it does not help), hence the ``cond``: its predicate ``(w | 1) != 0``
-  is true for every uint32 ``w`` but not provably so to XLA; the other branch never runs.
-  """
-  data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
-  word = data.reshape(-1)[0]
-  return jax.lax.cond(
-    (word | jnp.uint32(1)) != 0, lambda t: t, lambda t: jax.tree.map(jnp.zeros_like, t), tree
-  )
-
-
 def directional_derivatives(
   fun: Callable[[PyTree], Any], params: PyTree, tangents: PyTree, *, has_aux: bool = False
 ) -> tuple[Any, jax.Array, Any]:
@@ -370,7 +353,7 @@ def value_and_forward_grad(
         batch, d = _normalize(batch, d)
     else:
       batch = tangents_lib.sample(key, params, num_tangents, tangents, normalized=normalize)
-      batch = _materialize(batch, key)
+      batch = tangents_lib.materialize(batch, key)
       value, d, aux = directional_derivatives(
         lambda p: fun(p, *args, **kwargs), params, batch, has_aux=has_aux
       )

@@ -77,6 +77,9 @@ STRUCTURED_TANGENTS = ("rank1", "input", "input_approx")
 ACTIVITY_TANGENTS = ("normal", "rademacher")
 
 _SITE_NAME = "fwdgrad_site"
+# Up to this many rank-1 tangents, their combination is written as a fusible sum of
+# outer products rather than an (in×k)·(k×out) matmul.
+_ELEMENTWISE_COMBINE = 1
 
 
 # --------------------------------------------------------------------------------------
@@ -177,7 +180,13 @@ class Rank1:
     """Σ_i c_i a_i ⊗ b_i as a dense array of the leaf's shape: one (in×k)·(k×out) product."""
     k = self.num_tangents
     a = self.a.reshape(k, -1) * c.astype(self.a.dtype)[:, None]
-    ab = jnp.matmul(a.T, self.b.reshape(k, -1), precision=lax.Precision.HIGHEST)
+    b = self.b.reshape(k, -1)
+    if k <= _ELEMENTWISE_COMBINE:
+      # A sum of k outer products is elementwise, so XLA fuses it into the consumer (the
+      # optimizer's update) instead of writing a weight-sized matmul result first.
+      ab = sum(a[i][:, None] * b[i][None, :] for i in range(k))
+    else:
+      ab = jnp.matmul(a.T, b, precision=lax.Precision.HIGHEST)
     return self._arrange(ab.reshape(*self.a.shape[1:], *self.b.shape[1:]), 0)
 
   def scale(self, s: jax.Array) -> Rank1:
@@ -395,7 +404,8 @@ class _WeightTangents:
     if leaf not in self.tangents:
       p = self.leaves[leaf]
       shape = (self.k, *jnp.shape(p))
-      self.tangents[leaf] = _normal(self.words, leaf, _SALT_DENSE, shape, jnp.result_type(p))
+      v = _normal(self.words, leaf, _SALT_DENSE, shape, jnp.result_type(p))
+      self.tangents[leaf] = tangents_lib.materialize(v, self.words)
     t = self.tangents[leaf]
     if leaf not in self._dense:
       self._dense[leaf] = t.dense() if is_rank1(t) else t
@@ -424,6 +434,7 @@ class _WeightTangents:
         a = _input_generated(self.words, leaf, self.k, rows(), self.scheme).astype(dtype)
         a = a.reshape(self.k, *a_shape)
       b = _normal(self.words, leaf, _SALT_B, (self.k, *b_shape), dtype)
+      a, b = tangents_lib.materialize((a, b), self.words)
       self.tangents[leaf] = Rank1(a, b, tuple(a_dims), b_dims)
     t = self.tangents[leaf]
     if self.factored and is_rank1(t) and t.a_dims == tuple(a_dims):
@@ -835,6 +846,7 @@ def _activity_pass(
     if block.site is not None:
       z = P[block.site]
       u = draw(words, b, _SALT_SITE, (k, *jnp.shape(z)), jnp.result_type(z))
+      u = tangents_lib.materialize(u, words)
       T[block.site] = u if T.get(block.site) is None else T[block.site] + u
       site_tangents.append(u)
     vjps.append(vjp_fn)

@@ -207,6 +207,28 @@ def normalize(tangents: PyTree) -> PyTree:
   )
 
 
+def materialize(tree: PyTree, key: jax.Array) -> PyTree:
+  """Returns ``tree`` unchanged, but computed once into buffers that consumers read.
+
+  XLA fuses a cheap elementwise producer into every consumer, so tangents (a counter
+  hash and erf_inv's polynomial) would be drawn again in each: once into the jvp's
+  operands and again in the aggregation — about a third of a k = 4 step on CPU, and for
+  the factors of a rank-1 tangent once per element of the weight-sized outer product.
+  XLA does not fuse across a conditional (``optimization_barrier`` is expanded before
+  fusion on CPU, so it does not help), hence the ``cond``: its predicate ``(w | 1) != 0``
+  is true for every uint32 ``w`` but not provably so to XLA; the other branch never runs.
+
+  Args:
+    tree: freshly drawn arrays.
+    key: the key they were drawn from (a raw key or its uint32 words, or a typed key).
+  """
+  data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
+  word = data.reshape(-1)[0]
+  return jax.lax.cond(
+    (word | jnp.uint32(1)) != 0, lambda t: t, lambda t: jax.tree.map(jnp.zeros_like, t), tree
+  )
+
+
 def sample(
   key: jax.Array,
   params: PyTree,
