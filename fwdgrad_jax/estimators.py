@@ -125,7 +125,10 @@ def _check_output(
   shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
   ok_shape = shape == () or (per_example and shape is not None and len(shape) == 1)
   if not ok_shape or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"{who}: fun must return {want}, got shape {shape} and dtype {dtype}.")
+    hint = ""
+    if not per_example and shape is not None and len(shape) == 1:
+      hint = " (per-example losses of shape (batch,) need perturbation='activity')"
+    raise TypeError(f"{who}: fun must return {want}, got shape {shape} and dtype {dtype}{hint}.")
 
 
 # --------------------------------------------------------------------------------------
