@@ -83,7 +83,11 @@ def forward_gradient(
   *,
   key: jax.Array,
   has_aux: bool = False,
-  **options: Any,
+  normalize: bool = False,
+  max_jvp_norm: float | None = None,
+  jvp_hook: Callable[[jax.Array], jax.Array] | None = None,
+  perturbation: str = "weights",
+  rescale: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Replaces the updates by a forward-gradient estimate of ``value_fn``.
 
@@ -106,9 +110,8 @@ def forward_gradient(
       BatchNorm statistics) is stored in ``state.aux`` for the caller to thread back in.
       It is None until the first update: to carry the state through ``lax.scan`` or
       ``fori_loop``, set it first, ``optax.tree_utils.tree_set(state, aux=initial)``.
-    **options: the other keyword options of
-      :func:`fwdgrad_jax.value_and_forward_grad` (``normalize``, ``max_jvp_norm``,
-      ``perturbation``, …).
+    normalize, max_jvp_norm, jvp_hook, perturbation, rescale: as for
+      :func:`fwdgrad_jax.value_and_forward_grad`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose
@@ -124,7 +127,8 @@ def forward_gradient(
   """
   options = dict(
     num_tangents=num_tangents, tangents=tangents, aggregation=aggregation, has_aux=has_aux,
-    **options,
+    normalize=normalize, max_jvp_norm=max_jvp_norm, jvp_hook=jvp_hook,
+    perturbation=perturbation, rescale=rescale,
   )
   # Builds once to check every option now, with a name, rather than inside a jit trace.
   estimators.value_and_forward_grad(lambda p: p, **options)

@@ -167,3 +167,37 @@ def test_has_aux_threads_state_through_a_jitted_loop(name):
 def test_forward_gradient_rejects_a_bad_option_when_built():
   with pytest.raises(ValueError, match="aggregation='median'"):
     fg.forward_gradient(2, aggregation="median", key=jax.random.key(0))
+
+
+def test_multisteps_around_the_optimizer_averages_fresh_estimates():
+  """The documented composition: chain(forward_gradient, MultiSteps(sgd)) applies the
+  mean of k fresh estimates every k steps (wrapping the whole chain would average k
+  copies of one estimate per k steps: the estimator ignores incoming updates)."""
+  k = 4
+  tx = optax.chain(
+    fg.forward_gradient(1, key=jax.random.key(5)),
+    optax.MultiSteps(optax.sgd(0.1), every_k_schedule=k).gradient_transformation(),
+  )
+  params = _zeros()
+  state = tx.init(params)
+  estimates = []
+  for _ in range(k):
+    fwd_state = state[0]
+    g, _ = fg.forward_gradient(1, key=fwd_state.key).update(
+      params, fg.ForwardGradientState(fwd_state.key, fwd_state.value), params, value_fn=_quadratic
+    )
+    estimates.append(g)
+    updates, state = tx.update(params, state, params, value_fn=_quadratic)
+  mean = jax.tree.map(lambda *g: sum(g) / k, *estimates)
+  np.testing.assert_allclose(updates["w"], -0.1 * mean["w"], rtol=1e-5)
+  assert len({float(e["w"][0, 0]) for e in estimates}) == k  # fresh every step
+
+
+def test_inject_hyperparams_points_to_static_args():
+  factory = optax.inject_hyperparams(fg.forward_gradient)
+  with pytest.raises(ValueError, match="static_args"):
+    factory(num_tangents=2, key=jax.random.key(0)).init(_zeros())
+  tx = optax.inject_hyperparams(fg.forward_gradient, static_args=("num_tangents", "key"))(
+    num_tangents=2, key=jax.random.key(0)
+  )
+  assert tx.init(_zeros()) is not None
