@@ -201,3 +201,36 @@ def test_inject_hyperparams_points_to_static_args():
     num_tangents=2, key=jax.random.key(0)
   )
   assert tx.init(_zeros()) is not None
+
+
+class _BNDropNet(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(3, 8, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.head = nnx.Linear(8, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(self.drop(jax.nn.relu(self.bn(self.lin(x)))))
+
+
+@pytest.mark.parametrize("name", sorted(fg.ESTIMATORS))
+def test_batchnorm_and_dropout_state_is_returned_and_threaded(name):
+  graphdef, params, state = nnx.split(_BNDropNet(nnx.Rngs(0)), nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(1), (16, 3))
+
+  def loss(params, model_state):
+    m = nnx.merge(graphdef, params, model_state, copy=True)
+    return jnp.mean(m(x) ** 2), nnx.state(m, nnx.Not(nnx.Param))
+
+  tx = fg.gradient_transform(name, key=jax.random.key(0), has_aux=True)
+  opt = tx.init(params)
+  update = jax.jit(lambda opt, s: tx.update(params, opt, params, value_fn=loss, model_state=s))
+  g1, opt1 = update(opt, state)
+  new_state = optax.tree_utils.tree_get(opt1, "aux")
+  # BatchNorm's running mean moved towards the batch statistics; the RNG counter advanced.
+  assert not np.allclose(new_state["bn"]["mean"][...], state["bn"]["mean"][...])
+  g_same, _ = update(opt, state)
+  g2, _ = update(opt, new_state)  # the same tangents (same opt state), a fresh dropout mask
+  np.testing.assert_allclose(g_same["head"]["kernel"][...], g1["head"]["kernel"][...])
+  assert not np.allclose(g2["head"]["kernel"][...], g1["head"]["kernel"][...])
