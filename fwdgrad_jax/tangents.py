@@ -92,11 +92,55 @@ def _leaf_seeds(key: jax.Array, num_leaves: int) -> jax.Array:
   return jnp.stack([s0, s1], axis=1)
 
 
+# Φ⁻¹ in float32 without XLA's erf_inv, whose log1p and branches cost ~3 ns per number on
+# a CPU (more than the jvp of a whole MLP step at k = 1). Giles' form, z = x·q(w) with
+# x = 2u − 1 and w = −log(1 − x²), q a polynomial in w − 2.5 (w < 5) or in √w − 3 (the
+# tails), refitted here (Chebyshev least squares against scipy's erfinv, degree 9:
+# relative error < 1e-7, below float32's resolution) and multiplied by √2; the log is a
+# degree-7 polynomial of the mantissa (error 6e-8). Every operation is elementwise and
+# vectorises: ~1 ns per number instead of ~3.5.
+_LOG1P = (
+  0.9999999425207027, -0.5000036317001855, 0.33335114673511657, -0.24970067418355302,
+  0.19898544934842852, -0.17247050708978248, 0.1623438140577322, -0.10134178864180456,
+)
+_PROBIT_CENTRAL = (
+  2.1233134745194615, 0.3488020166822454, -0.005907692024339294, -0.0017715919963096644,
+  0.0003087624230835263, -7.053545139445853e-06, -4.8902652918159765e-06,
+  6.67380491815331e-07, 3.22564054286589e-08, -1.3062452772675047e-08,
+)
+_PROBIT_TAIL = (
+  4.006434262859683, 1.4165823785778384, 0.013354962864699605, -0.010801095911606077,
+  0.008065575443456872, -0.005092951150092916, 0.0020371770656226495,
+  -4.972845363124933e-05, -0.00038327793686394575, 0.00012708286008886963,
+)
+
+
+def _horner(coefficients, x):
+  acc = jnp.full_like(x, coefficients[-1])
+  for c in coefficients[-2::-1]:
+    acc = acc * x + c
+  return acc
+
+
+def _log(y: jax.Array) -> jax.Array:
+  """log(y) for positive normal float32 y: exponent + a polynomial of the mantissa."""
+  bits = jax.lax.bitcast_convert_type(y, jnp.uint32)
+  mantissa = jax.lax.bitcast_convert_type((bits & 0x7FFFFF) | 0x3F800000, jnp.float32)
+  exponent = (bits >> 23).astype(jnp.int32) - 127
+  big = mantissa > np.float32(np.sqrt(2.0))  # fold [√2, 2) onto [√½, 1): |t| ≤ 0.41
+  mantissa = jnp.where(big, mantissa * 0.5, mantissa)
+  exponent = exponent + big.astype(jnp.int32)
+  t = mantissa - 1.0
+  return exponent.astype(jnp.float32) * np.float32(np.log(2.0)) + t * _horner(_LOG1P, t)
+
+
 def _standard_normal(bits: jax.Array, dtype) -> jax.Array:
-  # The top 23 bits give u in the open interval (-1, 1), so erf_inv stays finite
-  # (|z| <= 5.3); Φ⁻¹ by erf_inv is what jax.random.normal does too.
-  u = ((bits >> 9).astype(jnp.float32) + 0.5) * (2.0 / (1 << 23)) - 1.0
-  return (np.sqrt(2.0) * jax.lax.erf_inv(u)).astype(dtype)
+  # The top 23 bits give u in the open interval (-1, 1), so w stays finite (|z| <= 5.4).
+  x = ((bits >> 9).astype(jnp.float32) + 0.5) * (2.0 / (1 << 23)) - 1.0
+  w = -_log((1.0 - x) * (1.0 + x))
+  central = _horner(_PROBIT_CENTRAL, w - 2.5)
+  tail = _horner(_PROBIT_TAIL, jnp.sqrt(w) - 3.0)
+  return (x * jnp.where(w < 5.0, central, tail)).astype(dtype)
 
 
 def _normal_leaf(seed, shape, dtype):
