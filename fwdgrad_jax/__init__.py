@@ -14,6 +14,7 @@ from fwdgrad_jax.estimators import (
   value_and_exact_grad,
   value_and_forward_grad,
 )
+from fwdgrad_jax.guided import GuidedForwardGradientState, guided_forward_gradient
 from fwdgrad_jax.metrics import cosine_similarity, norm_ratio
 from fwdgrad_jax.perturbation import site
 from fwdgrad_jax.transforms import (
@@ -31,6 +32,7 @@ __all__ = [
   "ESTIMATORS",
   "ExactGradientState",
   "ForwardGradientState",
+  "GuidedForwardGradientState",
   "aggregation",
   "cap_jvp_norm",
   "cosine_similarity",
@@ -42,6 +44,7 @@ __all__ = [
   "functions",
   "get_estimator",
   "gradient_transform",
+  "guided_forward_gradient",
   "metrics",
   "norm_ratio",
   "perturbation",

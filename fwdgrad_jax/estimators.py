@@ -422,4 +422,10 @@ def get_estimator(name: str) -> Callable[..., ValueAndGradFn]:
   """
   from fwdgrad_jax import transforms  # the registry lives beside the optax forms
 
-  return transforms.get(name).value_and_grad
+  fn = transforms.get(name).value_and_grad
+  if fn is None:
+    raise ValueError(
+      f"estimator={name!r} is stateful and has no function-transform form; use its optax "
+      f"transform, fwdgrad_jax.gradient_transform({name!r}, ...)."
+    )
+  return fn

@@ -214,6 +214,60 @@ def partition(key: jax.Array, params: PyTree, num_tangents: int) -> PyTree:
   return jax.tree.unflatten(treedef, out)
 
 
+def cone(angle: float, base: str | Sampler = "normal") -> Sampler:
+  """Tangents at a fixed angle to the first one (Flügel et al. §4.3, Fig. 5).
+
+  The first tangent v₁ is drawn from ``base`` (Gaussian); every further tangent is a
+  draw wᵢ of ``base`` rotated in the plane of (v₁, wᵢ) to the angle ``angle`` from v₁,
+  keeping its length: vᵢ = ‖wᵢ‖ (cos α · v̂₁ + sin α · ûᵢ) with ûᵢ the unit component of wᵢ
+  orthogonal to v₁ — all over the whole pytree. The span is that of the unrotated draws
+  (for 0 < α), so the orthogonal projection is unaffected by α, while the mean of
+  narrowly coned tangents degenerates towards v₁.
+
+  Args:
+    angle: α in radians, 0 < α ≤ π/2 (π/2: every tangent orthogonal to v₁).
+    base: the sampler of v₁ and the wᵢ.
+
+  Returns:
+    A sampler ``(key, params, k) -> tangent batch``.
+
+  Raises:
+    ValueError: α outside (0, π/2].
+
+  References:
+    Flügel et al., 2024. Multi-Tangent Forward Gradients, §4.3.
+  """
+  if not (0.0 < float(angle) <= np.pi / 2 + 1e-12):
+    raise ValueError(f"cone: angle must be in (0, π/2] radians, got angle={angle!r}.")
+  draw = get_sampler(base)
+  cos, sin = float(np.cos(angle)), float(np.sin(angle))
+
+  def sampler(key, params, num_tangents):
+    batch = draw(key, params, num_tangents)
+    leaves, treedef = jax.tree.flatten(batch)
+    k = num_tangents
+    flat = [v.reshape(k, -1).astype(jnp.promote_types(v.dtype, jnp.float32)) for v in leaves]
+    hi = jax.lax.Precision.HIGHEST
+    dots = sum(jnp.matmul(f, f[0], precision=hi) for f in flat)  # (k,): wᵢ·v₁
+    sq = sum(jnp.sum(f * f, axis=1) for f in flat)  # (k,): ‖wᵢ‖²
+    v1_norm = jnp.sqrt(sq[0])
+    along = dots / v1_norm  # the component of wᵢ along v̂₁
+    ortho_norm = jnp.sqrt(jnp.maximum(sq - along**2, 0.0))
+    w_norm = jnp.sqrt(sq)
+    # vᵢ = a_i·v₁ + b_i·wᵢ with a_i, b_i set so the result is ‖wᵢ‖(cos α v̂₁ + sin α ûᵢ).
+    b = w_norm * sin / jnp.maximum(ortho_norm, 1e-30)
+    a = (w_norm * cos - b * along) / v1_norm
+    a = a.at[0].set(1.0)
+    b = b.at[0].set(0.0)
+    out = []
+    for v, f in zip(leaves, flat):
+      rotated = a[:, None] * f[0][None] + b[:, None] * f
+      out.append(rotated.reshape(v.shape).astype(v.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+  return sampler
+
+
 SAMPLERS: dict[str, Sampler] = {
   "normal": normal,
   "gaussian": normal,

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fwdgrad_jax import estimators
+from fwdgrad_jax import estimators, guided
 from fwdgrad_jax import tangents as tangents_lib
 
 
@@ -180,12 +180,12 @@ class Estimator(NamedTuple):
 
   Attributes:
     value_and_grad: the function transform, ``value_and_grad(fun, **options)`` →
-      ``f(key, params, *args) -> (value, grad)``.
+      ``f(key, params, *args) -> (value, grad)``; None for a stateful estimator.
     transform: the optax factory, ``transform(*, key, has_aux, **options)``.
     uses_key: whether the estimate is random (the transform takes a ``key``).
   """
 
-  value_and_grad: Callable[..., estimators.ValueAndGradFn]
+  value_and_grad: Callable[..., estimators.ValueAndGradFn] | None
   transform: Callable[..., optax.GradientTransformationExtraArgs]
   uses_key: bool = True
 
@@ -194,6 +194,7 @@ class Estimator(NamedTuple):
 ESTIMATORS: dict[str, Estimator] = {
   "forward": Estimator(estimators.value_and_forward_grad, forward_gradient),
   "backprop": Estimator(estimators.value_and_exact_grad, exact_gradient, uses_key=False),
+  "guided": Estimator(None, guided.guided_forward_gradient),
 }
 
 

@@ -393,3 +393,27 @@ def test_rescaled_estimates_have_the_length_of_the_true_gradient(n, tangents, ag
   assert abs(r.mean() - 1.0) < Z * se + 1e-6
   # The same statistic would notice a 10 % error in the length (a 21 % one in its square).
   assert abs(r.mean() - 1.21) > Z * se
+
+
+def test_cone_angle_degrades_the_mean_but_not_the_orthogonal_projection():
+  """Flügel et al. Fig. 5's claim: coned tangents span what independent ones span."""
+  n, k, num = 64, 16, 400
+  c = jnp.asarray(np.random.default_rng(2).normal(size=n), jnp.float32)
+  f = lambda p: jnp.dot(c, p)
+  keys = jax.random.split(jax.random.key(9), num)
+
+  def cosines(tangents, aggregation):
+    vg = fg.value_and_forward_grad(f, num_tangents=k, tangents=tangents, aggregation=aggregation)
+    g = jax.jit(jax.vmap(lambda key: vg(key, jnp.zeros(n))[1]))(keys)
+    return np.asarray(g @ c / (jnp.linalg.norm(g, axis=1) * jnp.linalg.norm(c)), np.float64)
+
+  ortho = {a: cosines(fg.tangents.cone(a), "orthogonal") for a in (np.pi / 2, 0.2)}
+  ortho_free = cosines("normal", "orthogonal")
+  # The same draws, the same span: identical projections whatever the angle.
+  np.testing.assert_allclose(ortho[np.pi / 2], ortho_free, atol=2e-4)
+  np.testing.assert_allclose(ortho[0.2], ortho_free, atol=2e-4)
+  mean = {a: cosines(fg.tangents.cone(a), "mean") for a in (np.pi / 2, np.pi / 8, 0.05)}
+  se = {a: m.std(ddof=1) / np.sqrt(num) for a, m in mean.items()}
+  # Narrower cones: worse directions, each step beyond Z standard errors.
+  assert mean[np.pi / 2].mean() - mean[np.pi / 8].mean() > Z * np.hypot(se[np.pi / 2], se[np.pi / 8])
+  assert mean[np.pi / 8].mean() - mean[0.05].mean() > Z * np.hypot(se[np.pi / 8], se[0.05])

@@ -271,7 +271,9 @@ def test_a_matmul_inside_a_cond_falls_back_densely_and_stays_exact():
     return _mlp_loss(p, x, y)
 
   n = _size(params)
-  vg = fg.value_and_forward_grad(loss, num_tangents=n + 8, tangents="rank1", aggregation="orthogonal")
+  vg = fg.value_and_forward_grad(
+    loss, num_tangents=n + 8, tangents="rank1", aggregation="orthogonal"
+  )
   _, g = jax.jit(vg)(jax.random.key(0), params, x, y)
   _assert_tree_close(g, jax.grad(loss)(params, x, y), 1e-4)
 
