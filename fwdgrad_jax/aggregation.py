@@ -67,6 +67,10 @@ def combine(tangents: PyTree, coefficients: jax.Array) -> PyTree:
     if is_rank1(v):
       return v.combine(coefficients)
     c = coefficients.astype(v.dtype)
+    if c.shape[0] == 1:
+      # Elementwise, so XLA fuses it into the consumer (the optimizer's update) and,
+      # with regenerated tangents, into the tangent's draw: no weight-sized buffer.
+      return c[0].reshape(c.shape[1:] + (1,) * (v.ndim - c.ndim)) * v[0]
     if c.ndim == 1:
       # HIGHEST: on GPUs float32 dots may default to TF32, which would round the
       # estimate to ~3 digits; these contractions are tiny and memory-bound anyway.
