@@ -264,11 +264,13 @@ class Checkpoints:
       try:
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
       except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many types for damage
-        log.warning("%s/%d: skipped, not readable (%s)", self.directory, step, _reason(e))
-        skipped.append(step)
         # Out of orbax's sight at once: an empty step directory makes it misread the
         # layout of every other step.
-        self._set_aside(step)
+        aside = self._set_aside(step)
+        log.warning(
+          "%s/%d: skipped, not readable (%s); moved to %s", self.directory, step, _reason(e), aside
+        )
+        skipped.append(step)
     if skipped:
       raise RunDirError(
         f"{self.directory}: no readable checkpoint (steps {', '.join(map(str, skipped))} "
@@ -276,15 +278,15 @@ class Checkpoints:
       )
     return None, None
 
-  def _set_aside(self, step: int) -> None:
+  def _set_aside(self, step: int) -> Path:
     self._manager.close()
     aside = self.run_dir / UNREADABLE_NAME / str(step)
     aside.parent.mkdir(exist_ok=True)
     if aside.exists():
       shutil.rmtree(aside)
     shutil.move(self.directory / str(step), aside)
-    log.warning("%s/%d: moved to %s", self.directory, step, aside)
     self._manager = self._open()
+    return aside
 
   def save(self, step: int, state: Any) -> None:
     """Saves ``state`` as ``step`` and waits until it is on disk (no-op if it exists).
