@@ -304,6 +304,8 @@ def test_a_run_on_a_locked_directory_is_refused_at_once(tiny_data, tmp_path):
   assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.json").exists()
 
 
+# orbax leaves the coroutines of a failed restore to the garbage collector.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_restore_falls_back_past_damaged_checkpoints(tiny_data, tmp_path, caplog):
   data_dir, ds = tiny_data
   cfg = lambda steps: _cfg(
@@ -488,6 +490,7 @@ def _one_error_line(out):
   return lines[0].removeprefix("error: ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["forward", "backprop"])
 def test_app_runs_each_estimator_and_logs_to_train_log(tiny_data, tmp_path, estimator):
   data_dir, _ = tiny_data
@@ -528,6 +531,7 @@ def test_app_rejects_a_bad_value_fast_with_one_clear_line(tmp_path, overrides, l
   assert time.perf_counter() - t0 < 60
 
 
+@pytest.mark.slow
 def test_app_bad_data_values_then_a_plain_rerun(tiny_data, tmp_path):
   data_dir, _ = tiny_data
   run = f"hydra.run.dir={tmp_path / 'run'}"
@@ -555,6 +559,7 @@ def test_app_unwritable_run_dir_is_one_line_naming_the_path(tmp_path):
   assert line.startswith(f"{run_dir}/train.log: Permission denied"), line
 
 
+@pytest.mark.slow
 def test_app_refused_resume_names_the_key_and_touches_nothing(tiny_data, tmp_path):
   data_dir, _ = tiny_data
   run_dir = tmp_path / "run"
@@ -616,6 +621,7 @@ def test_app_sigterm_checkpoints_summarizes_exits_nonzero_and_resumes(tiny_data,
   assert steps == list(range(10, stopped + 21, 10))
 
 
+@pytest.mark.slow
 def test_app_multirun_two_jobs(tiny_data, tmp_path):
   data_dir, _ = tiny_data
   sweep = tmp_path / "sweep"
@@ -650,6 +656,7 @@ def test_optuna_lr_search_runs_two_trials(tiny_data, tmp_path):
   assert (sweep / "optimization_results.yaml").exists()
 
 
+@pytest.mark.slow
 def test_compare_main_job_runs_twice_into_the_same_directory(tiny_data, tmp_path, capsys):
   data_dir, _ = tiny_data
   argv = [
