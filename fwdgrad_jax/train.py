@@ -430,7 +430,7 @@ def _check_resumable(run_dir: Path, cfg: config_lib.Config) -> None:
     key, was, now = change
     raise config_lib.ConfigError(
       f"{key}: {now!r} differs from {was!r} of the run being resumed in {run_dir}; use a new "
-      "run directory (only train.steps and the intervals may change on resume)"
+      "run directory (train.steps, the intervals and the time budget may change on resume)"
     )
 
 

@@ -144,6 +144,7 @@ def test_divergence_stops_keeps_metrics_and_reports(tiny_data, tmp_path):
   assert all(s <= summary["steps"] for s in _ckpt_steps(tmp_path))
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_identically(tiny_data, tmp_path):
   data_dir, ds = tiny_data
   # 30 steps of 16 on 256 examples cross an epoch boundary (16 steps per epoch).
