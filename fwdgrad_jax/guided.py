@@ -96,10 +96,10 @@ def guided_tangent(key: jax.Array, order: jax.Array, gamma: jax.Array, segment: 
 
 
 def guided_forward_gradient(
-  fix_gap: int,
-  decay_rate: float,
-  shuffle_ratio: float,
-  decrease_gap: int,
+  fix_gap: int = 10,
+  decay_rate: float = 0.9,
+  shuffle_ratio: float = 0.0,
+  decrease_gap: int = 10,
   *,
   key: jax.Array,
   has_aux: bool = False,
