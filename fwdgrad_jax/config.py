@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import aggregation, data, models, tangents, transforms
+from fwdgrad_jax import aggregation, data, models, perturbation, tangents, transforms
 
 
 class ConfigError(ValueError):
@@ -58,20 +58,36 @@ class EstimatorConfig:
   """How gradients are estimated.
 
   Attributes:
-    name: ``forward`` (forward gradients) or ``backprop`` (``jax.grad``).
+    name: ``forward`` (forward gradients), ``backprop`` (``jax.grad``) or ``guided``
+      (Yao's guided forward gradients; biased by design).
     num_tangents: k tangents per step (forward only).
-    tangents: tangent scheme (``normal``, ``rademacher``, ``partition``).
+    tangents: tangent scheme: dense ``normal``, ``rademacher``, ``partition``,
+      ``normal_threefry``, ``rademacher_threefry``; structured ``rank1``, ``input``,
+      ``input_approx``; with ``perturbation=activity`` the activity tangents'
+      distribution (``normal``, ``rademacher``).
     aggregation: ``mean``, ``sum`` or ``orthogonal``.
+    perturbation: ``weights`` or ``activity`` (tangents on the outputs of the
+      parameter-consuming ops, per-example directional derivatives).
     normalize: unit-norm tangents (Flügel's normalized sum/mean).
+    rescale: divide the estimate by its expected length ratio to ∇f for its (n, k,
+      aggregation, scheme), so one lr transfers across k and aggregations.
     max_jvp_norm: cap on the norm of the directional derivatives (reproduction study).
+    fix_gap, decay_rate, shuffle_ratio, decrease_gap: ``guided`` only, Yao's
+      Algorithm 1 (see ``fwdgrad_jax.guided_forward_gradient``).
   """
 
   name: str = "forward"
   num_tangents: int = 1
   tangents: str = "normal"
   aggregation: str = "mean"
+  perturbation: str = "weights"
   normalize: bool = False
+  rescale: bool = False
   max_jvp_norm: float | None = None
+  fix_gap: int = 10
+  decay_rate: float = 0.9
+  shuffle_ratio: float = 0.0
+  decrease_gap: int = 10
 
 
 @dataclass
@@ -145,6 +161,8 @@ class Config:
 
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")
+#: Every tangent name the app accepts for weight perturbation.
+TANGENT_NAMES = (*tangents.SAMPLERS, *perturbation.STRUCTURED_TANGENTS)
 
 
 def _require(ok: bool, key: str, value: Any, what: str) -> None:
@@ -193,9 +211,24 @@ def validate(cfg: Config) -> Config:
   est = cfg.estimator
   _choice("estimator.name", est.name, transforms.ESTIMATORS)
   _positive_int("estimator.num_tangents", est.num_tangents)
-  _choice("estimator.tangents", est.tangents, tangents.SAMPLERS)
+  _choice("estimator.perturbation", est.perturbation, perturbation.PERTURBATIONS)
+  if est.perturbation == "activity":
+    _choice("estimator.tangents", est.tangents, perturbation.ACTIVITY_TANGENTS)
+    _require(not est.normalize, "estimator.normalize", est.normalize, "applies to weight tangents")
+  else:
+    _choice("estimator.tangents", est.tangents, TANGENT_NAMES)
   _choice("estimator.aggregation", est.aggregation, aggregation.AGGREGATIONS)
   _optional_positive("estimator.max_jvp_norm", est.max_jvp_norm)
+  _positive_int("estimator.fix_gap", est.fix_gap)
+  _positive_int("estimator.decrease_gap", est.decrease_gap)
+  _require(
+    _is_real(est.decay_rate) and 0 < est.decay_rate <= 1,
+    "estimator.decay_rate", est.decay_rate, "must be in (0, 1]",
+  )
+  _require(
+    _is_real(est.shuffle_ratio) and 0 <= est.shuffle_ratio <= 1,
+    "estimator.shuffle_ratio", est.shuffle_ratio, "must be in [0, 1]",
+  )
   opt = cfg.optimizer
   _choice("optimizer.name", opt.name, OPTIMIZERS)
   _require(_is_real(opt.lr) and opt.lr > 0, "optimizer.lr", opt.lr, "must be a finite number > 0")

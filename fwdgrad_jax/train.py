@@ -84,34 +84,49 @@ class TrainState(NamedTuple):
 # --------------------------------------------------------------------------------------
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy with integer labels."""
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+def cross_entropy(logits: jax.Array, labels: jax.Array, *, per_example: bool = False) -> jax.Array:
+  """Softmax cross-entropy with integer labels: the mean, or the (batch,) vector."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return losses if per_example else jnp.mean(losses)
 
 
-def make_loss(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[..., jax.Array]:
-  """``loss(params, x, y)`` of a split NNX model without state updates (``rest`` fixed)."""
+def make_loss(
+  graphdef: nnx.GraphDef, rest: nnx.State, *, per_example: bool = False
+) -> Callable[..., jax.Array]:
+  """``loss(params, x, y)`` of a split NNX model without state updates (``rest`` fixed).
+
+  ``per_example``: the (batch,) vector of losses (activity perturbation gives every
+  example its own directional derivative from it).
+  """
   apply = models.apply_fn(graphdef, rest)
 
   def loss(params, x, y):
-    return cross_entropy(apply(params, x), y)
+    return cross_entropy(apply(params, x), y, per_example=per_example)
 
   return loss
 
 
-def make_stateful_loss(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, nnx.State]]:
+def make_stateful_loss(
+  graphdef: nnx.GraphDef, *, per_example: bool = False
+) -> Callable[..., tuple[jax.Array, nnx.State]]:
   """``loss(params, x, y, model_state) -> (loss, new_model_state)`` of a split NNX model.
 
   For a transform built with ``has_aux=True``: the new BatchNorm statistics and Dropout
   RNG state come back as aux. A model without such state has an empty ``model_state``.
+  ``per_example`` as for :func:`make_loss`.
   """
   apply = models.apply_with_state_fn(graphdef)
 
   def loss(params, x, y, model_state):
     logits, new_state = apply(params, model_state, x)
-    return cross_entropy(logits, y), new_state
+    return cross_entropy(logits, y, per_example=per_example), new_state
 
   return loss
+
+
+def per_example_losses(cfg: config_lib.EstimatorConfig) -> bool:
+  """Whether the estimator takes the vector of per-example losses (activity perturbation)."""
+  return cfg.name == "forward" and cfg.perturbation == "activity"
 
 
 def make_optimizer(cfg: config_lib.OptimizerConfig) -> optax.GradientTransformation:
@@ -128,13 +143,22 @@ def make_optimizer(cfg: config_lib.OptimizerConfig) -> optax.GradientTransformat
 
 def estimator_options(cfg: config_lib.EstimatorConfig) -> dict[str, Any]:
   """Keyword options of the estimator named by ``cfg.name`` (none for backprop)."""
+  if cfg.name == "guided":
+    return dict(
+      fix_gap=cfg.fix_gap,
+      decay_rate=cfg.decay_rate,
+      shuffle_ratio=cfg.shuffle_ratio,
+      decrease_gap=cfg.decrease_gap,
+    )
   if not transforms.get(cfg.name).uses_key:
     return {}
   return dict(
     num_tangents=cfg.num_tangents,
     tangents=cfg.tangents,
     aggregation=cfg.aggregation,
+    perturbation=cfg.perturbation,
     normalize=cfg.normalize,
+    rescale=cfg.rescale,
     max_jvp_norm=cfg.max_jvp_norm,
   )
 
@@ -311,22 +335,35 @@ def make_eval_fn(
   return evaluate
 
 
-def make_grad_check_fn(loss: Callable[..., Any], cfg: config_lib.EstimatorConfig):
-  """``check(params, key, x, y, model_state=None) -> (cosine, norm ratio)`` vs ``jax.grad``.
+def make_grad_check_fn(
+  loss: Callable[..., Any],
+  cfg: config_lib.EstimatorConfig,
+  estimator_loss: Callable[..., Any] | None = None,
+):
+  """``check(params, key, x, y, model_state=None, est_state=None) -> (cosine, norm ratio)``.
 
-  With a ``model_state``, ``loss`` is stateful; both gradients see the same state (the
-  same dropout mask), so the check compares estimators, not masks.
+  The estimate against ``jax.grad`` on the same batch. With a ``model_state``, ``loss``
+  is stateful; both gradients see the same state (the same dropout mask), so the check
+  compares estimators, not masks. ``estimator_loss`` is what the estimator
+  differentiates when it differs from ``loss`` (per-example losses for activity
+  perturbation). A stateful estimator (``guided``) has no function form: its estimate
+  comes from its optax transform at the run's current ``est_state``.
   """
   estimator = transforms.get(cfg.name).value_and_grad
   options = estimator_options(cfg)
+  est_loss = loss if estimator_loss is None else estimator_loss
 
-  def check(params, key, x, y, model_state=None):
-    if model_state is None:
-      _, g = estimator(loss, **options)(key, params, x, y)
-      true = jax.grad(loss)(params, x, y)
+  def check(params, key, x, y, model_state=None, est_state=None):
+    stateful = model_state is not None
+    args = (x, y) if not stateful else (x, y, model_state)
+    if estimator is None:
+      tx = transforms.gradient_transform(cfg.name, key=key, has_aux=stateful, **options)
+      kwargs = dict(x=x, y=y) if not stateful else dict(x=x, y=y, model_state=model_state)
+      g, _ = tx.update(params, est_state, params, value_fn=est_loss, **kwargs)
     else:
-      _, g = estimator(loss, has_aux=True, **options)(key, params, x, y, model_state)
-      true, _ = jax.grad(loss, has_aux=True)(params, x, y, model_state)
+      _, g = estimator(est_loss, has_aux=stateful, **options)(key, params, *args)
+    true = jax.grad(loss, has_aux=stateful)(params, *args)
+    true = true[0] if stateful else true
     return metrics.cosine_similarity(g, true), metrics.norm_ratio(g, true)
 
   return check
@@ -477,6 +514,8 @@ def _init(
   num_params = models.count_params(params)  # before the first chunk donates the buffers
   eval_apply = models.apply_with_state_fn(models.eval_graphdef(graphdef, params, rest))
   loss = make_stateful_loss(graphdef)
+  # What the estimator differentiates: per-example losses for activity perturbation.
+  est_loss = make_stateful_loss(graphdef, per_example=True) if per_example_losses(cfg.estimator) else loss
 
   data_key, est_key, check_key = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
   tx = make_tx(cfg, est_key, has_aux=True)
@@ -485,7 +524,7 @@ def _init(
   x, y = dataset.x_train, dataset.y_train
   common = dict(batch_size=tr.batch_size, num_examples=num_examples, chunk=chunk, data_key=data_key)
   run_chunk = (
-    jax.jit(make_chunk_fn(loss, tx, **common), donate_argnums=0)
+    jax.jit(make_chunk_fn(est_loss, tx, **common), donate_argnums=0)
     .lower(state, jnp.int32(chunk), x, y)
     .compile()
   )
@@ -497,7 +536,7 @@ def _init(
     run_chunk=run_chunk,
     base=base,
     evaluate=jax.jit(make_eval_fn(eval_apply, tr.eval_batch_size)),
-    grad_check=jax.jit(make_grad_check_fn(loss, cfg.estimator)),
+    grad_check=jax.jit(make_grad_check_fn(loss, cfg.estimator, est_loss)),
     check_key=check_key,
     num_params=num_params,
   )
@@ -548,7 +587,7 @@ def _periodic_record(
     key = jax.random.fold_in(run.check_key, step)
     idx = jax.random.choice(key, ds.x_train.shape[0], (tr.batch_size,), replace=False)
     cos, ratio = run.grad_check(
-      state.params, key, ds.x_train[idx], ds.y_train[idx], state.model_state
+      state.params, key, ds.x_train[idx], ds.y_train[idx], state.model_state, state.opt_state[0]
     )
     record.update(cosine_to_true_grad=float(cos), grad_norm_ratio=float(ratio))
   if not record:
@@ -656,7 +695,8 @@ def _summarize(run: _Run, out: _Outcome, records: list[dict[str, Any]], base_tim
   evals = [r for r in records if r.get("val_loss") is not None]
   best = min(evals, key=lambda r: r["val_loss"]) if evals else None
   step_time = float(np.median(out.chunk_times)) if out.chunk_times else None
-  forward = transforms.get(cfg.estimator.name).uses_key
+  forward = cfg.estimator.name == "forward"
+  est_state = out.state.opt_state[0]
   device = jax.devices()[0]
   return {
     "val_loss": _finite_or_none(val[0]),
@@ -683,6 +723,10 @@ def _summarize(run: _Run, out: _Outcome, records: list[dict[str, Any]], base_tim
     "num_tangents": cfg.estimator.num_tangents if forward else None,
     "tangents": cfg.estimator.tangents if forward else None,
     "aggregation": cfg.estimator.aggregation if forward else None,
+    "perturbation": cfg.estimator.perturbation if forward else None,
+    "rescale": cfg.estimator.rescale if forward else None,
+    # Guided forward gradients pay for a true gradient every fix_gap steps.
+    "true_grads": int(est_state.true_grads) if hasattr(est_state, "true_grads") else None,
     "optimizer": cfg.optimizer.name,
     "lr": cfg.optimizer.lr,
     "decay": cfg.optimizer.decay,

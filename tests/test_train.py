@@ -117,6 +117,34 @@ def test_a_run_writes_metrics_summary_and_checkpoint(tiny_data, tmp_path, estima
     assert records[-1]["train_loss"] < records[0]["train_loss"]
 
 
+@pytest.mark.parametrize(
+  "estimator",
+  [
+    {"name": "forward", "tangents": "rank1", "num_tangents": 4, "aggregation": "orthogonal"},
+    {"name": "forward", "perturbation": "activity", "num_tangents": 2, "rescale": True},
+    {"name": "guided", "fix_gap": 5, "decrease_gap": 5, "decay_rate": 1.0},
+  ],
+  ids=["rank1", "activity", "guided"],
+)
+def test_where_tangents_enter_and_guided_train_through_the_loop(tiny_data, tmp_path, estimator):
+  data_dir, ds = tiny_data
+  lr = 1e-5 if estimator["name"] == "guided" else 0.05
+  cfg = _cfg(data_dir, estimator=estimator, optimizer={"lr": lr}, train={"steps": 40})
+  summary = train_lib.train(cfg, tmp_path, dataset=ds)
+  records = _records(tmp_path)
+  checks = [r["cosine_to_true_grad"] for r in records if "cosine_to_true_grad" in r]
+  assert len(checks) == 2 and all(np.isfinite(checks))
+  if estimator.get("perturbation") != "activity":
+    # (∇f·v)v, and its projections, never point uphill: cos ≥ 0 by construction.
+    assert all(c > 0 for c in checks)
+  assert not summary["diverged"] and np.isfinite(summary["test_loss"])
+  if estimator["name"] == "guided":
+    assert summary["true_grads"] == 8  # steps 0, 5, …, 35
+  else:
+    assert summary["perturbation"] == estimator.get("perturbation", "weights")
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
 def test_a_run_shorter_than_one_chunk_is_timed(tiny_data, tmp_path):
   data_dir, ds = tiny_data
   cfg = _cfg(
