@@ -134,6 +134,9 @@ class TrainConfig:
       evaluation, gradient checks and checkpoints not counted; checked between chunks
       of ``log_every`` steps); None = run all ``steps``. Compares methods for the
       same wall-clock budget.
+    loop: ``device`` (each chunk one compiled ``fori_loop``), ``host`` (one compiled
+      step per Python call, dispatched asynchronously: XLA:CPU runs convolutions
+      inside loops ~20× slower) or ``auto`` (``host`` for convolutional models on CPU).
   """
 
   steps: int = 1000
@@ -145,6 +148,7 @@ class TrainConfig:
   eval_batch_size: int = 1000
   progress: bool = True
   time_budget_s: float | None = None
+  loop: str = "auto"
 
 
 @dataclass
@@ -245,6 +249,7 @@ def validate(cfg: Config) -> Config:
   for key in ("eval_every", "grad_check_every", "checkpoint_every"):
     _nonnegative_int(f"train.{key}", getattr(tr, key))
   _optional_positive("train.time_budget_s", tr.time_budget_s)
+  _choice("train.loop", tr.loop, ("auto", "device", "host"))
   _require(_is_int(cfg.seed), "seed", cfg.seed, "must be an integer")
   return cfg
 

@@ -274,6 +274,76 @@ def make_chunk_fn(
   return run
 
 
+def make_host_chunk_fn(
+  loss: Callable[..., Any],
+  tx: optax.GradientTransformationExtraArgs,
+  *,
+  batch_size: int,
+  num_examples: int,
+  chunk: int,
+  data_key: jax.Array,
+  example: tuple[TrainState, jax.Array, jax.Array],
+) -> Callable[..., tuple[TrainState, jax.Array, jax.Array]]:
+  """:func:`make_chunk_fn`'s contract with one compiled step per Python call.
+
+  XLA:CPU runs convolutions inside a while-loop body ~20× slower than the same
+  convolutions alone (jax-ml/jax#12868: measured here 2.5 s vs 0.12 s per CNN step), so
+  for convolutional models on CPU the chunk is a Python loop over one AOT-compiled step.
+  The steps are dispatched asynchronously and the losses stay on device, so the host
+  still syncs once per chunk; the batches and their order are the device loop's.
+
+  Args:
+    example: ``(state, x, y)`` to compile the step for (shapes only).
+  """
+  steps_per_epoch = num_examples // batch_size
+  train_step = make_step_fn(loss, tx)
+
+  def one(state: TrainState, perm, x, y):
+    step = state.step
+    perm = jax.lax.cond(
+      step % steps_per_epoch == 0,
+      lambda: _epoch_perm(data_key, step, num_examples, steps_per_epoch),
+      lambda: perm,
+    )
+    xb, yb = _batch(x, y, perm, step, batch_size, steps_per_epoch)
+    state = train_step(state, xb, yb)
+    return state, perm, optax.tree_utils.tree_get(state.opt_state, "value")
+
+  state0, x0, y0 = example
+  first_perm = jax.jit(lambda step: _epoch_perm(data_key, step, num_examples, steps_per_epoch))
+  perm0 = first_perm(state0.step)
+  step_exe = jax.jit(one, donate_argnums=(0, 1)).lower(state0, perm0, x0, y0).compile()
+  finish = jax.jit(
+    lambda params, losses: (
+      jnp.full((chunk,), jnp.nan, jnp.float32).at[: losses.shape[0]].set(losses),
+      jnp.isfinite(optax.tree_utils.tree_norm(params)),
+    )
+  )
+
+  def run(state: TrainState, num_steps, x, y):
+    perm = first_perm(state.step)
+    losses = []
+    for _ in range(int(num_steps)):
+      state, perm, value = step_exe(state, perm, x, y)
+      losses.append(value)
+    padded, finite = finish(state.params, jnp.stack(losses))
+    return state, padded, finite
+
+  return run
+
+
+def uses_convolutions(fun: Callable[..., Any], *args: Any) -> bool:
+  """Whether ``fun(*args)`` runs a convolution (its jaxpr, nested jaxprs included)."""
+  return "conv_general_dilated" in str(jax.make_jaxpr(fun)(*args))
+
+
+def host_loop(cfg: config_lib.TrainConfig, has_convolutions: bool) -> bool:
+  """Whether to run the steps from Python (``train.loop``; ``auto``: CNNs on CPU)."""
+  if cfg.loop == "auto":
+    return has_convolutions and jax.default_backend() == "cpu"
+  return cfg.loop == "host"
+
+
 def make_base_fn(
   loss: Callable[..., Any],
   *,
@@ -281,58 +351,88 @@ def make_base_fn(
   num_examples: int,
   chunk: int,
   data_key: jax.Array,
+  host: bool = False,
 ) -> Callable[..., jax.Array]:
   """``base(params, step0, x, y, model_state=None)``: ``chunk`` forward+loss evaluations.
 
   Baydin et al.'s base runtime: a forward pass and the loss, no derivative, no update,
   with the same on-device batching as a train step so the ratio R compares like with
   like. With a ``model_state``, ``loss`` is stateful and runs in train mode, as in a step.
+  ``host``: one compiled evaluation per Python call, as :func:`make_host_chunk_fn`.
   """
   steps_per_epoch = num_examples // batch_size
 
+  def one(params, perm, step, x, y, model_state):
+    xb, yb = _batch(x, y, perm, step, batch_size, steps_per_epoch)
+    if model_state is None:
+      return loss(params, xb, yb)
+    return loss(params, xb, yb, model_state)[0]
+
+  def first_perm(step0):
+    return _epoch_perm(data_key, step0, num_examples, steps_per_epoch)
+
+  if host:
+    one_jit, perm_jit = jax.jit(one), jax.jit(first_perm)
+
+    def base_host(params, step0, x, y, model_state=None):
+      perm = perm_jit(step0)
+      return sum(one_jit(params, perm, step0 + i, x, y, model_state) for i in range(chunk))
+
+    return base_host
+
   def base(params, step0, x, y, model_state=None):
-    perm = _epoch_perm(data_key, step0, num_examples, steps_per_epoch)
-
-    def body(i, total):
-      xb, yb = _batch(x, y, perm, step0 + i, batch_size, steps_per_epoch)
-      if model_state is None:
-        return total + loss(params, xb, yb)
-      return total + loss(params, xb, yb, model_state)[0]
-
+    perm = first_perm(step0)
+    body = lambda i, total: total + one(params, perm, step0 + i, x, y, model_state)
     return jax.lax.fori_loop(0, chunk, body, jnp.zeros((), jnp.float32))
 
   return base
 
 
 def make_eval_fn(
-  apply: Callable[..., Any], batch_size: int
+  apply: Callable[..., Any], batch_size: int, *, host: bool = False
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """``evaluate(params, x, y, model_state=None) -> (mean loss, accuracy)`` over a split.
 
   ``apply`` is ``apply(params, x) -> logits``, or with a ``model_state`` the stateful
   ``apply(params, model_state, x) -> (logits, new_state)`` of the eval-mode graphdef
   (:func:`fwdgrad_jax.models.eval_graphdef`): evaluation never updates the state.
+  The batches run in a ``lax.map`` (one compiled call), or with ``host`` one compiled
+  call per batch (see :func:`make_host_chunk_fn`); either way the result is jitted.
   """
 
-  def evaluate(params, x, y, model_state=None):
+  def one(params, model_state, xb, yb, mb):
+    logits = apply(params, xb) if model_state is None else apply(params, model_state, xb)[0]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+    correct = jnp.argmax(logits, -1) == yb
+    return jnp.sum(jnp.where(mb, losses, 0.0)), jnp.sum(jnp.where(mb, correct, False))
+
+  def batches(x, y):
     n = x.shape[0]
     nb = -(-n // batch_size)
     pad = nb * batch_size - n
     xp = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(nb, batch_size, *x.shape[1:])
     yp = jnp.pad(y, (0, pad)).reshape(nb, batch_size)
     mask = (jnp.arange(nb * batch_size) < n).reshape(nb, batch_size)
+    return xp, yp, mask
 
-    def one(args):
-      xb, yb, mb = args
-      logits = apply(params, xb) if model_state is None else apply(params, model_state, xb)[0]
-      losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-      correct = jnp.argmax(logits, -1) == yb
-      return jnp.sum(jnp.where(mb, losses, 0.0)), jnp.sum(jnp.where(mb, correct, False))
+  if host:
+    one_jit, batches_jit = jax.jit(one), jax.jit(batches)
 
-    loss_sums, correct = jax.lax.map(one, (xp, yp, mask))
-    return jnp.sum(loss_sums) / n, jnp.sum(correct) / n
+    def evaluate_host(params, x, y, model_state=None):
+      xp, yp, mask = batches_jit(x, y)
+      sums = [one_jit(params, model_state, xp[i], yp[i], mask[i]) for i in range(xp.shape[0])]
+      return sum(s[0] for s in sums) / x.shape[0], sum(s[1] for s in sums) / x.shape[0]
 
-  return evaluate
+    return evaluate_host
+
+  def evaluate(params, x, y, model_state=None):
+    xp, yp, mask = batches(x, y)
+    loss_sums, correct = jax.lax.map(
+      lambda args: one(params, model_state, *args), (xp, yp, mask)
+    )
+    return jnp.sum(loss_sums) / x.shape[0], jnp.sum(correct) / x.shape[0]
+
+  return jax.jit(evaluate)
 
 
 def make_grad_check_fn(
@@ -523,19 +623,25 @@ def _init(
   chunk = _chunk_length(tr)
   x, y = dataset.x_train, dataset.y_train
   common = dict(batch_size=tr.batch_size, num_examples=num_examples, chunk=chunk, data_key=data_key)
-  run_chunk = (
-    jax.jit(make_chunk_fn(est_loss, tx, **common), donate_argnums=0)
-    .lower(state, jnp.int32(chunk), x, y)
-    .compile()
-  )
-  base = jax.jit(make_base_fn(loss, **common)).lower(params, state.step, x, y, rest).compile()
+  host = host_loop(tr, uses_convolutions(loss, params, x[:1], y[:1], rest))
+  if host:
+    run_chunk = make_host_chunk_fn(est_loss, tx, **common, example=(state, x, y))
+  else:
+    run_chunk = (
+      jax.jit(make_chunk_fn(est_loss, tx, **common), donate_argnums=0)
+      .lower(state, jnp.int32(chunk), x, y)
+      .compile()
+    )
+  base = make_base_fn(loss, **common, host=host)
+  if not host:
+    base = jax.jit(base).lower(params, state.step, x, y, rest).compile()
   run = _Run(
     cfg=cfg,
     dataset=dataset,
     chunk=chunk,
     run_chunk=run_chunk,
     base=base,
-    evaluate=jax.jit(make_eval_fn(eval_apply, tr.eval_batch_size)),
+    evaluate=make_eval_fn(eval_apply, tr.eval_batch_size, host=host),
     grad_check=jax.jit(make_grad_check_fn(loss, cfg.estimator, est_loss)),
     check_key=check_key,
     num_params=num_params,

@@ -708,3 +708,33 @@ def test_compare_main_job_runs_twice_into_the_same_directory(tiny_data, tmp_path
     assert set(results) == {"backprop", "forward k=1", "forward k=4"}
     assert all(s["steps"] == 10 and s["step_time_ms"] > 0 for s in results.values())
   assert "R_f/R_b (forward k=1)" in capsys.readouterr().out
+
+
+def test_the_host_loop_runs_the_device_loops_steps(tiny_data, tmp_path):
+  """Same batches, same updates: the two loops agree to float tolerance."""
+  data_dir, ds = tiny_data
+  summaries = {}
+  for loop in ("device", "host"):
+    cfg = _cfg(
+      data_dir,
+      estimator={"name": "forward", "num_tangents": 2},
+      optimizer={"lr": 0.01},
+      train={"steps": 25, "loop": loop, "grad_check_every": 0},
+    )
+    summaries[loop] = (train_lib.train(cfg, tmp_path / loop, dataset=ds), _records(tmp_path / loop))
+  (s_dev, r_dev), (s_host, r_host) = summaries["device"], summaries["host"]
+  assert [r["step"] for r in r_dev] == [r["step"] for r in r_host]
+  np.testing.assert_allclose(
+    [r["train_loss"] for r in r_host], [r["train_loss"] for r in r_dev], rtol=1e-4
+  )
+  np.testing.assert_allclose(s_host["test_loss"], s_dev["test_loss"], rtol=1e-4)
+
+
+def test_auto_loop_is_host_for_convolutions_on_cpu():
+  cfg = config_lib.TrainConfig()
+  assert train_lib.host_loop(cfg, has_convolutions=True) == (jax.default_backend() == "cpu")
+  assert not train_lib.host_loop(cfg, has_convolutions=False)
+  model = models.create("cnn", input_shape=(8, 8, 1), num_classes=3, rngs=nnx.Rngs(0), channels=2, hidden=4)
+  graphdef, params, rest = models.split(model)
+  loss = train_lib.make_loss(graphdef, rest)
+  assert train_lib.uses_convolutions(loss, params, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
