@@ -136,7 +136,8 @@ class TrainConfig:
       same wall-clock budget.
     loop: ``device`` (each chunk one compiled ``fori_loop``), ``host`` (one compiled
       step per Python call, dispatched asynchronously: XLA:CPU runs convolutions
-      inside loops ~20× slower) or ``auto`` (``host`` for convolutional models on CPU).
+      inside loops ~25× slower in reverse mode) or ``auto`` (``host`` for convolutional
+      models on CPU differentiated in reverse mode: backprop, guided, activity).
   """
 
   steps: int = 1000

@@ -734,6 +734,7 @@ def test_auto_loop_is_host_for_convolutions_on_cpu():
   cfg = config_lib.TrainConfig()
   assert train_lib.host_loop(cfg, has_convolutions=True) == (jax.default_backend() == "cpu")
   assert not train_lib.host_loop(cfg, has_convolutions=False)
+  assert not train_lib.host_loop(cfg, has_convolutions=True, reverse=False)
   model = models.create("cnn", input_shape=(8, 8, 1), num_classes=3, rngs=nnx.Rngs(0), channels=2, hidden=4)
   graphdef, params, rest = models.split(model)
   loss = train_lib.make_loss(graphdef, rest)
