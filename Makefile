@@ -29,9 +29,10 @@ data: $(FASHION_MNIST)
 demo: install data
 	$(PY) experiments/compare.py
 
-# Beale and Rosenbrock minimised with forward gradients and jax.grad (Baydin et al. Fig. 2).
+# Beale and Rosenbrock minimised with forward gradients and jax.grad (Baydin et al. Fig. 2,
+# fewer iterations); writes the figure and its JSON under outputs/baydin2022_fig2/.
 functions: install
-	$(PY) experiments/demo.py
+	$(PY) experiments/baydin2022_fig2.py --quick
 
 test: install
 	$(PY) -m pytest -q --nbmake tests notebooks

@@ -942,7 +942,7 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-  from fwdgrad_jax import benchmark
+  from fwdgrad_jax import experiment
 
   args = parse_args(argv)
   args.run_cache = {}
@@ -983,7 +983,7 @@ def main(argv: list[str] | None = None) -> int:
   context = dict(
     command=command,
     hardware=f"jax.devices()[0] = {device!r} ({device.platform}, {device.device_kind})",
-    cpu=benchmark.hardware_info()["cpu_model"],
+    cpu=experiment.hardware_info()["cpu_model"],
     jax_version=jax.__version__,
     data_notes=notes,
     quick=args.quick,
