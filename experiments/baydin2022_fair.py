@@ -11,13 +11,14 @@ budget, at the paper's shared lr.
 
 Writes ``fair.json`` (every search in lr_search's format, the T_f/T_b, the curves of
 the runs compared), then ``fair.md`` and ``fair_lr.png``; the sweeps (one run directory
-per lr and seed) go under ``<out>/sweeps``.
+per lr and seed) go under ``--sweeps-dir`` (default ``<out>/sweeps``).
 
-  python experiments/baydin2022_fair.py --out results/baydin2022/fair   # 5000 it., 6 lrs
-  python experiments/baydin2022_fair.py --presets baydin_logreg --steps 1000 \\
-      --forward-lrs 1e-5,1e-2,5
+  python experiments/baydin2022_fair.py                 # 5000 iterations, 6 lrs per method
+  # regenerates results/baydin2022/fair.{json,md} (sized for 2 shared CPU cores):
+  python experiments/baydin2022_fair.py --steps 1000 --forward-lrs 1e-5,1e-2,7 \\
+      --out results/baydin2022 --sweeps-dir outputs/baydin2022/sweeps
   python experiments/baydin2022_fair.py --quick      # smoke test: 2 lrs each, 50 iterations
-  python experiments/baydin2022_fair.py --report-only results/baydin2022/fair/fair.json \\
+  python experiments/baydin2022_fair.py --report-only results/baydin2022/fair.json \\
       --out results/baydin2022
 """
 
@@ -29,8 +30,6 @@ import os
 import shlex
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from fwdgrad_jax import analysis, experiment, lr_search
 
@@ -72,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--data-dir", default=None, help="tfds data dir")
   parser.add_argument(
     "--val-size", type=int, default=None, help="validation examples from train (5000; quick 500)"
+  )
+  parser.add_argument(
+    "--sweeps-dir", type=Path, default=None, help="the sweeps' run directories (<out>/sweeps)"
   )
   parser.add_argument(
     "--quick", action="store_true", help="smoke test: top lr + preset lr, 50 iterations"
@@ -162,7 +164,7 @@ def compare_preset(preset: str, args: argparse.Namespace, data: str) -> dict[str
     print(f"== {preset} {method}: lrs {list(grid)}, {steps} iterations", flush=True)
     searches[method] = lr_search.run_sweep(
       args.app,
-      (args.out / "sweeps" / preset / method).absolute(),
+      ((args.sweeps_dir or args.out / "sweeps") / preset / method).absolute(),
       grid,
       seeds=range(args.seeds),
       presets=[preset],
@@ -236,16 +238,9 @@ def plot(path: Path, presets: dict[str, Any]) -> None:
   for row, e in zip(axes, presets.values()):
     ax = row[0]
     for method in METHODS:
-      s = e["searches"][method]
-      curve = [np.nan if c is None else c for c in s["curve"]]
-      ax.plot(s["lrs"], curve, "o-", color=COLORS[method], label=LABELS[method])
-      for lr, c in zip(s["lrs"], curve):
-        if lr in s["diverged_lrs"]:
-          ax.plot(lr, c if np.isfinite(c) else np.nanmax(curve), "x", color="red", ms=10, mew=2)
-      if s["best_lr"] is not None:
-        ax.plot(s["best_lr"], s["best_loss"], "*", color=COLORS[method], ms=16, mec="k")
+      lr_search.draw(ax, e["searches"][method], color=COLORS[method], label=LABELS[method])
     ax.axvline(e["preset_lr"], color="gray", ls=":", lw=1, label="paper's lr (both)")
-    ax.set(xscale="log", xlabel="initial learning rate η_0", ylabel="best validation loss")
+    ax.set(xlabel="initial learning rate η_0", ylabel="best validation loss")
     ax.set_title(f"{e['title']}: best val loss per lr ({e['steps']} it.; × diverged)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")

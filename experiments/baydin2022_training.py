@@ -19,18 +19,18 @@ Data: MNIST when it can be loaded, else Fashion-MNIST (recorded). The data set i
 once and passed to ``train.train``; its validation split is fixed (seed 0), the model and
 tangent seeds vary. Writes ``training.json``, then ``training.md`` (paper vs ours) and
 ``training_<model>.png`` (validation loss vs iterations and vs time); the run
-directories go under ``<out>/runs``. Models run by separate commands are reported
-together with ``--report-only a.json b.json``.
+directories (metrics, checkpoints) go under ``--runs-dir`` (default ``<out>/runs``).
+Models run by separate commands are reported together with ``--report-only a.json b.json``.
 
   python experiments/baydin2022_training.py                # the paper's settings: 5 seeds
   python experiments/baydin2022_training.py --quick        # smoke test: 1 seed, 50 steps
-  # what results/baydin2022/training.md holds (2 shared CPU cores):
+  # regenerates results/baydin2022/training.md (sized for 2 shared CPU cores):
   python experiments/baydin2022_training.py --models logreg,mlp_fast --seeds 3 --steps 2000 \\
-      --out results/baydin2022/training_logreg_mlp_fast
+      --out results/baydin2022/training_logreg_mlp_fast --runs-dir outputs/baydin2022/runs
   python experiments/baydin2022_training.py --models mlp --seeds 1 --steps 2000 \\
-      --out results/baydin2022/training_mlp
+      --out results/baydin2022/training_mlp --runs-dir outputs/baydin2022/runs
   python experiments/baydin2022_training.py --models cnn --seeds 1 --steps 50 --eval-every 10 \\
-      --val-limit 500 --out results/baydin2022/training_cnn
+      --val-limit 500 --out results/baydin2022/training_cnn --runs-dir outputs/baydin2022/runs
   python experiments/baydin2022_training.py --report-only \\
       results/baydin2022/training_*/training.json --out results/baydin2022
 """
@@ -268,6 +268,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     help="evaluate on only the first N validation examples (cheaper evals; quick: 500)",
   )
   parser.add_argument(
+    "--runs-dir", type=Path, default=None, help="run directories (default <out>/runs)"
+  )
+  parser.add_argument(
     "--quick", action="store_true", help="smoke test: 1 seed, 50 iterations, small evals"
   )
 
@@ -290,7 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seeds=1 if quick else args.seeds,
     steps=args.steps or (50 if quick else None),
     eval_every=args.eval_every or (10 if quick else None),
-    runs_dir=args.out / "runs",
+    runs_dir=args.runs_dir or args.out / "runs",
     data_dir=args.data_dir,
   )
   val_limit = args.val_limit or (500 if quick else None)

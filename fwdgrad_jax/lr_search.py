@@ -43,6 +43,7 @@ import numpy as np
 
 __all__ = [
   "LrSearch",
+  "draw",
   "log_grid",
   "read_sweep",
   "run_sweep",
@@ -384,3 +385,33 @@ def read_sweep(sweep_dir: str | os.PathLike[str], *, objective: str = "best_val_
     "failed_jobs": failed,
   }
   return summarize(lrs, seeds, values, diverged, objective=objective, extra=extra)
+
+
+# --------------------------------------------------------------------------------------
+# Drawing
+# --------------------------------------------------------------------------------------
+
+
+def draw(ax: Any, result: LrSearch | Mapping[str, Any], *, color: str = "tab:blue", label=None):
+  """Draws a search on a matplotlib ``Axes``: loss against lr, diverged ×, best ★.
+
+  Diverged lrs are left out of the line (their loss before blowing up is no measure of
+  the lr) and marked with a red × at the top of the drawn range. The axes get log scales.
+
+  Args:
+    ax: the axes to draw on (the caller owns the figure).
+    result: an :class:`LrSearch` or its :meth:`~LrSearch.as_dict`.
+    color: the line's colour.
+    label: the legend label of the line.
+  """
+  r = LrSearch.from_dict(result) if isinstance(result, Mapping) else result
+  ok = [(lr, c) for lr, c, d in zip(r.lrs, r.curve, r.diverged) if c is not None and not any(d)]
+  if ok:
+    ax.plot(*zip(*ok), "o-", color=color, label=label)
+  top = max((c for _, c in ok), default=1.0)
+  for lr in r.diverged_lrs:
+    ax.plot(lr, top, "x", color="red", ms=10, mew=2)
+  if r.best_lr is not None:
+    ax.plot(r.best_lr, r.best_loss, "*", color=color, ms=16, mec="k")
+  ax.set_xscale("log")
+  ax.set_yscale("log")

@@ -193,3 +193,19 @@ def test_optuna_grid_sweep_end_to_end(tiny_data, tmp_path):
     assert (Path(job) / "metrics.jsonl").exists()
   # Four jobs: the GridSampler ran the whole grid once, no more.
   assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == list("0123")
+
+
+def test_draw_leaves_diverged_lrs_out_of_the_line():
+  from fwdgrad_jax import experiment
+
+  plt = experiment.pyplot()
+  fig, ax = plt.subplots()
+  res = lr_search.summarize(
+    [0.1, 1.0, 10.0], [0], [[0.5], [0.2], [1e30]], [[False], [False], [True]]
+  )
+  lr_search.draw(ax, res.as_dict(), label="search")
+  line, cross, star = ax.lines
+  assert list(line.get_xdata()) == [0.1, 1.0] and list(line.get_ydata()) == [0.5, 0.2]
+  assert list(cross.get_xdata()) == [10.0] and list(cross.get_ydata()) == [0.5]
+  assert list(star.get_xdata()) == [1.0] and ax.get_xscale() == "log"
+  plt.close(fig)
