@@ -3,20 +3,31 @@
   python experiments/train.py                                   # Fashion-MNIST MLP, forward gradient
   python experiments/train.py estimator=backprop optimizer.lr=0.05
   python experiments/train.py estimator.num_tangents=4 estimator.aggregation=orthogonal
+  python experiments/train.py train.time_budget_s=60            # stop after a minute of training
   python experiments/train.py +experiment=baydin_mlp data=fashion_mnist
   python experiments/train.py -m optimizer.lr=1e-4,3e-4,1e-3     # a sweep
 
-Outputs (metrics.jsonl, summary.json, checkpoints/) go to Hydra's run directory; rerun
-with the same ``hydra.run.dir`` and a larger ``train.steps`` to resume. Bad values stop
-the app with exit code 2 and one line naming the key, before any data is loaded.
-The app returns the validation loss (inf for a diverged run) for Hydra sweepers.
+Outputs (metrics.jsonl, summary.json, checkpoints/, train.log) go to Hydra's run
+directory; rerun with the same ``hydra.run.dir`` and a larger ``train.steps`` to resume.
+
+Exit codes: 0 done (also when the run diverged: a sweep goes on); 2 the run was refused
+before it started — a bad or unknown key, a value of the wrong type, a resume with a
+changed config, missing data, a run directory in use or not writable — with one line
+naming the key or path; 1 the run failed after it started (e.g. a checkpoint could not
+be saved: the disk is full), after writing summary.json if at all possible; 128 + the
+signal number when SIGTERM/SIGINT stopped it (checkpoint and summary.json written:
+rerun to resume). The app returns the validation loss (inf for a diverged run) for
+Hydra sweepers.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -25,38 +36,73 @@ from omegaconf import DictConfig, OmegaConf
 from fwdgrad_jax import config as config_lib
 
 config_lib.register_schema()
+log = logging.getLogger("fwdgrad_jax.app")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
+  sys.exit(code)
+
+
+def _save_hydra_config(run_dir: Path, raw: DictConfig) -> None:
+  # Hydra's own copy (hydra.output_subdir) would be written before the run is checked,
+  # overwriting the record of a run this one is then refused to resume.
+  hydra_dir = run_dir / ".hydra"
+  hydra_dir.mkdir(exist_ok=True)
+  hydra_cfg = HydraConfig.get()
+  OmegaConf.save(raw, hydra_dir / "config.yaml")
+  OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), hydra_dir / "hydra.yaml")
+  OmegaConf.save(hydra_cfg.overrides.task, hydra_dir / "overrides.yaml")
+
+
+# Set once Hydra has prepared the run directory and called main: errors after that are
+# main's own to report.
+_main_called = []
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="config")
 def main(raw: DictConfig) -> float:
+  _main_called.append(True)
   try:
-    cfg = config_lib.validate(OmegaConf.to_object(raw))
+    cfg = config_lib.from_hydra(raw)
   except config_lib.ConfigError as e:
     _fail(str(e))
   # Imported after validation: a bad value fails in about a second, not after jax/tfds load.
-  from fwdgrad_jax import data, train
+  from fwdgrad_jax import data, rundir, train
 
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
-  run_dir = HydraConfig.get().runtime.output_dir
+  run_dir = Path(HydraConfig.get().runtime.output_dir)
+  started = []
+
+  def on_start() -> None:
+    started.append(True)
+    _save_hydra_config(run_dir, raw)
+
   try:
-    summary = train.train(cfg, run_dir)
+    summary = train.train(cfg, run_dir, on_start=on_start)
   except (config_lib.ConfigError, data.DatasetUnavailableError) as e:
     _fail(str(e))
-  print(_describe(summary), flush=True)
+  except rundir.RunDirError as e:
+    _fail(str(e), code=1 if started else 2)
+  log.info(_describe(summary, run_dir))  # to the console and train.log
+  if summary["interrupted"]:
+    sys.exit(128 + signal.Signals[summary["interrupted_by"]].value)
   if summary["diverged"] or summary["val_loss"] is None:
     return math.inf
   return summary["val_loss"]
 
 
-def _describe(s: dict) -> str:
+def _describe(s: dict, run_dir: Path) -> str:
   if s["diverged"]:
     return f"{s['estimator']}: diverged at step {s['steps']} (metrics and checkpoints kept)"
+  if s["interrupted"]:
+    return (
+      f"{s['estimator']}: {s['interrupted_by']} at step {s['steps']}; checkpoint and summary.json in "
+      f"{run_dir} (rerun the same command to resume)"
+    )
   parts = [f"{s['estimator']}: steps {s['steps']}"]
+  if s["stopped_on_time"]:
+    parts[0] += f" (time budget of {s['time_budget_s']:g} s reached)"
   fields = [
     ("val loss", "val_loss", ".4f"),
     ("test accuracy", "test_accuracy", ".4f"),
@@ -69,5 +115,42 @@ def _describe(s: dict) -> str:
   return ", ".join(parts)
 
 
+def _os_error(error: BaseException) -> OSError | None:
+  """The OSError behind ``error`` (Hydra wraps a failing log file in a ValueError)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _run() -> None:
+  """Runs :func:`main`, turning what Hydra reports in 6–30 lines into one line, exit 2."""
+  if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    main()  # the user asked for Hydra's full tracebacks
+    return
+  # Hydra then raises instead of printing and exiting 1, so the errors can be reworded.
+  os.environ["HYDRA_FULL_ERROR"] = "1"
+  from hydra.errors import HydraException
+
+  try:
+    main()
+  except HydraException as e:
+    message = config_lib.hydra_error_message(e, [a for a in sys.argv[1:] if "=" in a])
+    if message is None:
+      raise
+    _fail(message)
+  except (OSError, ValueError) as e:
+    # The run directory cannot be created or its log file opened (before main runs).
+    os_error = _os_error(e)
+    if os_error is None or _main_called:
+      raise
+    _fail(
+      f"{os_error.filename or 'run directory'}: {os_error.strerror or os_error} (hydra.run.dir)"
+    )
+
+
 if __name__ == "__main__":
-  main()
+  _run()

@@ -4,15 +4,22 @@ The core is pure functions over pytrees; models, data and the training loop live
 their own modules and are imported explicitly (``from fwdgrad_jax import train``).
 """
 
-from fwdgrad_jax import aggregation, functions, metrics, tangents
+from fwdgrad_jax import aggregation, functions, metrics, perturbation, tangents
 from fwdgrad_jax.estimators import (
+  cap_jvp_norm,
+  directional_derivatives,
+  expected_norm_ratio,
   forward_grad,
   get_estimator,
   value_and_exact_grad,
   value_and_forward_grad,
 )
+from fwdgrad_jax.guided import GuidedForwardGradientState, guided_forward_gradient
 from fwdgrad_jax.metrics import cosine_similarity, norm_ratio
+from fwdgrad_jax.perturbation import site
 from fwdgrad_jax.transforms import (
+  ESTIMATORS,
+  ExactGradientState,
   ForwardGradientState,
   exact_gradient,
   forward_gradient,
@@ -22,17 +29,26 @@ from fwdgrad_jax.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+  "ESTIMATORS",
+  "ExactGradientState",
   "ForwardGradientState",
+  "GuidedForwardGradientState",
   "aggregation",
+  "cap_jvp_norm",
   "cosine_similarity",
+  "directional_derivatives",
   "exact_gradient",
+  "expected_norm_ratio",
   "forward_grad",
   "forward_gradient",
   "functions",
   "get_estimator",
   "gradient_transform",
+  "guided_forward_gradient",
   "metrics",
   "norm_ratio",
+  "perturbation",
+  "site",
   "tangents",
   "value_and_exact_grad",
   "value_and_forward_grad",

@@ -305,7 +305,7 @@ def _lower_loop(
     loop = jax.jit(train_lib.make_base_fn(p.loss, **common)).lower(p.params, step0, p.x, p.y)
     return Lowered(step, loop if timed else None, lambda: (p.params, step0, p.x, p.y), steps)
   tx = train_lib.make_tx(cfg, p.est_key)
-  state = train_lib.TrainState(p.params, tx.init(p.params), jnp.zeros((), jnp.int32))
+  state = train_lib.init_state(tx, p.params)
   step = jax.jit(train_lib.make_step_fn(p.loss, tx), donate_argnums=0).lower(state, xb, yb)
   n = jnp.int32(steps)
   loop = jax.jit(train_lib.make_chunk_fn(p.loss, tx, **common), donate_argnums=0).lower(

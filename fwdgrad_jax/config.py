@@ -10,12 +10,13 @@ Hydra. :func:`validate` checks values — ranges, names, combinations — and ra
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import aggregation, data, models, tangents
+from fwdgrad_jax import aggregation, data, models, tangents, transforms
 
 
 class ConfigError(ValueError):
@@ -109,9 +110,14 @@ class TrainConfig:
       between host round-trips).
     eval_every: steps between validation evaluations (0 = only at the end).
     grad_check_every: steps between cosine-to-true-gradient checks (0 = off).
-    checkpoint_every: steps between checkpoints (0 = only at the end).
+    checkpoint_every: steps between checkpoints (0 = only at the end and at an
+      interrupt, which always write one).
     eval_batch_size: batch size of evaluation passes.
     progress: show a tqdm progress bar.
+    time_budget_s: stop once this many seconds of training have run (compilation,
+      evaluation, gradient checks and checkpoints not counted; checked between chunks
+      of ``log_every`` steps); None = run all ``steps``. Compares methods for the
+      same wall-clock budget.
   """
 
   steps: int = 1000
@@ -122,6 +128,7 @@ class TrainConfig:
   checkpoint_every: int = 0
   eval_batch_size: int = 1000
   progress: bool = True
+  time_budget_s: float | None = None
 
 
 @dataclass
@@ -138,7 +145,6 @@ class Config:
 
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")
-ESTIMATORS = ("forward", "backprop")
 
 
 def _require(ok: bool, key: str, value: Any, what: str) -> None:
@@ -185,7 +191,7 @@ def validate(cfg: Config) -> Config:
   _nonnegative_int("data.val_size", cfg.data.val_size)
   _choice("model.name", cfg.model.name, models.MODELS)
   est = cfg.estimator
-  _choice("estimator.name", est.name, ESTIMATORS)
+  _choice("estimator.name", est.name, transforms.ESTIMATORS)
   _positive_int("estimator.num_tangents", est.num_tangents)
   _choice("estimator.tangents", est.tangents, tangents.SAMPLERS)
   _choice("estimator.aggregation", est.aggregation, aggregation.AGGREGATIONS)
@@ -205,6 +211,7 @@ def validate(cfg: Config) -> Config:
     _positive_int(f"train.{key}", getattr(tr, key))
   for key in ("eval_every", "grad_check_every", "checkpoint_every"):
     _nonnegative_int(f"train.{key}", getattr(tr, key))
+  _optional_positive("train.time_budget_s", tr.time_budget_s)
   _require(_is_int(cfg.seed), "seed", cfg.seed, "must be an integer")
   return cfg
 
@@ -218,30 +225,54 @@ _SECTIONS = {
 }
 
 
-def _known_keys(cls: type, where: str, values: dict[str, Any]) -> None:
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise ConfigError(f"{where}{unknown[0]}: unknown key; known keys are {sorted(known)}")
+def _closest(key: str, known: list[str]) -> str | None:
+  prefix, _, leaf = key.rpartition(".")
+  close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.5)
+  return (f"{prefix}.{close[0]}" if prefix else close[0]) if close else None
+
+
+def _unknown_keys(keys: list[str], known: dict[str, list[str]]) -> ConfigError:
+  """The error for unknown dotted ``keys``, each with the closest known key.
+
+  Args:
+    keys: the unknown keys, the first one leads the message.
+    known: section (``""`` for the top level) -> its known keys.
+  """
+
+  def hint(key):
+    section = key.rpartition(".")[0]
+    close = _closest(key, known[section])
+    return f"did you mean {close}?" if close else f"known keys: {', '.join(known[section])}"
+
+  message = f"{keys[0]}: unknown key; {hint(keys[0])}"
+  if len(keys) > 1:
+    message += " Also unknown: " + ", ".join(f"{k} ({hint(k)})" for k in keys[1:])
+  return ConfigError(message)
+
+
+def _known() -> dict[str, list[str]]:
+  return {
+    section: [f.name for f in dataclasses.fields(cls)]
+    for section, cls in {"": Config, **_SECTIONS}.items()
+  }
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
   """Builds a :class:`Config` from nested plain dicts (e.g. ``OmegaConf.to_container``).
 
-  Unknown keys raise :class:`ConfigError` naming them; model options are free-form and
-  checked against the model class by :func:`fwdgrad_jax.models.create`.
+  Unknown keys raise :class:`ConfigError` naming each key and the closest known one
+  (Hydra records a ``+section.typo=…`` override silently); model options are free-form
+  and checked against the model class by :func:`fwdgrad_jax.models.create`.
   """
-  _known_keys(Config, "", raw)
+  known = _known()
+  unknown = [k for k in raw if k not in known[""]]
+  for section in _SECTIONS:
+    unknown += [f"{section}.{k}" for k in (raw.get(section) or {}) if k not in known[section]]
+  if unknown:
+    raise _unknown_keys(unknown, known)
   top = {k: v for k, v in raw.items() if k not in _SECTIONS}
-  sections = {}
-  for name, cls in _SECTIONS.items():
-    values = dict(raw.get(name) or {})
-    _known_keys(cls, f"{name}.", values)
-    sections[name] = cls(**values)
+  sections = {name: cls(**dict(raw.get(name) or {})) for name, cls in _SECTIONS.items()}
   return Config(**sections, **top)
-
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def register_schema() -> None:
@@ -251,22 +282,99 @@ def register_schema() -> None:
   ConfigStore.instance().store(name="schema", node=Config)
 
 
-def compose(overrides: list[str], *, config_dir: str | Path = CONFIG_DIR) -> Config:
-  """The validated :class:`Config` that ``experiments/train.py <overrides>`` would run.
-
-  For scripts and notebooks that start runs without the Hydra CLI.
+def from_hydra(raw: Any) -> Config:
+  """The validated :class:`Config` of a composed Hydra config (a ``DictConfig``).
 
   Raises:
-    ConfigError: an invalid value, naming its key.
+    ConfigError: an unknown key or an invalid value, naming the key.
+  """
+  from omegaconf import OmegaConf
+
+  return validate(from_dict(OmegaConf.to_container(raw, resolve=True)))
+
+
+def hydra_error_message(error: BaseException, overrides: list[str] = ()) -> str | None:
+  """One line naming the key for an error Hydra raises while composing a config.
+
+  Hydra reports type errors and unknown groups in 6–8 lines (or a traceback); this
+  says the same in one line that starts with the key.
+
+  Args:
+    error: what Hydra's compose raised.
+    overrides: the command-line overrides, to find the one that does not parse.
+
+  Returns:
+    The line, or None when ``error`` is not a composition error.
+  """
+  from hydra.errors import (
+    ConfigCompositionException,
+    HydraException,
+    MissingConfigException,
+    OverrideParseException,
+  )
+  from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+  if isinstance(error, MissingConfigException) and error.missing_cfg_file:
+    group, _, option = error.missing_cfg_file.rpartition("/")
+    if group:
+      options = ", ".join(error.options or [])
+      return f"{group}={option}: no such {group} config; use one of {options}"
+    return f"{error.missing_cfg_file}: config not found"
+  if isinstance(error, OverrideParseException):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+      try:
+        parser.parse_override(override)
+      except HydraException:
+        return f"{override}: cannot parse this override ({str(error).splitlines()[0]})"
+    return f"cannot parse the overrides: {str(error).splitlines()[0]}"
+  cause = error.__cause__
+  if isinstance(error, ConfigCompositionException) and isinstance(cause, OmegaConfBaseException):
+    key = getattr(cause, "full_key", "") or ""
+    section = key.rpartition(".")[0]
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and section in _known():
+      return str(_unknown_keys([key], _known()))
+    # "Error merging override estimator.num_tangents=1.5": name the override as typed.
+    override = str(error).removeprefix("Error merging override ")
+    what = override if override.startswith(f"{key}=") else key or "config"
+    line = f"{what}: {str(cause).splitlines()[0]}"
+    hint = str(error).splitlines()[1:]  # Hydra's "To append to your config use +key=…"
+    return f"{line}; {hint[0][0].lower()}{hint[0][1:]}" if hint and hint[0] else line
+  if isinstance(error, ConfigCompositionException):
+    return str(error).splitlines()[0]
+  return None
+
+
+def compose(overrides: list[str], *, config_dir: str | Path) -> Config:
+  """The validated :class:`Config` that ``experiments/train.py <overrides>`` would run.
+
+  For scripts and notebooks that start runs without the Hydra CLI. The library does
+  not know where the repository's ``configs/`` is: the caller passes it.
+
+  Args:
+    overrides: Hydra overrides, as on the command line.
+    config_dir: the directory holding ``config.yaml`` and the config groups.
+
+  Raises:
+    ConfigError: an unknown key, a value of the wrong type or an invalid value,
+      naming the key.
   """
   from hydra import compose as hydra_compose
   from hydra import initialize_config_dir
-  from omegaconf import OmegaConf
+  from hydra.errors import HydraException
 
   register_schema()
-  with initialize_config_dir(config_dir=str(Path(config_dir).absolute()), version_base="1.3"):
-    raw = hydra_compose("config", overrides=list(overrides))
-  return validate(OmegaConf.to_object(raw))
+  try:
+    with initialize_config_dir(config_dir=str(Path(config_dir).absolute()), version_base="1.3"):
+      raw = hydra_compose("config", overrides=list(overrides))
+  except HydraException as e:
+    message = hydra_error_message(e, list(overrides))
+    if message is None:
+      raise
+    raise ConfigError(message) from e
+  return from_hydra(raw)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

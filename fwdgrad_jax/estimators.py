@@ -15,18 +15,27 @@ References:
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fwdgrad_jax import aggregation as aggregation_lib
+from fwdgrad_jax import perturbation as perturbation_lib
 from fwdgrad_jax import tangents as tangents_lib
 
 PyTree = Any
 ValueAndGradFn = Callable[..., tuple[Any, PyTree]]
+JvpHook = Callable[[jax.Array], jax.Array]
+
+
+# --------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------
 
 
 def check_options(
@@ -34,18 +43,32 @@ def check_options(
   tangents: Any,
   aggregation: Any,
   max_jvp_norm: Any = None,
+  *,
+  perturbation: Any = "weights",
+  normalize: Any = False,
+  jvp_hook: Any = None,
 ) -> None:
   """Validates forward-gradient options; raises ValueError naming the bad one."""
+  if isinstance(num_tangents, jax.Array | np.ndarray):
+    raise ValueError(
+      f"num_tangents must be a Python integer >= 1, got an array ({num_tangents!r}). Under "
+      "optax.inject_hyperparams every numeric argument becomes an array: pass "
+      "static_args=('num_tangents',) to keep it a static integer."
+    )
   if (
     isinstance(num_tangents, bool)
     or not isinstance(num_tangents, numbers.Integral)
     or num_tangents < 1
   ):
     raise ValueError(f"num_tangents must be an integer >= 1, got num_tangents={num_tangents!r}.")
-  tangents_lib.get_sampler(tangents)
+  perturbation_lib.check_options(perturbation, tangents, normalize)
+  if not perturbation_lib.uses_interpreter(perturbation, tangents):
+    tangents_lib.get_sampler(tangents)
   aggregation_lib.get_aggregation(aggregation)
   if max_jvp_norm is not None and not (isinstance(max_jvp_norm, numbers.Real) and max_jvp_norm > 0):
     raise ValueError(f"max_jvp_norm must be None or > 0, got max_jvp_norm={max_jvp_norm!r}.")
+  if jvp_hook is not None and not callable(jvp_hook):
+    raise ValueError(f"jvp_hook must be None or a callable d -> d, got {jvp_hook!r}.")
 
 
 def _check_params(params: PyTree, who: str) -> None:
@@ -62,6 +85,10 @@ def _check_params(params: PyTree, who: str) -> None:
       )
 
 
+def _raw_key_shape() -> tuple[int, ...]:
+  return jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
+
+
 def _check_key(key: Any, who: str) -> None:
   dtype = getattr(key, "dtype", None)
   if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
@@ -70,55 +97,172 @@ def _check_key(key: Any, who: str) -> None:
         f"{who}: key must be a single PRNG key, got a key array of shape {key.shape}."
       )
     return
-  if dtype != jnp.uint32 or jnp.ndim(key) != 1:
+  want = _raw_key_shape()
+  if dtype != jnp.uint32 or jnp.shape(key) != want:
     raise ValueError(
-      f"{who}: key must be a jax.random.key(...) or jax.random.PRNGKey(...), got "
-      f"{type(key).__name__} with dtype {dtype} and shape {jnp.shape(key)}."
+      f"{who}: key must be a jax.random.key(...) or a raw jax.random.PRNGKey(...) (uint32 of "
+      f"shape {want} for the default PRNG), got {type(key).__name__} with dtype {dtype} "
+      f"and shape {jnp.shape(key)}."
     )
 
 
-def _check_value(value: Any, who: str) -> None:
-  if jnp.shape(value) != () or not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+def _check_output(
+  fun: Callable[..., Any], params: PyTree, args: tuple, kwargs: dict, has_aux: bool, who: str,
+  per_example: bool = False,
+) -> None:
+  """Checks what ``fun`` returns (shapes only: abstract evaluation, no computation)."""
+  out = jax.eval_shape(lambda p: fun(p, *args, **kwargs), params)
+  want = "a floating scalar" + (" or a vector of per-example losses" if per_example else "")
+  if has_aux:
+    if not (isinstance(out, tuple) and len(out) == 2):
+      raise TypeError(f"{who}: with has_aux=True, fun must return a pair (value, aux), got {out}.")
+    out = out[0]
+  elif isinstance(out, tuple | list | dict):
     raise TypeError(
-      f"{who}: fun must return a floating scalar (with has_aux=True: a pair (scalar, aux)), "
-      f"got shape {jnp.shape(value)} and dtype {jnp.result_type(value)}."
+      f"{who}: fun returned a {type(out).__name__} ({out}); it must return {want}. If it "
+      "returns (value, aux), pass has_aux=True."
     )
+  shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+  ok_shape = shape == () or (per_example and shape is not None and len(shape) == 1)
+  if not ok_shape or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    hint = ""
+    if not per_example and shape is not None and len(shape) == 1:
+      hint = " (per-example losses of shape (batch,) need perturbation='activity')"
+    raise TypeError(f"{who}: fun must return {want}, got shape {shape} and dtype {dtype}{hint}.")
 
 
-def _materialize(tree: PyTree, key: jax.Array) -> PyTree:
-  """Returns ``tree`` unchanged, but computed once into buffers that consumers read.
+# --------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------
 
-  XLA fuses a cheap elementwise producer into every consumer, so the tangents (a
-  counter hash and erf_inv's polynomial) would be drawn twice: once into the jvp's
-  matmul operands and again in the aggregation — about a third of a k = 4 step on CPU.
-  XLA does not fuse across a conditional (``optimization_barrier`` is expanded before
-  fusion on CPU, so it does not help), hence the ``cond``: its predicate ``(w | 1) != 0``
-  is true for every uint32 ``w`` but not provably so to XLA; the other branch never runs.
+
+def directional_derivatives(
+  fun: Callable[[PyTree], Any], params: PyTree, tangents: PyTree, *, has_aux: bool = False
+) -> tuple[Any, jax.Array, Any]:
+  """d = Vᵀ∇f for a batch of tangents, with the primal evaluated once.
+
+  One ``jax.vmap`` of ``jax.jvp`` over the tangent batch whose primal inputs are not
+  mapped, so the forward pass runs once whatever k is (``out_axes=None`` asserts it).
+
+  Args:
+    fun: ``fun(params)`` → scalar (or ``(scalar, aux)`` with ``has_aux``).
+    params: the point.
+    tangents: a tangent batch: params' structure, leaves with a leading axis k.
+    has_aux: see above; aux is evaluated once, not differentiated.
+
+  Returns:
+    ``(value, d, aux)``: the primal value, d of shape (k,) and aux (None without has_aux).
   """
-  data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
-  word = data.reshape(-1)[0]
-  return jax.lax.cond(
-    (word | jnp.uint32(1)) != 0, lambda t: t, lambda t: jax.tree.map(jnp.zeros_like, t), tree
-  )
-
-
-def _value_and_jvps(fun, params, tangent_batch, num_tangents, has_aux):
-  """Returns (value, d of shape (k,), aux) with the primal evaluated once."""
-  if num_tangents == 1:
+  k = jax.tree.leaves(tangents)[0].shape[0]
+  if k == 1:
     # vmap over a size-1 axis still batches every tangent op (e.g. a batched matmul
     # for x·dW), which XLA:CPU runs noticeably slower than the plain op.
-    v = jax.tree.map(lambda t: t[0], tangent_batch)
+    v = jax.tree.map(lambda t: t[0], tangents)
     out = jax.jvp(fun, (params,), (v,), has_aux=has_aux)
     return out[0], out[1][None], (out[2] if has_aux else None)
 
   def jvp(v):
     return jax.jvp(fun, (params,), (v,), has_aux=has_aux)
 
-  # params are closed over, not mapped: the primal stays unbatched and is computed once;
-  # out_axes=None for value and aux asserts exactly that.
   out_axes = (None, 0, None) if has_aux else (None, 0)
-  out = jax.vmap(jvp, out_axes=out_axes)(tangent_batch)
+  out = jax.vmap(jvp, out_axes=out_axes)(tangents)
   return out[0], out[1], (out[2] if has_aux else None)
+
+
+def cap_jvp_norm(max_norm: float) -> JvpHook:
+  """A ``jvp_hook`` rescaling d to norm at most ``max_norm`` (the reproduction study's capping).
+
+  For k = 1 it clips |d|; with per-example d (k, batch) the norm is over all of d.
+  """
+
+  def hook(d):
+    norm = jnp.sqrt(jnp.sum(jnp.square(d)))
+    return d * jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+
+  return hook
+
+
+def _hooks(jvp_hook: JvpHook | None, max_jvp_norm: float | None) -> JvpHook | None:
+  hooks = [h for h in (jvp_hook, None if max_jvp_norm is None else cap_jvp_norm(max_jvp_norm)) if h]
+  if not hooks:
+    return None
+
+  def hook(d):
+    for h in hooks:
+      d = h(d)
+    return d
+
+  return hook
+
+
+def _normalize(batch: PyTree, d: jax.Array) -> tuple[PyTree, jax.Array]:
+  """Unit-norm tangents (over the whole pytree): v_i/‖v_i‖ with d_i/‖v_i‖, which is the same."""
+  leaves = jax.tree.leaves(batch, is_leaf=perturbation_lib.is_rank1)
+  sq = 0.0
+  for v in leaves:
+    if perturbation_lib.is_rank1(v):
+      k = v.num_tangents
+      sq = sq + jnp.sum(jnp.square(v.a.reshape(k, -1)), 1) * jnp.sum(jnp.square(v.b.reshape(k, -1)), 1)
+    else:
+      sq = sq + jnp.sum(jnp.square(v.reshape(v.shape[0], -1).astype(jnp.float32)), 1)
+  inv = jax.lax.rsqrt(jnp.maximum(sq, jnp.finfo(jnp.float32).tiny))
+
+  def scale(v):
+    if perturbation_lib.is_rank1(v):
+      return v.scale(inv)
+    return v * inv.astype(v.dtype).reshape((-1,) + (1,) * (v.ndim - 1))
+
+  return jax.tree.map(scale, batch, is_leaf=perturbation_lib.is_rank1), d * inv.astype(d.dtype)
+
+
+def expected_norm_ratio(
+  n: int,
+  num_tangents: int,
+  aggregation: str,
+  tangents: str = "normal",
+  *,
+  normalize: bool = False,
+) -> float:
+  """√(E‖g‖²)/‖∇f‖ of a forward-gradient estimate g in n dimensions, from the closed forms.
+
+  Gaussian tangents (and, as an approximation, the structured and activity schemes,
+  with n the dimension perturbed): E‖g‖² = (n + k + 1)/k · ‖∇f‖² for the mean of k
+  (one tangent: E[z²‖v‖²] = n + 2 with z = v·∇f/‖∇f‖), k² times that for the sum.
+  Rademacher: (n + k − 1)/k (‖v‖² = n exactly). Unit-norm tangents: (n + k − 1)/(k n²).
+  Partition (k blocks of n/k): (n/k + 2) for the sum. Orthogonal projection onto k
+  random directions: min(k, n)/n, whatever the scheme. The ratio does not depend on ∇f,
+  so dividing the estimate by it makes its expected length that of the true gradient
+  for every (n, k, aggregation, scheme): one learning rate then transfers across them.
+
+  Returns:
+    The ratio (> 0). A callable aggregation or tangent scheme gives 1.0 (no closed form).
+  """
+  k = num_tangents
+  if aggregation == "orthogonal":
+    return math.sqrt(min(k, n) / n)
+  if aggregation not in ("mean", "sum"):
+    return 1.0
+  if tangents == "partition":
+    per_sum = n / k + 2.0
+    mean_sq = per_sum / k**2
+  elif normalize:
+    mean_sq = (n + k - 1) / (k * n**2)
+  elif tangents in ("rademacher", "rademacher_threefry"):
+    mean_sq = (n + k - 1) / k
+  elif isinstance(tangents, str):
+    mean_sq = (n + k + 1) / k
+  else:
+    return 1.0
+  return math.sqrt(mean_sq * (k**2 if aggregation == "sum" else 1))
+
+
+def _size(tree: PyTree) -> int:
+  return sum(math.prod(jnp.shape(x)) for x in jax.tree.leaves(tree))
+
+
+# --------------------------------------------------------------------------------------
+# The estimator
+# --------------------------------------------------------------------------------------
 
 
 def value_and_forward_grad(
@@ -126,28 +270,45 @@ def value_and_forward_grad(
   *,
   num_tangents: int = 1,
   tangents: str | tangents_lib.Sampler = "normal",
-  aggregation: str = "mean",
+  aggregation: str | aggregation_lib.Aggregation = "mean",
   has_aux: bool = False,
   normalize: bool = False,
   max_jvp_norm: float | None = None,
+  jvp_hook: JvpHook | None = None,
+  perturbation: str = "weights",
+  rescale: bool = False,
 ) -> ValueAndGradFn:
   """Forward-gradient twin of ``jax.value_and_grad(fun)``, with a PRNG key first.
 
   Args:
     fun: ``fun(params, *args, **kwargs)`` returning a floating scalar (or
       ``(scalar, aux)`` with ``has_aux``); differentiated w.r.t. ``params``, any
-      pytree of floating arrays.
+      pytree of floating arrays. With ``perturbation="activity"`` it may return a
+      vector of per-example losses of shape (batch,) instead: every example then gets
+      its own directional derivative and the value returned is their mean.
     num_tangents: k, the number of random tangents per call.
     tangents: a name in ``fwdgrad_jax.tangents.SAMPLERS`` (``"normal"``,
-      ``"rademacher"``, ``"partition"``) or a callable
-      ``(key, params, num_tangents) -> pytree like params with a leading axis k``.
-    aggregation: ``"sum"`` (V d), ``"mean"`` (V d / k) or ``"orthogonal"``
-      (V (VᵀV)⁺ d, the projection of ∇f onto the span of the tangents).
+      ``"rademacher"``, ``"partition"``, …), a structured scheme of
+      :mod:`fwdgrad_jax.perturbation` (``"rank1"``, ``"input"``, ``"input_approx"``),
+      or a callable ``(key, params, num_tangents) -> pytree like params with a leading
+      axis k``. With ``perturbation="activity"``: the distribution of the activity
+      tangents (``"normal"`` or ``"rademacher"``).
+    aggregation: ``"sum"`` (V d), ``"mean"`` (V d / k), ``"orthogonal"``
+      (V (VᵀV)⁺ d, the projection of ∇f onto the span of the tangents) or a callable
+      ``(tangents, d) -> estimate`` (see :mod:`fwdgrad_jax.aggregation`).
     has_aux: ``fun`` returns ``(value, aux)``; aux is returned, not differentiated.
     normalize: scale each tangent to unit norm over the whole pytree (Flügel's
       normalized sum/mean; the estimate is then ≈ ∇f/n in expectation, not ∇f).
     max_jvp_norm: if set, rescale the vector of directional derivatives d to norm at
       most this (the reproduction study's capping; for k = 1 it clips |d|).
+    jvp_hook: a function applied to d before the aggregation (after capping); d has
+      shape (k,), or (k, batch) for per-example activity losses.
+    perturbation: ``"weights"`` (tangents on the parameters) or ``"activity"``
+      (tangents on the outputs of the parameter-consuming ops or on
+      :func:`fwdgrad_jax.site` markers; see :mod:`fwdgrad_jax.perturbation`).
+    rescale: divide the estimate by :func:`expected_norm_ratio` for its (n, k,
+      aggregation, scheme), so that its expected length is that of ∇f and one learning
+      rate transfers across k and aggregations.
 
   Returns:
     ``f(key, params, *args, **kwargs)`` → ``(value, grad)``, or
@@ -156,30 +317,55 @@ def value_and_forward_grad(
 
   Raises:
     ValueError: a bad option (here), or integer params / a bad key (on call).
+    TypeError: ``fun`` returns something other than described (on call).
 
   References:
     Baydin et al., 2022. Gradients without Backpropagation.
     Flügel et al., 2024. Multi-Tangent Forward Gradients.
   """
-  check_options(num_tangents, tangents, aggregation, max_jvp_norm)
+  check_options(
+    num_tangents, tangents, aggregation, max_jvp_norm,
+    perturbation=perturbation, normalize=normalize, jvp_hook=jvp_hook,
+  )
   aggregate = aggregation_lib.get_aggregation(aggregation)
+  hook = _hooks(jvp_hook, max_jvp_norm)
+  structured = perturbation_lib.uses_interpreter(perturbation, tangents)
+  who = "value_and_forward_grad"
+
+  def finish(grad, params, n):
+    if rescale:
+      ratio = expected_norm_ratio(n, num_tangents, aggregation, tangents, normalize=normalize)
+      grad = jax.tree.map(lambda g: g / ratio, grad)
+    return jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grad, params)
 
   def value_and_grad_fn(key, params, *args, **kwargs):
-    _check_key(key, "value_and_forward_grad")
-    _check_params(params, "value_and_forward_grad")
-    tangent_batch = tangents_lib.sample(key, params, num_tangents, tangents, normalized=normalize)
-    tangent_batch = _materialize(tangent_batch, key)
-    value, jvps, aux = _value_and_jvps(
-      lambda p: fun(p, *args, **kwargs), params, tangent_batch, num_tangents, has_aux
-    )
-    _check_value(value, "value_and_forward_grad")
-    jvps = jvps.astype(jnp.float32)
-    if max_jvp_norm is not None:
-      norm = jnp.linalg.norm(jvps)
-      jvps = jvps * jnp.minimum(1.0, max_jvp_norm / jnp.maximum(norm, 1e-30))
-    grad = aggregate(tangent_batch, jvps)
-    grad = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grad, params)
-    return ((value, aux) if has_aux else value), grad
+    _check_key(key, who)
+    _check_params(params, who)
+    _check_output(fun, params, args, kwargs, has_aux, who, per_example=perturbation == "activity")
+    if perturbation == "activity":
+      out, grad, n = perturbation_lib.activity_estimate(
+        fun, params, args, kwargs, key=key, num_tangents=num_tangents, tangents=tangents,
+        aggregate=aggregate, jvp_hook=hook,
+      )
+      return out, finish(grad, params, n)
+    if structured:
+      out, d, batch = perturbation_lib.weight_tangents_and_jvps(
+        fun, params, args, kwargs, key=key, num_tangents=num_tangents, tangents=tangents
+      )
+      if normalize:
+        batch, d = _normalize(batch, d)
+    else:
+      batch = tangents_lib.sample(key, params, num_tangents, tangents, normalized=normalize)
+      batch = tangents_lib.materialize(batch, key)
+      value, d, aux = directional_derivatives(
+        lambda p: fun(p, *args, **kwargs), params, batch, has_aux=has_aux
+      )
+      out = (value, aux) if has_aux else value
+    # The directional derivatives in the parameters' precision, at least float32.
+    d = d.astype(jnp.promote_types(d.dtype, jnp.float32))
+    if hook is not None:
+      d = hook(d)
+    return out, finish(aggregate(batch, d), params, _size(params))
 
   return value_and_grad_fn
 
@@ -225,14 +411,21 @@ def value_and_exact_grad(fun: Callable[..., Any], *, has_aux: bool = False) -> V
   return exact_fn
 
 
-ESTIMATORS: dict[str, Callable[..., ValueAndGradFn]] = {
-  "forward": value_and_forward_grad,
-  "backprop": value_and_exact_grad,
-}
-
-
 def get_estimator(name: str) -> Callable[..., ValueAndGradFn]:
-  """Returns :func:`value_and_forward_grad` for ``"forward"``, :func:`value_and_exact_grad` for ``"backprop"``."""
-  if name not in ESTIMATORS:
-    raise ValueError(f"estimator={name!r} is not known; use one of {sorted(ESTIMATORS)}.")
-  return ESTIMATORS[name]
+  """The function transform registered as ``name`` in :data:`fwdgrad_jax.transforms.ESTIMATORS`.
+
+  ``"forward"`` gives :func:`value_and_forward_grad`, ``"backprop"``
+  :func:`value_and_exact_grad`.
+
+  Raises:
+    ValueError: unknown name.
+  """
+  from fwdgrad_jax import transforms  # the registry lives beside the optax forms
+
+  fn = transforms.get(name).value_and_grad
+  if fn is None:
+    raise ValueError(
+      f"estimator={name!r} is stateful and has no function-transform form; use its optax "
+      f"transform, fwdgrad_jax.gradient_transform({name!r}, ...)."
+    )
+  return fn

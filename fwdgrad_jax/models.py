@@ -26,6 +26,13 @@ Typical use::
 
     g = apply_with_state_fn(graphdef)          # BatchNorm / Dropout models
     logits, rest = g(params, rest, x)
+
+    e = apply_with_state_fn(eval_graphdef(graphdef, params, rest))
+    logits, _ = e(params, rest, x)             # eval mode: running averages, no dropout
+
+A model with state trains through ``apply_with_state_fn``: the new ``rest`` (updated
+BatchNorm statistics, advanced Dropout RNG counters) comes back with the logits and is
+threaded into the next step, so two steps see different dropout masks.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ __all__ = [
   "apply_with_state_fn",
   "count_params",
   "create",
+  "eval_graphdef",
   "register",
   "split",
 ]
@@ -201,8 +209,21 @@ def apply_with_state_fn(
   return f
 
 
+def eval_graphdef(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State) -> nnx.GraphDef:
+  """The graphdef of the same model in eval mode (``Module.eval()``).
+
+  BatchNorm then normalises with its running averages and Dropout is off. The mode is
+  a static attribute, so it lives in the graphdef; ``params`` and ``rest`` keep their
+  structure and are shared by both modes.
+  """
+  model = nnx.merge(graphdef, params, rest, copy=True)
+  model.eval()
+  return nnx.split(model, nnx.Param, ...)[0]
+
+
 def count_params(params: Any) -> int:
   """Total number of scalars in a pytree (e.g. the ``params`` from :func:`split`)."""
+  # Shapes only: abstract models (nnx.eval_shape) are counted without allocating.
   return int(sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params)))
 
 
@@ -320,12 +341,18 @@ class MLP(nnx.Module):
   """Fully connected net, by default 784-1024-1024-10 with ReLU.
 
   The MNIST MLP of Baydin et al. 2022, "Gradients without Backpropagation" (Fig. 4).
+  With ``batch_norm`` or ``dropout`` it is the small stateful model of the tests and the
+  reference for stateful models in the app: each hidden layer is
+  Linear → [BatchNorm] → activation → [Dropout].
 
   Args:
     hidden: widths of the hidden layers (each followed by ``activation``).
     activation: name in :data:`ACTIVATIONS` or a callable.
     use_bias: give every Linear a bias.
     kernel_init: name of the weight initialiser (flax default ``lecun_normal``).
+    batch_norm: BatchNorm after every hidden Linear (running statistics in ``rest``).
+    dropout: Dropout rate after every hidden activation (0 = none); its RNG state is
+      in ``rest`` and advances with every call in train mode.
   """
 
   def __init__(
@@ -338,7 +365,11 @@ class MLP(nnx.Module):
     activation: str | Callable[[jax.Array], jax.Array] = "relu",
     use_bias: bool = True,
     kernel_init: str = "lecun_normal",
+    batch_norm: bool = False,
+    dropout: float = 0.0,
   ):
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     self.activation = _activation(activation)
     init = _kernel_init(kernel_init)
     widths = [math.prod(input_shape), *(int(h) for h in hidden)]
@@ -348,12 +379,19 @@ class MLP(nnx.Module):
         for a, b in itertools.pairwise(widths)
       ]
     )
+    self.norms = nnx.List([nnx.BatchNorm(w, rngs=rngs) for w in widths[1:]] if batch_norm else [])
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
     self.head = nnx.Linear(widths[-1], num_classes, use_bias=use_bias, kernel_init=init, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = _flatten(x)
-    for layer in self.hidden:
-      h = self.activation(layer(h))
+    for i, layer in enumerate(self.hidden):
+      h = layer(h)
+      if self.norms:
+        h = self.norms[i](h)
+      h = self.activation(h)
+      if self.dropout is not None:
+        h = self.dropout(h)
     return self.head(h)
 
 

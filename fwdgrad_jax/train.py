@@ -1,27 +1,42 @@
 """The training loop as a library function: ``train(config, run_dir) -> summary``.
 
-One loop for both estimators: the gradient comes from the optax transform of
-:mod:`fwdgrad_jax.transforms` (``forward`` or ``backprop``), followed by optional
-clipping and the optimizer. Steps run on device in chunks: one compiled
-``fori_loop`` runs up to ``log_every`` steps (shuffling and batching on device),
-and the host only sees each chunk's per-step losses. Evaluation, gradient checks and
-checkpoints happen between chunks, outside the timed segments.
+One loop for both estimators: the gradient comes from the optax transform registered
+under ``estimator.name`` in :data:`fwdgrad_jax.transforms.ESTIMATORS`, followed by
+optional clipping and the optimizer. :func:`train` reads top to bottom:
 
-Outputs in ``run_dir``: ``metrics.jsonl`` (one record per log line), ``summary.json``,
-``config.json`` and orbax checkpoints in ``checkpoints/``. A rerun on the same
-``run_dir`` with more ``train.steps`` resumes from the latest checkpoint; a diverged
-run (non-finite loss) stops, keeps its metrics and last good checkpoint, and reports
-``diverged: true``.
+1. **init** (:func:`_init`) — the model, split into parameters and the rest of its state
+   (BatchNorm statistics, Dropout RNG counters), the transform, the compiled chunk of
+   training steps, evaluation in eval mode, the gradient check, the base time;
+2. **restore** — the newest readable checkpoint of ``run_dir`` (:mod:`fwdgrad_jax.rundir`);
+3. **loop** (:func:`_loop`) — chunks of up to ``log_every`` steps in one compiled
+   ``fori_loop`` (shuffling and batching on device; the host syncs once per chunk),
+   with periodic hooks between chunks: log, eval, gradient check, checkpoint. It
+   stops at ``train.steps``, on a non-finite loss, on SIGTERM/SIGINT, or once the
+   training time exceeds ``train.time_budget_s``;
+4. **summary** (:func:`_summarize`) — final evaluation and ``summary.json``.
+
+Models with state train through ``loss(params, x, y, model_state) -> (loss,
+new_model_state)``: the transform keeps the new state in its ``aux`` and the loop
+carries it in :class:`TrainState` and its checkpoints, so BatchNorm statistics update
+and two steps see different dropout masks.
+
+Outputs in ``run_dir``: ``metrics.jsonl``, ``summary.json``, ``config.json`` (written
+once the run has really started), ``checkpoints/`` and a lock while it runs. A rerun on
+the same ``run_dir`` with more ``train.steps`` resumes from the newest checkpoint; one
+is always written at the end and at an interrupt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import logging
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,20 +48,35 @@ from flax import nnx
 
 from fwdgrad_jax import config as config_lib
 from fwdgrad_jax import data as data_lib
-from fwdgrad_jax import estimators, metrics, models, transforms
+from fwdgrad_jax import experiment, metrics, models, rundir, transforms
 
 PyTree = Any
+log = logging.getLogger(__name__)
 
-# What must match for a run directory to be resumed (train.steps may grow).
-_RESUME_KEYS = ("data", "model", "estimator", "optimizer", "seed")
+# What may change when a run directory is resumed; everything else must match.
+_MAY_CHANGE_ON_RESUME = frozenset(
+  {"name", "data.data_dir", "data.download"}
+  | {f"train.{key}" for key in ("steps", "eval_batch_size", "progress", "time_budget_s")}
+  | {f"train.{key}_every" for key in ("log", "eval", "grad_check", "checkpoint")}
+)
 
 
 class TrainState(NamedTuple):
-  """What a checkpoint holds: parameters, optimizer state (with the tangent key), step."""
+  """What a checkpoint holds.
+
+  Attributes:
+    params: the ``nnx.Param`` state, the only thing differentiated.
+    opt_state: the optax state (with the tangent key, the last loss in ``value`` and,
+      for the app's stateful loss, the new model state in ``aux``).
+    step: optimizer steps taken.
+    model_state: the model's other state (BatchNorm statistics, Dropout RNG counters),
+      threaded through the steps; None for a loss ``loss(params, x, y)`` without state.
+  """
 
   params: PyTree
   opt_state: PyTree
   step: jax.Array
+  model_state: PyTree = None
 
 
 # --------------------------------------------------------------------------------------
@@ -60,11 +90,26 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def make_loss(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[..., jax.Array]:
-  """``loss(params, x, y)`` of a split NNX model; only ``params`` is differentiated."""
+  """``loss(params, x, y)`` of a split NNX model without state updates (``rest`` fixed)."""
   apply = models.apply_fn(graphdef, rest)
 
   def loss(params, x, y):
     return cross_entropy(apply(params, x), y)
+
+  return loss
+
+
+def make_stateful_loss(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, nnx.State]]:
+  """``loss(params, x, y, model_state) -> (loss, new_model_state)`` of a split NNX model.
+
+  For a transform built with ``has_aux=True``: the new BatchNorm statistics and Dropout
+  RNG state come back as aux. A model without such state has an empty ``model_state``.
+  """
+  apply = models.apply_with_state_fn(graphdef)
+
+  def loss(params, x, y, model_state):
+    logits, new_state = apply(params, model_state, x)
+    return cross_entropy(logits, y), new_state
 
   return loss
 
@@ -83,7 +128,7 @@ def make_optimizer(cfg: config_lib.OptimizerConfig) -> optax.GradientTransformat
 
 def estimator_options(cfg: config_lib.EstimatorConfig) -> dict[str, Any]:
   """Keyword options of the estimator named by ``cfg.name`` (none for backprop)."""
-  if cfg.name == "backprop":
+  if not transforms.get(cfg.name).uses_key:
     return {}
   return dict(
     num_tangents=cfg.num_tangents,
@@ -94,10 +139,19 @@ def estimator_options(cfg: config_lib.EstimatorConfig) -> dict[str, Any]:
   )
 
 
-def make_tx(cfg: config_lib.Config, key: jax.Array) -> optax.GradientTransformationExtraArgs:
-  """Estimator transform → optional global-norm clipping → optimizer."""
+def make_tx(
+  cfg: config_lib.Config, key: jax.Array, *, has_aux: bool = False
+) -> optax.GradientTransformationExtraArgs:
+  """Estimator transform → optional global-norm clipping → optimizer.
+
+  Args:
+    cfg: the run's config.
+    key: PRNG key of the tangents.
+    has_aux: the loss returns ``(loss, new_model_state)`` (:func:`make_stateful_loss`).
+  """
+  est = cfg.estimator
   parts = [
-    transforms.gradient_transform(cfg.estimator.name, key=key, **estimator_options(cfg.estimator))
+    transforms.gradient_transform(est.name, key=key, has_aux=has_aux, **estimator_options(est))
   ]
   if cfg.optimizer.clip_norm is not None:
     parts.append(optax.clip_by_global_norm(cfg.optimizer.clip_norm))
@@ -105,19 +159,41 @@ def make_tx(cfg: config_lib.Config, key: jax.Array) -> optax.GradientTransformat
   return optax.chain(*parts)
 
 
+def init_state(
+  tx: optax.GradientTransformationExtraArgs, params: PyTree, model_state: PyTree = None
+) -> TrainState:
+  """The state at step 0; with a ``model_state``, ``tx`` must have been built with ``has_aux``.
+
+  The transform's ``aux`` starts as a copy of ``model_state`` so that the state keeps
+  one structure through ``fori_loop`` (a copy: a chunk donates its state, and one buffer
+  cannot be donated twice).
+  """
+  opt_state = tx.init(params)
+  if model_state is not None:
+    opt_state = optax.tree_utils.tree_set(opt_state, aux=jax.tree.map(jnp.copy, model_state))
+  return TrainState(params, opt_state, jnp.zeros((), jnp.int32), model_state)
+
+
 def make_step_fn(
-  loss: Callable[..., jax.Array], tx: optax.GradientTransformationExtraArgs
+  loss: Callable[..., Any], tx: optax.GradientTransformationExtraArgs
 ) -> Callable[[TrainState, jax.Array, jax.Array], TrainState]:
   """``step(state, x, y) -> state``: one estimate + optimizer update on one batch.
 
-  The body of the training loop; the benchmark times exactly this.
+  The body of the training loop; the benchmark times exactly this. With
+  ``state.model_state`` set, ``loss`` is stateful (:func:`make_stateful_loss`) and the
+  new model state is read from the transform's ``aux``.
   """
 
   def step(state: TrainState, x: jax.Array, y: jax.Array) -> TrainState:
+    kwargs = {} if state.model_state is None else {"model_state": state.model_state}
     updates, opt_state = tx.update(
-      state.params, state.opt_state, state.params, value_fn=loss, x=x, y=y
+      state.params, state.opt_state, state.params, value_fn=loss, x=x, y=y, **kwargs
     )
-    return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+    model_state = None
+    if state.model_state is not None:
+      model_state = optax.tree_utils.tree_get(opt_state, "aux")
+    params = optax.apply_updates(state.params, updates)
+    return TrainState(params, opt_state, state.step + 1, model_state)
 
   return step
 
@@ -133,7 +209,7 @@ def _epoch_perm(data_key, step, num_examples, steps_per_epoch):
 
 
 def make_chunk_fn(
-  loss: Callable[..., jax.Array],
+  loss: Callable[..., Any],
   tx: optax.GradientTransformationExtraArgs,
   *,
   batch_size: int,
@@ -162,39 +238,42 @@ def make_chunk_fn(
       )
       xb, yb = _batch(x, y, perm, step, batch_size, steps_per_epoch)
       state = train_step(state, xb, yb)
-      losses = losses.at[i].set(state.opt_state[0].value)
+      losses = losses.at[i].set(optax.tree_utils.tree_get(state.opt_state, "value"))
       return state, perm, losses
 
     perm = _epoch_perm(data_key, state.step, num_examples, steps_per_epoch)
     losses = jnp.full((chunk,), jnp.nan, jnp.float32)
     state, _, losses = jax.lax.fori_loop(0, num_steps, body, (state, perm, losses))
-    finite = jnp.isfinite(metrics.tree_norm(state.params))
+    finite = jnp.isfinite(optax.tree_utils.tree_norm(state.params))
     return state, losses, finite
 
   return run
 
 
 def make_base_fn(
-  loss: Callable[..., jax.Array],
+  loss: Callable[..., Any],
   *,
   batch_size: int,
   num_examples: int,
   chunk: int,
   data_key: jax.Array,
 ) -> Callable[..., jax.Array]:
-  """``base(params, step0, x, y)``: ``chunk`` forward+loss evaluations, batched like training.
+  """``base(params, step0, x, y, model_state=None)``: ``chunk`` forward+loss evaluations.
 
   Baydin et al.'s base runtime: a forward pass and the loss, no derivative, no update,
-  with the same on-device batching as a train step so the ratio R compares like with like.
+  with the same on-device batching as a train step so the ratio R compares like with
+  like. With a ``model_state``, ``loss`` is stateful and runs in train mode, as in a step.
   """
   steps_per_epoch = num_examples // batch_size
 
-  def base(params, step0, x, y):
+  def base(params, step0, x, y, model_state=None):
     perm = _epoch_perm(data_key, step0, num_examples, steps_per_epoch)
 
     def body(i, total):
       xb, yb = _batch(x, y, perm, step0 + i, batch_size, steps_per_epoch)
-      return total + loss(params, xb, yb)
+      if model_state is None:
+        return total + loss(params, xb, yb)
+      return total + loss(params, xb, yb, model_state)[0]
 
     return jax.lax.fori_loop(0, chunk, body, jnp.zeros((), jnp.float32))
 
@@ -202,11 +281,16 @@ def make_base_fn(
 
 
 def make_eval_fn(
-  apply: Callable[..., jax.Array], batch_size: int
+  apply: Callable[..., Any], batch_size: int
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
-  """``evaluate(params, x, y) -> (mean loss, accuracy)`` over a whole split, in batches."""
+  """``evaluate(params, x, y, model_state=None) -> (mean loss, accuracy)`` over a split.
 
-  def evaluate(params, x, y):
+  ``apply`` is ``apply(params, x) -> logits``, or with a ``model_state`` the stateful
+  ``apply(params, model_state, x) -> (logits, new_state)`` of the eval-mode graphdef
+  (:func:`fwdgrad_jax.models.eval_graphdef`): evaluation never updates the state.
+  """
+
+  def evaluate(params, x, y, model_state=None):
     n = x.shape[0]
     nb = -(-n // batch_size)
     pad = nb * batch_size - n
@@ -216,7 +300,7 @@ def make_eval_fn(
 
     def one(args):
       xb, yb, mb = args
-      logits = apply(params, xb)
+      logits = apply(params, xb) if model_state is None else apply(params, model_state, xb)[0]
       losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
       correct = jnp.argmax(logits, -1) == yb
       return jnp.sum(jnp.where(mb, losses, 0.0)), jnp.sum(jnp.where(mb, correct, False))
@@ -227,26 +311,25 @@ def make_eval_fn(
   return evaluate
 
 
-def make_grad_check_fn(loss: Callable[..., jax.Array], cfg: config_lib.EstimatorConfig):
-  """``check(params, key, x, y) -> (cosine, norm ratio)`` of the estimate vs ``jax.grad``."""
-  estimate = estimators.get_estimator(cfg.name)(loss, **estimator_options(cfg))
+def make_grad_check_fn(loss: Callable[..., Any], cfg: config_lib.EstimatorConfig):
+  """``check(params, key, x, y, model_state=None) -> (cosine, norm ratio)`` vs ``jax.grad``.
 
-  def check(params, key, x, y):
-    _, g = estimate(key, params, x, y)
-    true = jax.grad(loss)(params, x, y)
+  With a ``model_state``, ``loss`` is stateful; both gradients see the same state (the
+  same dropout mask), so the check compares estimators, not masks.
+  """
+  estimator = transforms.get(cfg.name).value_and_grad
+  options = estimator_options(cfg)
+
+  def check(params, key, x, y, model_state=None):
+    if model_state is None:
+      _, g = estimator(loss, **options)(key, params, x, y)
+      true = jax.grad(loss)(params, x, y)
+    else:
+      _, g = estimator(loss, has_aux=True, **options)(key, params, x, y, model_state)
+      true, _ = jax.grad(loss, has_aux=True)(params, x, y, model_state)
     return metrics.cosine_similarity(g, true), metrics.norm_ratio(g, true)
 
   return check
-
-
-def median_time(fn: Callable[[], Any], reps: int) -> float:
-  """Median wall time of ``fn()`` in seconds, blocking on its result each time."""
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 # --------------------------------------------------------------------------------------
@@ -266,59 +349,350 @@ def _finite_or_none(x: Any) -> float | None:
   return x if math.isfinite(x) else None
 
 
-class _Metrics:
-  """metrics.jsonl (+ TensorBoard when tensorboardX is installed)."""
+class _Interrupts:
+  """SIGTERM/SIGINT while training: note it, finish the chunk, checkpoint, summarize.
 
-  def __init__(self, run_dir: Path, resume_step: int):
-    self.path = run_dir / "metrics.jsonl"
-    records = []
-    if resume_step > 0 and self.path.exists():
-      # Records past the checkpoint belong to steps that will be run again.
-      records = [
-        r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step
-      ]
-    elif self.path.exists():
-      self.path.unlink()
-    self.records = records
-    self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    self._file = self.path.open("a")
-    self._tb = None
+  A second signal stops at once (KeyboardInterrupt). Handlers can only be installed in
+  the main thread; elsewhere (a notebook's worker thread) signals keep their meaning, as
+  does a signal the parent told this process to ignore (``nohup``, a background job).
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> _Interrupts:
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+          self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+    log.warning(
+      "%s: stopping after this chunk of steps (a checkpoint and summary.json follow; send it "
+      "again to stop at once)",
+      signal.Signals(signum).name,
+    )
+
+  def __exit__(self, *exc: Any) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class _Run:
+  """What :func:`_init` builds: the compiled functions and the data of one run."""
+
+  cfg: config_lib.Config
+  dataset: data_lib.Dataset
+  chunk: int
+  run_chunk: Callable[..., Any]
+  base: Callable[..., Any]
+  evaluate: Callable[..., Any]
+  grad_check: Callable[..., Any]
+  check_key: jax.Array
+  num_params: int
+
+
+@dataclasses.dataclass
+class _Outcome:
+  """How the loop ended."""
+
+  state: TrainState
+  step: int
+  train_time: float
+  chunk_times: list[float]
+  diverged: bool = False
+  interrupted: int | None = None  # the signal
+  stopped_on_time: bool = False
+  error: rundir.RunDirError | None = None
+
+
+def _check_resumable(run_dir: Path, cfg: config_lib.Config) -> None:
+  """Refuses a run whose config differs from the checkpointed run in ``run_dir``.
+
+  A directory without checkpoints is fresh whatever its ``config.json`` says (a run
+  that failed its checks before starting must not block its corrected rerun).
+  """
+  ckpt_dir = run_dir / rundir.CHECKPOINTS_NAME
+  if not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+    return
+  old = rundir.read_json(run_dir / "config.json")
+  if old is None:
+    return
+  change = rundir.changed_key(old, config_lib.to_dict(cfg), _MAY_CHANGE_ON_RESUME)
+  if change is not None:
+    key, was, now = change
+    raise config_lib.ConfigError(
+      f"{key}: {now!r} differs from {was!r} of the run being resumed in {run_dir}; use a new "
+      "run directory (train.steps, the intervals and the time budget may change on resume)"
+    )
+
+
+def _create_model(cfg: config_lib.Config, dataset: data_lib.Dataset | None) -> nnx.Module:
+  name = cfg.data.name
+  shape = dataset.input_shape if dataset is not None else data_lib.input_shape(name)
+  classes = dataset.num_classes if dataset is not None else data_lib.num_classes(name)
+  try:
+    return models.create(
+      cfg.model.name,
+      input_shape=shape,
+      num_classes=classes,
+      rngs=nnx.Rngs(cfg.seed),
+      **cfg.model.options,
+    )
+  except (TypeError, ValueError) as e:
+    raise config_lib.ConfigError(f"model.options: {e}") from e
+
+
+def _load_data(cfg: config_lib.Config) -> data_lib.Dataset:
+  d = cfg.data
+  try:
+    return data_lib.load(
+      d.name, data_dir=d.data_dir, val_size=d.val_size, seed=cfg.seed, download=d.download
+    )
+  except data_lib.DatasetUnavailableError as e:
+    raise e.with_download_key("data.download") from None
+  except ValueError as e:
+    # data.load names its argument first ("val_size=…"), and DataConfig mirrors them.
+    raise config_lib.ConfigError(f"data.{e}") from e
+
+
+def _init(
+  cfg: config_lib.Config, model: nnx.Module, dataset: data_lib.Dataset
+) -> tuple[_Run, TrainState]:
+  """Builds the run's compiled functions and its state at step 0."""
+  tr = cfg.train
+  num_examples = int(dataset.x_train.shape[0])
+  if num_examples < tr.batch_size:
+    raise config_lib.ConfigError(
+      f"train.batch_size={tr.batch_size}: larger than the {num_examples} training examples"
+    )
+  graphdef, params, rest = models.split(model)
+  num_params = models.count_params(params)  # before the first chunk donates the buffers
+  eval_apply = models.apply_with_state_fn(models.eval_graphdef(graphdef, params, rest))
+  loss = make_stateful_loss(graphdef)
+
+  data_key, est_key, check_key = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
+  tx = make_tx(cfg, est_key, has_aux=True)
+  state = init_state(tx, params, rest)
+  chunk = _chunk_length(tr)
+  x, y = dataset.x_train, dataset.y_train
+  common = dict(batch_size=tr.batch_size, num_examples=num_examples, chunk=chunk, data_key=data_key)
+  run_chunk = (
+    jax.jit(make_chunk_fn(loss, tx, **common), donate_argnums=0)
+    .lower(state, jnp.int32(chunk), x, y)
+    .compile()
+  )
+  base = jax.jit(make_base_fn(loss, **common)).lower(params, state.step, x, y, rest).compile()
+  run = _Run(
+    cfg=cfg,
+    dataset=dataset,
+    chunk=chunk,
+    run_chunk=run_chunk,
+    base=base,
+    evaluate=jax.jit(make_eval_fn(eval_apply, tr.eval_batch_size)),
+    grad_check=jax.jit(make_grad_check_fn(loss, cfg.estimator)),
+    check_key=check_key,
+    num_params=num_params,
+  )
+  return run, state
+
+
+def _restore(ckpts: rundir.Checkpoints, state: TrainState) -> TrainState:
+  """The state of the newest readable checkpoint, or ``state`` when there is none."""
+  restored, step = ckpts.restore(state)
+  if restored is None:
+    return state
+  log.info("%s: resuming from step %d", ckpts.directory, step)
+  return restored
+
+
+def _base_time(run: _Run, state: TrainState) -> float:
+  """Seconds per forward+loss evaluation, batched like a training chunk (median)."""
+  x, y = run.dataset.x_train, run.dataset.y_train
+  timing = experiment.time_interleaved(
+    {"base": run.base},
+    rounds=5,
+    args={"base": lambda: (state.params, state.step, x, y, state.model_state)},
+    steps=run.chunk,
+  )
+  return timing["base"].median
+
+
+def _describe(record: dict[str, Any]) -> str:
+  parts = [f"step {record['step']}"]
+  for key, value in record.items():
+    if key != "step" and isinstance(value, float):
+      parts.append(f"{key} {value:.4g}")
+  return ", ".join(parts)
+
+
+def _periodic_record(
+  run: _Run, step: int, state: TrainState, pending: list[float], train_time: float, last: bool
+) -> dict[str, Any]:
+  """The hooks that measure between chunks: log, eval, gradient check (not timed)."""
+  tr, ds = run.cfg.train, run.dataset
+  record: dict[str, Any] = {}
+  if step % tr.log_every == 0 or last:
+    record["train_loss"] = float(np.mean(pending)) if pending else None
+  if tr.eval_every and step % tr.eval_every == 0 and ds.x_val.shape[0]:
+    val_loss, val_acc = run.evaluate(state.params, ds.x_val, ds.y_val, state.model_state)
+    record.update(val_loss=float(val_loss), val_accuracy=float(val_acc))
+  if tr.grad_check_every and step % tr.grad_check_every == 0:
+    key = jax.random.fold_in(run.check_key, step)
+    idx = jax.random.choice(key, ds.x_train.shape[0], (tr.batch_size,), replace=False)
+    cos, ratio = run.grad_check(
+      state.params, key, ds.x_train[idx], ds.y_train[idx], state.model_state
+    )
+    record.update(cosine_to_true_grad=float(cos), grad_norm_ratio=float(ratio))
+  if not record:
+    return record
+  record.setdefault("train_loss", float(np.mean(pending)) if pending else None)
+  return {"step": step, **record, "train_time_s": train_time}
+
+
+@contextlib.contextmanager
+def _progress(cfg: config_lib.Config, start: int) -> Iterator[Any]:
+  if not cfg.train.progress:
+    yield None
+    return
+  from tqdm.auto import tqdm
+  from tqdm.contrib.logging import logging_redirect_tqdm
+
+  # Log lines go through tqdm.write while the bar is drawn, so neither garbles the other.
+  with (
+    logging_redirect_tqdm(),
+    tqdm(
+      total=cfg.train.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True
+    ) as bar,
+  ):
+    yield bar
+
+
+def _loop(
+  run: _Run,
+  state: TrainState,
+  metrics_log: rundir.MetricsLog,
+  ckpts: rundir.Checkpoints,
+  interrupts: _Interrupts,
+) -> _Outcome:
+  """Runs chunks of steps with the periodic hooks until a stop; checkpoints at the end."""
+  tr = run.cfg.train
+  x, y = run.dataset.x_train, run.dataset.y_train
+  records = metrics_log.records
+  step = int(state.step)
+  out = _Outcome(state, step, records[-1].get("train_time_s", 0.0) if records else 0.0, [])
+  pending: list[float] = []
+
+  def should_stop() -> bool:
+    out.interrupted = interrupts.signum
+    budget = tr.time_budget_s
+    out.stopped_on_time = budget is not None and out.train_time >= budget and step < tr.steps
+    return out.interrupted is not None or out.stopped_on_time
+
+  with _progress(run.cfg, step) as bar:
+    while step < tr.steps and not should_stop():
+      n = min(run.chunk, tr.steps - step)
+      t0 = time.perf_counter()
+      state, losses, finite = run.run_chunk(state, jnp.int32(n), x, y)
+      losses = np.asarray(losses[:n])  # the one host sync per chunk
+      dt = time.perf_counter() - t0
+      out.chunk_times.append(dt / n)  # AOT-compiled: no compile time in any chunk
+      out.train_time += dt
+      if not (np.isfinite(losses).all() and bool(finite)):
+        bad = int(np.argmin(np.isfinite(losses))) if not np.isfinite(losses).all() else n - 1
+        pending.extend(losses[:bad].tolist())
+        step += bad
+        out.diverged = True
+        break
+      pending.extend(losses.tolist())
+      step += n
+      if bar is not None:
+        bar.update(n)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+      last = step == tr.steps or should_stop()
+      record = _periodic_record(run, step, state, pending, out.train_time, last)
+      if record:
+        metrics_log.write(record)
+        log.info(_describe(record))
+      if step % tr.log_every == 0 or last:
+        pending = []  # train_loss is the mean over the log interval
+      if tr.checkpoint_every and step % tr.checkpoint_every == 0 and step < tr.steps:
+        try:
+          ckpts.save(step, state)
+        except rundir.RunDirError as e:
+          out.error = e
+          break
+  out.state, out.step = state, step
+  if out.diverged:
+    metrics_log.write(
+      {"step": step, "train_loss": None, "diverged": True, "train_time_s": out.train_time}
+    )
+    log.warning("step %d: non-finite loss; stopped (the last good checkpoint is kept)", step)
+  elif out.error is None:
+    # Always a checkpoint at the end, at an interrupt and on the time budget.
     try:
-      from tensorboardX import SummaryWriter  # optional
-
-      self._tb = SummaryWriter(str(run_dir / "tensorboard"))
-    except ImportError:
-      pass
-
-  def write(self, record: dict[str, Any]) -> None:
-    self.records.append(record)
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
-    if self._tb is not None:
-      for k, v in record.items():
-        if k != "step" and isinstance(v, int | float) and v is not None:
-          self._tb.add_scalar(k, v, record["step"])
-
-  def close(self) -> None:
-    self._file.close()
-    if self._tb is not None:
-      self._tb.close()
+      ckpts.save(step, state)
+    except rundir.RunDirError as e:
+      out.error = e
+  return out
 
 
-def _check_resume_config(run_dir: Path, cfg: config_lib.Config) -> None:
-  path = run_dir / "config.json"
-  new = config_lib.to_dict(cfg)
-  if path.exists():
-    old = json.loads(path.read_text())
-    changed = [k for k in _RESUME_KEYS if old.get(k) != new.get(k)]
-    if old.get("train", {}).get("batch_size") != new["train"]["batch_size"]:
-      changed.append("train.batch_size")
-    if changed:
-      raise config_lib.ConfigError(
-        f"{changed[0]}: differs from the run being resumed in {run_dir}; use a new run directory "
-        "(only train.steps and the logging/eval/checkpoint intervals may change on resume)."
-      )
-  path.write_text(json.dumps(new, indent=2))
+def _summarize(run: _Run, out: _Outcome, records: list[dict[str, Any]], base_time: float):
+  """The summary of the run (final evaluation unless it diverged, was stopped or failed)."""
+  cfg, ds, tr = run.cfg, run.dataset, run.cfg.train
+  val = test = (float("nan"), float("nan"))
+  if not (out.diverged or out.interrupted or out.error):
+    state = out.state
+    if ds.x_val.shape[0]:
+      val = run.evaluate(state.params, ds.x_val, ds.y_val, state.model_state)
+    test = run.evaluate(state.params, ds.x_test, ds.y_test, state.model_state)
+  evals = [r for r in records if r.get("val_loss") is not None]
+  best = min(evals, key=lambda r: r["val_loss"]) if evals else None
+  step_time = float(np.median(out.chunk_times)) if out.chunk_times else None
+  forward = transforms.get(cfg.estimator.name).uses_key
+  device = jax.devices()[0]
+  return {
+    "val_loss": _finite_or_none(val[0]),
+    "val_accuracy": _finite_or_none(val[1]),
+    "test_loss": _finite_or_none(test[0]),
+    "test_accuracy": _finite_or_none(test[1]),
+    "diverged": out.diverged,
+    "interrupted": out.interrupted is not None,
+    "interrupted_by": None if out.interrupted is None else signal.Signals(out.interrupted).name,
+    "stopped_on_time": out.stopped_on_time,
+    "error": None if out.error is None else str(out.error),
+    "steps": out.step,
+    "time_budget_s": tr.time_budget_s,
+    "step_time_ms": None if step_time is None else step_time * 1e3,
+    "base_time_ms": base_time * 1e3,
+    "runtime_ratio": None if step_time is None else step_time / base_time,
+    "best_val_loss": best["val_loss"] if best else None,
+    "best_val_step": best["step"] if best else None,
+    "train_time_s": out.train_time,
+    "num_params": run.num_params,
+    "data": cfg.data.name,
+    "model": cfg.model.name,
+    "estimator": cfg.estimator.name,
+    "num_tangents": cfg.estimator.num_tangents if forward else None,
+    "tangents": cfg.estimator.tangents if forward else None,
+    "aggregation": cfg.estimator.aggregation if forward else None,
+    "optimizer": cfg.optimizer.name,
+    "lr": cfg.optimizer.lr,
+    "decay": cfg.optimizer.decay,
+    "batch_size": tr.batch_size,
+    "seed": cfg.seed,
+    "device": f"{device.platform}:{device.device_kind}",
+    "jax_version": jax.__version__,
+    "config": config_lib.to_dict(cfg),
+    "provenance": experiment.provenance(),
+  }
 
 
 def train(
@@ -326,192 +700,59 @@ def train(
   run_dir: str | os.PathLike[str],
   *,
   dataset: data_lib.Dataset | None = None,
+  on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
   """Trains ``cfg`` into ``run_dir`` and returns the summary (also in ``summary.json``).
 
   Args:
     cfg: the run; validated first (:func:`fwdgrad_jax.config.validate`).
-    run_dir: output directory; an existing checkpoint there is resumed.
+    run_dir: output directory; its newest readable checkpoint is resumed.
     dataset: preloaded data (tests, notebooks); loaded from ``cfg.data`` otherwise.
+    on_start: called once the run has really started — lock held, config, data and
+      checkpoint checked, ``config.json`` written — e.g. to record the Hydra config.
 
   Returns:
     The summary: ``val_loss``, ``val_accuracy``, ``test_loss``, ``test_accuracy``,
-    ``diverged``, ``steps``, ``step_time_ms``, ``base_time_ms``, ``runtime_ratio``
-    (R_f or R_b), … and the essentials of the config.
+    ``diverged``, ``interrupted``, ``stopped_on_time``, ``steps``, ``step_time_ms``,
+    ``base_time_ms``, ``runtime_ratio`` (R_f or R_b), … and the config.
+
+  Raises:
+    ConfigError: an invalid value or a resume with a changed config, naming the key;
+      nothing in ``run_dir`` is touched.
+    DatasetUnavailableError: the data set is not prepared (and cannot be here).
+    RunDirError: the run directory is in use, unwritable, holds no readable
+      checkpoint, or a checkpoint save failed; raised after ``summary.json`` was written
+      when the run had started. One line naming the path.
   """
-  import orbax.checkpoint as ocp
-
   config_lib.validate(cfg)
-  run_dir = Path(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  tr = cfg.train
-
-  # Model first: bad model options fail here, before data loading and compiling.
-  input_shape = dataset.input_shape if dataset is not None else data_lib.input_shape(cfg.data.name)
-  n_classes = dataset.num_classes if dataset is not None else data_lib.num_classes(cfg.data.name)
-  try:
-    model = models.create(
-      cfg.model.name,
-      input_shape=input_shape,
-      num_classes=n_classes,
-      rngs=nnx.Rngs(cfg.seed),
-      **cfg.model.options,
-    )
-  except (TypeError, ValueError) as e:
-    raise config_lib.ConfigError(f"model.options: {e}") from e
-  _check_resume_config(run_dir, cfg)
-  graphdef, params, rest = models.split(model)
-  num_params = models.count_params(params)  # before the first chunk donates the buffers
-  loss = make_loss(graphdef, rest)
-  apply = models.apply_fn(graphdef, rest)
-
-  if dataset is None:
-    dataset = data_lib.load(
-      cfg.data.name,
-      data_dir=cfg.data.data_dir,
-      val_size=cfg.data.val_size,
-      seed=cfg.seed,
-      download=cfg.data.download,
-    )
-  num_examples = int(dataset.x_train.shape[0])
-  if num_examples < tr.batch_size:
-    raise config_lib.ConfigError(
-      f"train.batch_size={tr.batch_size}: larger than the {num_examples} training examples"
-    )
-
-  root = jax.random.PRNGKey(cfg.seed)  # raw keys: plain uint32 arrays checkpoint anywhere
-  data_key, est_key, check_key = jax.random.split(root, 3)
-  tx = make_tx(cfg, est_key)
-  chunk = _chunk_length(tr)
-  state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
-
-  ckpt = ocp.CheckpointManager(
-    (run_dir / "checkpoints").absolute(),
-    options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-  )
-  start_step = 0
-  if ckpt.latest_step() is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract))
-    start_step = int(state.step)
-  log = _Metrics(run_dir, start_step)
-
-  x_train, y_train = dataset.x_train, dataset.y_train
-  common = dict(batch_size=tr.batch_size, num_examples=num_examples, chunk=chunk, data_key=data_key)
-  run_chunk = (
-    jax.jit(make_chunk_fn(loss, tx, **common), donate_argnums=0)
-    .lower(state, jnp.int32(chunk), x_train, y_train)
-    .compile()
-  )
-  base = (
-    jax.jit(make_base_fn(loss, **common))
-    .lower(state.params, state.step, x_train, y_train)
-    .compile()
-  )
-  evaluate = jax.jit(make_eval_fn(apply, tr.eval_batch_size))
-  grad_check = jax.jit(make_grad_check_fn(loss, cfg.estimator))
-
-  # Base runtime: once per run, same chunk shape as the training chunks.
-  base_time = median_time(lambda: base(state.params, state.step, x_train, y_train), reps=5) / chunk
-
-  progress = None
-  if tr.progress:
-    from tqdm.auto import tqdm
-
-    progress = tqdm(
-      total=tr.steps, initial=start_step, desc=cfg.name, unit="step", dynamic_ncols=True
-    )
-  chunk_times, pending = [], []
-  train_time = log.records[-1].get("train_time_s", 0.0) if log.records else 0.0
-  diverged, step = False, start_step
-  try:
-    while step < tr.steps:
-      n = min(chunk, tr.steps - step)
-      t0 = time.perf_counter()
-      new_state, losses, finite = run_chunk(state, jnp.int32(n), x_train, y_train)
-      losses = np.asarray(losses[:n])  # the one host sync per chunk
-      dt = time.perf_counter() - t0
-      chunk_times.append(dt / n)  # AOT-compiled: no compile time in any chunk
-      train_time += dt
-      state = new_state
-      if not (np.isfinite(losses).all() and bool(finite)):
-        bad = int(np.argmin(np.isfinite(losses))) if not np.isfinite(losses).all() else n - 1
-        pending.extend(losses[:bad].tolist())
-        step += bad
-        diverged = True
-        break
-      pending.extend(losses.tolist())
-      step += n
-      if progress is not None:
-        progress.update(n)
-        progress.set_postfix(loss=f"{losses[-1]:.4f}")
-      record: dict[str, Any] = {}
-      if step % tr.log_every == 0 or step == tr.steps:
-        record = {"step": step, "train_loss": float(np.mean(pending)), "train_time_s": train_time}
-        pending = []
-      if tr.eval_every and step % tr.eval_every == 0 and dataset.x_val.shape[0]:
-        val_loss, val_acc = evaluate(state.params, dataset.x_val, dataset.y_val)
-        record.update(val_loss=float(val_loss), val_accuracy=float(val_acc))
-      if tr.grad_check_every and step % tr.grad_check_every == 0:
-        key = jax.random.fold_in(check_key, step)
-        idx = jax.random.choice(key, num_examples, (tr.batch_size,), replace=False)
-        cos, ratio = grad_check(state.params, key, x_train[idx], y_train[idx])
-        record.update(cosine_to_true_grad=float(cos), grad_norm_ratio=float(ratio))
-      if record:
-        record.setdefault("train_loss", float(np.mean(pending)) if pending else None)
-        record.setdefault("train_time_s", train_time)
-        record["step"] = step
-        log.write(dict(sorted(record.items(), key=lambda kv: kv[0] != "step")))
-      if tr.checkpoint_every and step % tr.checkpoint_every == 0 and step < tr.steps:
-        ckpt.save(step, args=ocp.args.StandardSave(state))
-  finally:
-    if progress is not None:
-      progress.close()
-
-  if diverged:
-    log.write({"step": step, "train_loss": None, "diverged": True, "train_time_s": train_time})
-  elif ckpt.latest_step() != step:
-    ckpt.save(step, args=ocp.args.StandardSave(state), force=True)
-  ckpt.wait_until_finished()
-  ckpt.close()
-  log.close()
-
-  val = test = (float("nan"), float("nan"))
-  if not diverged:
-    if dataset.x_val.shape[0]:
-      val = evaluate(state.params, dataset.x_val, dataset.y_val)
-    test = evaluate(state.params, dataset.x_test, dataset.y_test)
-  evals = [r for r in log.records if r.get("val_loss") is not None]
-  best = min(evals, key=lambda r: r["val_loss"]) if evals else None
-  step_time = float(np.median(chunk_times)) if chunk_times else None
-  summary = {
-    "val_loss": _finite_or_none(val[0]),
-    "val_accuracy": _finite_or_none(val[1]),
-    "test_loss": _finite_or_none(test[0]),
-    "test_accuracy": _finite_or_none(test[1]),
-    "diverged": diverged,
-    "steps": step,
-    "step_time_ms": None if step_time is None else step_time * 1e3,
-    "base_time_ms": base_time * 1e3,
-    "runtime_ratio": None if step_time is None else step_time / base_time,
-    "best_val_loss": best["val_loss"] if best else None,
-    "best_val_step": best["step"] if best else None,
-    "train_time_s": train_time,
-    "num_params": num_params,
-    "data": cfg.data.name,
-    "model": cfg.model.name,
-    "estimator": cfg.estimator.name,
-    "num_tangents": cfg.estimator.num_tangents if cfg.estimator.name == "forward" else None,
-    "tangents": cfg.estimator.tangents if cfg.estimator.name == "forward" else None,
-    "aggregation": cfg.estimator.aggregation if cfg.estimator.name == "forward" else None,
-    "optimizer": cfg.optimizer.name,
-    "lr": cfg.optimizer.lr,
-    "decay": cfg.optimizer.decay,
-    "batch_size": tr.batch_size,
-    "seed": cfg.seed,
-    "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
-    "jax_version": jax.__version__,
-    "config": dataclasses.asdict(cfg),
-  }
-  (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+  with rundir.lock(run_dir) as run_dir, _Interrupts() as interrupts:
+    _check_resumable(run_dir, cfg)
+    model = _create_model(cfg, dataset)  # bad model options fail before data loading
+    dataset = dataset if dataset is not None else _load_data(cfg)
+    run, state = _init(cfg, model, dataset)
+    ckpts = rundir.Checkpoints(run_dir)
+    try:
+      state = _restore(ckpts, state)
+      what = f"{cfg.model.name} on {cfg.data.name}, {cfg.estimator.name} + {cfg.optimizer.name}"
+      log.info("%s: %s, lr %g, %d steps", run_dir, what, cfg.optimizer.lr, cfg.train.steps)
+      rundir.write_json(run_dir / "config.json", config_lib.to_dict(cfg))
+      if on_start is not None:
+        on_start()
+      base_time = _base_time(run, state)
+      metrics_log = rundir.MetricsLog(run_dir, int(state.step))
+      try:
+        out = _loop(run, state, metrics_log, ckpts, interrupts)
+      finally:
+        metrics_log.close()
+    finally:
+      ckpts.close()
+    summary = _summarize(run, out, metrics_log.records, base_time)
+    try:
+      rundir.write_json(run_dir / "summary.json", summary)
+    except rundir.RunDirError as e:
+      if out.error is None:
+        raise
+      log.warning("%s", e)  # the disk is full: the save's error is the one to report
+    if out.error is not None:
+      raise out.error
   return summary

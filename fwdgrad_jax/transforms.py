@@ -10,8 +10,11 @@ estimate of ``value_fn(params, **extra_args)``; put it first in an ``optax.chain
   )
   updates, state = tx.update(params, state, params, value_fn=loss, batch=batch)
 
-The state keeps the PRNG key (fresh tangents every step) and the loss of the last step
-in ``value``, as optax's line-search states do, so a loop can log it for free.
+The state keeps the PRNG key (fresh tangents every step), the loss of the last step in
+``value`` (as optax's line-search states do, so a loop reads it for free with
+``optax.tree_utils.tree_get(state, "value")``) and, with ``has_aux``, the auxiliary
+output of ``value_fn`` in ``aux`` (a model's new BatchNorm statistics and RNG state).
+:data:`ESTIMATORS` is the one registry of estimator names.
 
 References:
   Baydin et al., 2022. Gradients without Backpropagation.
@@ -27,123 +30,202 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fwdgrad_jax import estimators
+from fwdgrad_jax import estimators, guided
 from fwdgrad_jax import tangents as tangents_lib
 
 
 class ForwardGradientState(NamedTuple):
-  """State of :func:`forward_gradient` and :func:`exact_gradient`.
+  """State of :func:`forward_gradient`.
 
   Attributes:
     key: PRNG key for the next step's tangents.
     value: the loss evaluated by the last update (NaN before the first).
+    aux: with ``has_aux``, the auxiliary output of the last ``value_fn`` call (e.g. a
+      model's new BatchNorm statistics and RNG state); None before the first update
+      and without ``has_aux``.
   """
 
   key: jax.Array
   value: jax.Array
+  aux: Any = None
 
 
-def _estimator_transform(
-  make_value_and_grad: Callable[[Callable[..., Any]], estimators.ValueAndGradFn],
-  key: jax.Array,
-  who: str,
-) -> optax.GradientTransformationExtraArgs:
-  def init_fn(params):
-    del params
-    return ForwardGradientState(key=key, value=jnp.full((), jnp.nan, jnp.float32))
+class ExactGradientState(NamedTuple):
+  """State of :func:`exact_gradient`: the same ``value`` and ``aux`` as a forward state."""
 
-  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-    del updates  # The estimate replaces whatever came in.
-    if params is None or value_fn is None:
-      raise ValueError(
-        f"{who}.update needs params and value_fn: "
-        "tx.update(updates, state, params, value_fn=loss_fn, **loss_kwargs)."
-      )
-    key, step_key = jax.random.split(state.key)
-    value, grad = make_value_and_grad(value_fn)(step_key, params, **extra_args)
-    return grad, ForwardGradientState(key=key, value=jnp.asarray(value, jnp.float32))
+  value: jax.Array
+  aux: Any = None
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def _nan() -> jax.Array:
+  return jnp.full((), jnp.nan, jnp.float32)
+
+
+def _needs(who: str, params: Any, value_fn: Any) -> None:
+  if params is None or value_fn is None:
+    raise ValueError(
+      f"{who}.update needs params and value_fn: "
+      "tx.update(updates, state, params, value_fn=loss_fn, **loss_kwargs)."
+    )
+
+
+def _split_value(value: Any, has_aux: bool) -> tuple[jax.Array, Any]:
+  if has_aux:
+    value, aux = value
+    return jnp.asarray(value, jnp.float32), aux
+  return jnp.asarray(value, jnp.float32), None
 
 
 def forward_gradient(
   num_tangents: int = 1,
   tangents: str | tangents_lib.Sampler = "normal",
-  aggregation: str = "mean",
+  aggregation: str | Callable[..., Any] = "mean",
   *,
   key: jax.Array,
+  has_aux: bool = False,
   normalize: bool = False,
   max_jvp_norm: float | None = None,
+  jvp_hook: Callable[[jax.Array], jax.Array] | None = None,
+  perturbation: str = "weights",
+  rescale: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Replaces the updates by a forward-gradient estimate of ``value_fn``.
+
+  Put it first in an ``optax.chain``: it ignores the incoming updates. Wrappers that
+  accumulate or skip updates go *after* it, around the optimizer, e.g.
+  ``optax.chain(forward_gradient(...), optax.MultiSteps(optax.sgd(lr), k).gradient_transformation())``
+  averages k fresh estimates per applied step; wrapping the chain that contains it
+  (``optax.MultiSteps(optax.chain(forward_gradient(...), ...), k)``) would not
+  accumulate anything, because the estimate does not depend on the updates it is given.
+  Under ``optax.inject_hyperparams``, pass ``static_args=("num_tangents",)`` and any
+  other non-numeric option: injected hyperparameters become arrays.
 
   Args:
     num_tangents: k, tangents per step (one primal pass whatever k).
     tangents: tangent scheme name or sampler, see :mod:`fwdgrad_jax.tangents`.
-    aggregation: ``"sum"``, ``"mean"`` or ``"orthogonal"``.
+    aggregation: ``"sum"``, ``"mean"``, ``"orthogonal"`` or a callable, see
+      :mod:`fwdgrad_jax.aggregation`.
     key: PRNG key; split every step so each step draws fresh tangents.
-    normalize: unit-norm tangents (Flügel's normalized sum/mean).
-    max_jvp_norm: cap on the norm of the directional derivatives.
+    has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` (e.g. a model's updated
+      BatchNorm statistics) is stored in ``state.aux`` for the caller to thread back in.
+      It is None until the first update: to carry the state through ``lax.scan`` or
+      ``fori_loop``, set it first, ``optax.tree_utils.tree_set(state, aux=initial)``.
+    normalize, max_jvp_norm, jvp_hook, perturbation, rescale: as for
+      :func:`fwdgrad_jax.value_and_forward_grad`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose
     ``update(updates, state, params, *, value_fn, **kwargs)`` returns the estimate of
     ∇ ``value_fn(params, **kwargs)``; ``state.value`` holds that step's loss.
 
+  Raises:
+    ValueError: a bad option, named (here, not at the first update).
+
   References:
     Baydin et al., 2022. Gradients without Backpropagation.
     Flügel et al., 2024. Multi-Tangent Forward Gradients.
   """
   options = dict(
-    num_tangents=num_tangents,
-    tangents=tangents,
-    aggregation=aggregation,
-    normalize=normalize,
-    max_jvp_norm=max_jvp_norm,
+    num_tangents=num_tangents, tangents=tangents, aggregation=aggregation, has_aux=has_aux,
+    normalize=normalize, max_jvp_norm=max_jvp_norm, jvp_hook=jvp_hook,
+    perturbation=perturbation, rescale=rescale,
   )
-  estimators.check_options(num_tangents, tangents, aggregation, max_jvp_norm)
-  return _estimator_transform(
-    lambda fn: estimators.value_and_forward_grad(fn, **options), key, "forward_gradient"
-  )
+  # Builds once to check every option now, with a name, rather than inside a jit trace.
+  estimators.value_and_forward_grad(lambda p: p, **options)
+
+  def init_fn(params):
+    del params
+    return ForwardGradientState(key=key, value=_nan())
+
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    del updates  # The estimate replaces whatever came in.
+    _needs("forward_gradient", params, value_fn)
+    next_key, step_key = jax.random.split(state.key)
+    value, grad = estimators.value_and_forward_grad(value_fn, **options)(
+      step_key, params, **extra_args
+    )
+    value, aux = _split_value(value, has_aux)
+    return grad, ForwardGradientState(key=next_key, value=value, aux=aux)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def exact_gradient(*, key: jax.Array | None = None) -> optax.GradientTransformationExtraArgs:
-  """Backprop (``jax.value_and_grad``) with the call shape and state of :func:`forward_gradient`.
+def exact_gradient(*, has_aux: bool = False) -> optax.GradientTransformationExtraArgs:
+  """Backprop (``jax.value_and_grad``) with the call shape of :func:`forward_gradient`.
 
   Args:
-    key: unused by the estimate; kept so both transforms have the same state.
+    has_aux: as for :func:`forward_gradient`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` computing the true gradient of
-    ``value_fn``.
+    ``value_fn``; its :class:`ExactGradientState` records ``value`` (and ``aux``).
   """
-  key = jax.random.PRNGKey(0) if key is None else key
-  return _estimator_transform(estimators.value_and_exact_grad, key, "exact_gradient")
+
+  def init_fn(params):
+    del params
+    return ExactGradientState(value=_nan())
+
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    del updates, state
+    _needs("exact_gradient", params, value_fn)
+    value, grad = jax.value_and_grad(value_fn, has_aux=has_aux)(params, **extra_args)
+    value, aux = _split_value(value, has_aux)
+    return grad, ExactGradientState(value=value, aux=aux)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-TRANSFORMS: dict[str, Callable[..., optax.GradientTransformationExtraArgs]] = {
-  "forward": forward_gradient,
-  "backprop": exact_gradient,
+class Estimator(NamedTuple):
+  """One gradient estimator under one name, in both of its forms.
+
+  Attributes:
+    value_and_grad: the function transform, ``value_and_grad(fun, **options)`` →
+      ``f(key, params, *args) -> (value, grad)``; None for a stateful estimator.
+    transform: the optax factory, ``transform(*, key, has_aux, **options)``.
+    uses_key: whether the estimate is random (the transform takes a ``key``).
+  """
+
+  value_and_grad: Callable[..., estimators.ValueAndGradFn] | None
+  transform: Callable[..., optax.GradientTransformationExtraArgs]
+  uses_key: bool = True
+
+
+#: The one registry of estimator names (the app's ``estimator.name`` chooses from it).
+ESTIMATORS: dict[str, Estimator] = {
+  "forward": Estimator(estimators.value_and_forward_grad, forward_gradient),
+  "backprop": Estimator(estimators.value_and_exact_grad, exact_gradient, uses_key=False),
+  "guided": Estimator(None, guided.guided_forward_gradient),
 }
 
 
+def get(name: str) -> Estimator:
+  """The :class:`Estimator` registered as ``name``.
+
+  Raises:
+    ValueError: unknown name, listing the known ones.
+  """
+  if name not in ESTIMATORS:
+    raise ValueError(f"estimator={name!r} is not known; use one of {sorted(ESTIMATORS)}.")
+  return ESTIMATORS[name]
+
+
 def gradient_transform(
-  name: str, *, key: jax.Array, **options: Any
+  name: str, *, key: jax.Array, has_aux: bool = False, **options: Any
 ) -> optax.GradientTransformationExtraArgs:
-  """Builds the gradient transform called ``name`` (``"forward"`` or ``"backprop"``).
+  """Builds the gradient transform registered as ``name`` (``"forward"``, ``"backprop"``…).
 
   Args:
-    name: ``"forward"`` or ``"backprop"``.
-    key: PRNG key for the tangents.
-    **options: options of :func:`forward_gradient` (none for ``"backprop"``).
+    name: a key of :data:`ESTIMATORS`.
+    key: PRNG key for the tangents (unused by deterministic estimators).
+    has_aux: ``value_fn`` returns ``(loss, aux)``, see :func:`forward_gradient`.
+    **options: the estimator's options (none for ``"backprop"``).
 
   Returns:
     The transform; switching the name switches backprop and forward gradients.
   """
-  if name not in TRANSFORMS:
-    raise ValueError(f"estimator={name!r} is not known; use one of {sorted(TRANSFORMS)}.")
-  if name == "backprop":
+  est = get(name)
+  if not est.uses_key:
     if options:
-      raise ValueError(f"the backprop estimator takes no options, got {sorted(options)}.")
-    return exact_gradient(key=key)
-  return forward_gradient(key=key, **options)
+      raise ValueError(f"the {name} estimator takes no options, got {sorted(options)}.")
+    return est.transform(has_aux=has_aux)
+  return est.transform(key=key, has_aux=has_aux, **options)

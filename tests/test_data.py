@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +22,7 @@ import pytest
 # Imported up front so that the timed tests measure data.py, not imports.
 import tensorflow_datasets as tfds
 
-from fwdgrad_jax import data
+from fwdgrad_jax import _tfds_offline, data
 
 N_TRAIN, N_TEST, VAL_SIZE = 40, 12, 8
 _TFDS_FASHION_CHECKSUMS = Path(tfds.__file__).parent / "url_checksums" / "fashion_mnist.txt"
@@ -136,7 +138,7 @@ def test_prepared_copy_is_reused(tiny, monkeypatch):
   def no_prepare(*args, **kwargs):
     raise AssertionError("prepared again")
 
-  monkeypatch.setattr(data, "_prepare_fashion_mnist_from_files", no_prepare)
+  monkeypatch.setattr(_tfds_offline, "_prepare_fashion_mnist_from_files", no_prepare)
   ds = data.load("fashion_mnist", data_dir=tiny.data_dir, manual_dir=tiny.manual, val_size=0)
   assert ds.x_train.shape[0] == N_TRAIN
 
@@ -185,6 +187,27 @@ def test_missing_dataset_fails_fast(tmp_path, download):
   assert isinstance(err.value, RuntimeError)
 
 
+def test_unavailable_message_names_the_callers_download_switch(tmp_path):
+  with pytest.raises(data.DatasetUnavailableError) as err:
+    data.load("mnist", data_dir=tmp_path)
+  assert "download=False" in str(err.value) and "load('mnist', download=True)" in str(err.value)
+  app = err.value.with_download_key("data.download")
+  assert isinstance(app, data.DatasetUnavailableError)
+  first, *rest = str(app).splitlines()
+  assert "'mnist'" in first and str(tmp_path) in first and "data.download=false" in first
+  assert "data.download=true" in rest[-1] and "load(" not in str(app)
+
+
+def test_config_validation_path_does_not_import_tfds():
+  # config.py validates data names through data.SUPPORTED: that must stay light.
+  code = (
+    "import sys; import fwdgrad_jax.config, fwdgrad_jax.data; "
+    "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules))"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
+
+
 def test_fashion_mnist_without_local_files_fails_fast(tmp_path):
   empty_manual = tmp_path / "no-files"
   empty_manual.mkdir()
@@ -213,12 +236,12 @@ def test_probe_gives_up_on_time(monkeypatch):
   # A hanging name lookup or connect must not hold the caller past the timeout.
   monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
   start = time.monotonic()
-  assert not data._can_reach("https://example.org/", timeout=0.5)
+  assert not _tfds_offline._can_reach("https://example.org/", timeout=0.5)
   assert time.monotonic() - start < 3
 
 
 def test_probe_offline_is_false():
-  assert not data._can_reach("https://storage.googleapis.com/")
+  assert not _tfds_offline._can_reach("https://storage.googleapis.com/")
 
 
 @pytest.fixture
@@ -228,7 +251,7 @@ def no_tfds(monkeypatch):
   def forbidden():
     raise AssertionError("tfds used")
 
-  monkeypatch.setattr(data, "_tfds", forbidden)
+  monkeypatch.setattr(_tfds_offline, "tfds", forbidden)
 
 
 @pytest.mark.parametrize(

@@ -318,3 +318,102 @@ def test_bad_params_keys_and_outputs_raise_on_call():
   bad_sampler = lambda key, p, k: jnp.zeros((k, 2))
   with pytest.raises(ValueError, match="expected"):
     fg.value_and_forward_grad(jnp.sum, tangents=bad_sampler)(jax.random.key(0), jnp.ones(3))
+
+
+def test_a_pair_without_has_aux_gets_the_library_message():
+  f, params = _nonlinear_problem()
+  pair = lambda p: (f(p), {"aux": 1.0})
+  for k in (1, 2):
+    with pytest.raises(TypeError, match="pass has_aux=True"):
+      fg.value_and_forward_grad(pair, num_tangents=k)(jax.random.key(0), params)
+
+
+def test_a_raw_key_of_the_wrong_shape_is_rejected_like_jax_does():
+  vg = fg.value_and_forward_grad(lambda p: jnp.sum(p**2))
+  with pytest.raises(ValueError, match=r"shape \(3,\)"):
+    vg(jnp.zeros(3, jnp.uint32), jnp.ones(3))
+  with pytest.raises(Exception):  # noqa: B017 — jax's own refusal, whatever its type
+    jax.random.normal(jnp.zeros(3, jnp.uint32), ())
+
+
+def test_orthogonal_is_exact_in_float64_when_parameters_are_float64():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(8, 8)), jnp.float64)
+    f = lambda p: jnp.sum(jnp.sin(a @ p) ** 2)
+    p = jnp.asarray(rng.normal(size=8), jnp.float64)
+    _, g = fg.value_and_forward_grad(f, num_tangents=8, aggregation="orthogonal")(
+      jax.random.key(0), p
+    )
+    true = jax.grad(f)(p)
+    assert g.dtype == jnp.float64
+    # float32 anywhere on the way would leave ~1e-7; float64 throughout leaves ~1e-13.
+    assert np.max(np.abs(g - true)) / np.max(np.abs(true)) < 1e-10
+
+
+def test_a_million_tangents_on_three_parameters_need_a_three_by_three_solve():
+  f = lambda p: jnp.sum(jnp.cos(p) * jnp.arange(1.0, 4.0))
+  p = jnp.array([0.3, -0.2, 1.1])
+  vg = jax.jit(fg.value_and_forward_grad(f, num_tangents=10**6, aggregation="orthogonal"))
+  compiled = vg.lower(jax.random.key(0), p).compile()
+  # k×k would be 4 TB; the tangents themselves are 12 MB.
+  assert compiled.memory_analysis().temp_size_in_bytes < 2**30
+  _, g = compiled(jax.random.key(0), p)
+  np.testing.assert_allclose(g, jax.grad(f)(p), rtol=1e-4)
+
+
+# (n, tangents, aggregation, normalize): every case the closed forms are exact for.
+_RESCALE_CASES = [
+  (64, "normal", "mean", False),
+  (64, "normal", "sum", False),
+  (64, "normal", "orthogonal", False),
+  (64, "rademacher", "mean", False),
+  (64, "rademacher", "sum", False),
+  (64, "partition", "sum", False),
+  (64, "partition", "mean", False),
+  (64, "normal", "mean", True),
+]
+
+
+@pytest.mark.parametrize("n, tangents, aggregation, normalize", _RESCALE_CASES)
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_rescaled_estimates_have_the_length_of_the_true_gradient(n, tangents, aggregation, normalize, k):
+  """E‖ĝ‖²/‖∇f‖² = 1 after rescaling, for every k, aggregation and scheme."""
+  c = jnp.asarray(np.random.default_rng(1).normal(size=n), jnp.float32)
+  f = lambda p: jnp.dot(c, p)  # ∇f = c everywhere
+  vg = fg.value_and_forward_grad(
+    f, num_tangents=k, tangents=tangents, aggregation=aggregation, normalize=normalize,
+    rescale=True,
+  )
+  num = 20_000
+  keys = jax.random.split(jax.random.key(3), num)
+  g = jax.jit(jax.vmap(lambda key: vg(key, jnp.zeros(n))[1]))(keys)
+  r = np.sum(np.square(np.asarray(g, np.float64)), axis=1) / float(jnp.sum(c**2))
+  se = r.std(ddof=1) / np.sqrt(num)
+  assert abs(r.mean() - 1.0) < Z * se + 1e-6
+  # The same statistic would notice a 10 % error in the length (a 21 % one in its square).
+  assert abs(r.mean() - 1.21) > Z * se
+
+
+def test_cone_angle_degrades_the_mean_but_not_the_orthogonal_projection():
+  """Flügel et al. Fig. 5's claim: coned tangents span what independent ones span."""
+  n, k, num = 64, 16, 400
+  c = jnp.asarray(np.random.default_rng(2).normal(size=n), jnp.float32)
+  f = lambda p: jnp.dot(c, p)
+  keys = jax.random.split(jax.random.key(9), num)
+
+  def cosines(tangents, aggregation):
+    vg = fg.value_and_forward_grad(f, num_tangents=k, tangents=tangents, aggregation=aggregation)
+    g = jax.jit(jax.vmap(lambda key: vg(key, jnp.zeros(n))[1]))(keys)
+    return np.asarray(g @ c / (jnp.linalg.norm(g, axis=1) * jnp.linalg.norm(c)), np.float64)
+
+  ortho = {a: cosines(fg.tangents.cone(a), "orthogonal") for a in (np.pi / 2, 0.2)}
+  ortho_free = cosines("normal", "orthogonal")
+  # The same draws, the same span: identical projections whatever the angle.
+  np.testing.assert_allclose(ortho[np.pi / 2], ortho_free, atol=2e-4)
+  np.testing.assert_allclose(ortho[0.2], ortho_free, atol=2e-4)
+  mean = {a: cosines(fg.tangents.cone(a), "mean") for a in (np.pi / 2, np.pi / 8, 0.05)}
+  se = {a: m.std(ddof=1) / np.sqrt(num) for a, m in mean.items()}
+  # Narrower cones: worse directions, each step beyond Z standard errors.
+  assert mean[np.pi / 2].mean() - mean[np.pi / 8].mean() > Z * np.hypot(se[np.pi / 2], se[np.pi / 8])
+  assert mean[np.pi / 8].mean() - mean[0.05].mean() > Z * np.hypot(se[np.pi / 8], se[0.05])

@@ -45,10 +45,6 @@ def _leaf_names(state):
 # -- registry -------------------------------------------------------------------------
 
 
-def test_registry_has_required_models():
-  assert {"logreg", "mlp", "cnn", "vgg", "deep_mlp"} <= set(MODELS)
-
-
 def test_unknown_model_name_lists_known():
   with pytest.raises(ValueError, match="no_such_net") as e:
     _make("no_such_net")
@@ -121,18 +117,19 @@ def _abstract_logits(model, input_shape, batch=2):
   return jax.eval_shape(apply_fn(graphdef, rest), params, x)
 
 
-def test_small_configs_cover_registry():
-  assert set(_SMALL) >= {"logreg", "mlp", "cnn", "vgg", "deep_mlp"}
+# Every registered model, whoever registered it: a new model without a small config here
+# fails below instead of going untested.
+_REGISTERED = sorted(name for name in MODELS if not name.startswith("_"))
 
 
-@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn", "vgg", "deep_mlp"])
+@pytest.mark.parametrize("name", _REGISTERED)
 def test_output_shape_mnist_default_config(name):
   out = _abstract_logits(_abstract(name), MNIST)
   assert out.shape == (2, 10)
   assert out.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn", "vgg", "deep_mlp"])
+@pytest.mark.parametrize("name", _REGISTERED)
 def test_output_small_config_concrete(name):
   logits = _make(name, **_SMALL[name])(_images(MNIST))
   assert logits.shape == (2, 10)
@@ -276,8 +273,63 @@ def test_jvp_matches_grad_direction():
   np.testing.assert_allclose(dd, inner, rtol=1e-4)
 
 
-def test_count_params_plain_pytree():
+def test_count_params_is_the_length_of_the_flat_vector():
+  _, params, _ = split(_make("cnn", **_SMALL["cnn"]))
+  assert count_params(params) == ravel_pytree(params)[0].size
   assert count_params({"a": jnp.zeros((3, 4)), "b": [jnp.zeros(5), jnp.zeros(())]}) == 18
+
+
+# -- the MLP with BatchNorm and Dropout (the app's stateful reference model) -------------
+
+
+def _stateful_mlp(seed=0, dropout=0.5):
+  return _make("mlp", seed=seed, hidden=(16, 16), batch_norm=True, dropout=dropout)
+
+
+def test_stateful_mlp_keeps_statistics_and_rng_out_of_params():
+  graphdef, params, rest = split(_stateful_mlp())
+  plain = split(_make("mlp", hidden=(16, 16)))[1]
+  # BatchNorm adds its scale and bias (2 x 16 per layer) to the parameters, nothing else.
+  assert count_params(params) == count_params(plain) + 2 * 2 * 16
+  names = _leaf_names(rest)
+  assert sum(n.endswith("mean") for n in names) == 2 and any("count" in n for n in names)
+  assert _leaf_names(split(_make("mlp", hidden=(16,)))[2]) == []  # off by default
+
+
+def test_train_mode_threads_state_and_draws_fresh_masks():
+  graphdef, params, rest = split(_stateful_mlp())
+  f = jax.jit(apply_with_state_fn(graphdef))
+  x = _images(MNIST, batch=8)
+  a, rest1 = f(params, rest, x)
+  b, rest2 = f(params, rest1, x)
+  again, _ = f(params, rest1, x)
+  assert not np.allclose(a, b)  # a new dropout mask with the threaded state...
+  np.testing.assert_array_equal(b, again)  # ...and a deterministic one given the state
+  means = [l for n, l in zip(_leaf_names(rest2), jax.tree.leaves(rest2)) if n.endswith("mean")]
+  assert all(float(jnp.abs(m).max()) > 0 for m in means)
+
+
+def test_eval_graphdef_uses_running_averages_and_no_dropout():
+  graphdef, params, rest = split(_stateful_mlp(dropout=0.5))
+  x = _images(MNIST, batch=8)
+  _, trained = apply_with_state_fn(graphdef)(params, rest, x)
+  evaluate = apply_with_state_fn(models.eval_graphdef(graphdef, params, rest))
+  first, unchanged = evaluate(params, trained, x)
+  np.testing.assert_array_equal(first, evaluate(params, unchanged, x)[0])
+  # Running averages, not batch statistics: one example alone gets the same logits.
+  np.testing.assert_allclose(evaluate(params, trained, x[:1])[0], first[:1], rtol=1e-5, atol=1e-6)
+  # No dropout: the output does not depend on the dropout RNG state (train mode does).
+  bumped = jax.tree_util.tree_map_with_path(
+    lambda p, v: v + 5 if "count" in jax.tree_util.keystr(p) else v, trained
+  )
+  np.testing.assert_array_equal(evaluate(params, bumped, x)[0], first)
+  train_apply = apply_with_state_fn(graphdef)
+  assert not np.allclose(train_apply(params, bumped, x)[0], train_apply(params, trained, x)[0])
+
+
+def test_dropout_rate_is_checked():
+  with pytest.raises(ValueError, match="dropout"):
+    _make("mlp", hidden=(8,), dropout=1.0)
 
 
 # -- stateful models (BatchNorm / Dropout) ----------------------------------------------

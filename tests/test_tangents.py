@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fwdgrad_jax import tangents
+from fwdgrad_jax import tangents as T
 
 _PARAMS = {"w": jnp.zeros((30, 40)), "b": jnp.zeros((7,), jnp.bfloat16), "s": jnp.zeros(())}
 
@@ -85,3 +86,27 @@ def test_fresh_keys_give_fresh_tangents_and_same_keys_repeat():
 def test_unknown_name_is_a_clear_error():
   with pytest.raises(ValueError, match="tangents='sobol'"):
     tangents.get_sampler("sobol")
+
+
+def _cone_params():
+  return {"w": jnp.zeros((6, 5)), "b": jnp.zeros(4)}
+
+
+@pytest.mark.parametrize("angle", [np.pi / 2, np.pi / 4, 0.1])
+def test_cone_tangents_sit_at_the_angle_to_the_first(angle):
+  batch = T.cone(angle)(jax.random.key(0), _cone_params(), 8)
+  flat = np.concatenate([np.asarray(v).reshape(8, -1) for v in jax.tree.leaves(batch)], 1)
+  base = np.concatenate(
+    [np.asarray(v).reshape(8, -1) for v in jax.tree.leaves(T.normal(jax.random.key(0), _cone_params(), 8))], 1
+  )
+  cos = flat[1:] @ flat[0] / (np.linalg.norm(flat[1:], axis=1) * np.linalg.norm(flat[0]))
+  np.testing.assert_allclose(cos, np.cos(angle), atol=1e-5)
+  np.testing.assert_allclose(flat[0], base[0])  # v₁ is the base draw
+  np.testing.assert_allclose(np.linalg.norm(flat, axis=1), np.linalg.norm(base, axis=1), rtol=1e-5)
+
+
+def test_cone_rejects_a_bad_angle():
+  with pytest.raises(ValueError, match="angle"):
+    T.cone(0.0)
+  with pytest.raises(ValueError, match="angle"):
+    T.cone(2.0)

@@ -1,0 +1,63 @@
+"""Tests of fwdgrad_jax.plot: run directories and sweeps drawn into one PNG."""
+
+import json
+
+import pytest
+
+from fwdgrad_jax import plot
+
+
+def _run(path, *, lr, cosine=False, torn=False):
+  path.mkdir(parents=True)
+  config = {"estimator": {"name": "forward", "num_tangents": 4, "aggregation": "mean"}}
+  (path / "config.json").write_text(json.dumps({**config, "optimizer": {"lr": lr}}))
+  records = []
+  for step in (10, 20, 30):
+    r = {"step": step, "train_loss": 2.0 / step, "train_time_s": step / 100}
+    if step % 20 == 0:
+      r.update(val_loss=2.5 / step, val_accuracy=step / 40)
+    if cosine:
+      r["cosine_to_true_grad"] = 0.01 * step
+    records.append(r)
+  text = "".join(json.dumps(r) + "\n" for r in records)
+  (path / "metrics.jsonl").write_text(text + ('{"step": 4' if torn else ""))
+  return path
+
+
+def _png_size(path):
+  import matplotlib.image
+
+  return matplotlib.image.imread(path).shape[:2]
+
+
+def test_a_sweep_directory_stands_for_its_runs(tmp_path, capsys):
+  sweep = tmp_path / "sweep"
+  _run(sweep / "0", lr=0.1)
+  _run(sweep / "1", lr=0.01, torn=True)
+  out = tmp_path / "fig" / "curves.png"
+  assert plot.main([str(sweep), "--out", str(out)]) == 0
+  assert "2 run(s) drawn into" in capsys.readouterr().out
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  runs = [plot.load_run(p) for p in plot.find_runs([sweep])]
+  assert [r.label for r in runs] == ["forward k=4 mean lr=0.1", "forward k=4 mean lr=0.01"]
+  assert [len(r.records) for r in runs] == [3, 3]  # the torn line is not a record
+
+
+def test_the_cosine_row_appears_only_where_it_was_logged(tmp_path):
+  plain = plot.plot_runs([plot.load_run(_run(tmp_path / "a", lr=0.1))], tmp_path / "a.png")
+  checked = plot.plot_runs(
+    [plot.load_run(_run(tmp_path / "b", lr=0.1, cosine=True))], tmp_path / "b.png"
+  )
+  (h2, w2), (h3, w3) = _png_size(plain), _png_size(checked)
+  assert w2 == w3 and h3 == pytest.approx(h2 * 3 / 2, rel=0.02)
+
+
+def test_runs_of_one_method_get_distinct_labels(tmp_path):
+  runs = [plot.load_run(_run(tmp_path / name, lr=0.1)) for name in ("seed0", "seed1")]
+  labels = [r.label for r in plot._unique_labels(runs)]
+  assert len(set(labels)) == 2 and all("seed" in label for label in labels)
+
+
+def test_a_path_without_runs_is_an_error_naming_it(tmp_path, capsys):
+  assert plot.main([str(tmp_path / "nothing")]) == 2
+  assert str(tmp_path / "nothing") in capsys.readouterr().err
