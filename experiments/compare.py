@@ -257,9 +257,11 @@ def table(result: dict[str, Any]) -> str:
       else f"ran {r['steps'] / bp['steps']:.2f}× backprop's steps and reached test accuracy "
       f"{_num(r['test_accuracy'], '.3f')} against {_num(bp['test_accuracy'], '.3f')}"
     )
+    step_ratio = _num(r["step_time_ms"] / bp["step_time_ms"] if r["step_time_ms"] else None, ".2f")
     lines.append(
-      f"- R_f/R_b ({label}) = {r['runtime_ratio'] / bp['runtime_ratio']:.2f}; in the same "
-      f"time it {outcome}."
+      f"- {label}: a step takes {step_ratio}× a backprop step (R_f/R_b = "
+      f"{r['runtime_ratio'] / bp['runtime_ratio']:.2f}, each R against its run's own base "
+      f"time); in the same time it {outcome}."
     )
   return "\n".join(lines) + "\n"
 

@@ -58,7 +58,9 @@ def test_compare_gives_every_row_the_same_time_budget(tiny_data, tmp_path, capsy
   assert rows["forward k=2 orthogonal"]["steps"] < rows["backprop"]["steps"]
   assert rows["backprop"]["cosine_to_true_grad"] == pytest.approx(1.0, abs=1e-4)
   out = capsys.readouterr().out
-  assert "| forward k=2 orthogonal | 0.01 |" in out and "R_f/R_b (forward k=2 orthogonal)" in out
+  assert (
+    "| forward k=2 orthogonal | 0.01 |" in out and "- forward k=2 orthogonal: a step takes" in out
+  )
   assert (tmp_path / "out" / "comparison.png").stat().st_size > 10_000
   assert f"plot: {tmp_path / 'out' / 'comparison.png'}" in out
 
