@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +130,6 @@ def _time_to_loss(bp: dict[str, Any] | None, fw: dict[str, Any] | None) -> dict[
   return analysis.aggregate_time_to_loss(pairs)
 
 
-def _as_typed(cmd: list[str]) -> str:
-  return shlex.join(["python", os.path.relpath(cmd[1]), *cmd[2:]])
-
-
 def compare_preset(preset: str, args: argparse.Namespace, data: str) -> dict[str, Any]:
   """Both methods' lr searches on one preset, and T_f/T_b at the tuned and the shared lr."""
   from fwdgrad_jax import config as config_lib
@@ -185,7 +179,10 @@ def compare_preset(preset: str, args: argparse.Namespace, data: str) -> dict[str
     "batch_size": cfg.train.batch_size,
     "searches": {m: searches[m].as_dict() for m in METHODS},
     # As typed from the working directory (the list in each search has full paths).
-    "sweep_commands": {m: _as_typed(searches[m].extra["command"]) for m in METHODS},
+    "sweep_commands": {
+      m: experiment.command_line(searches[m].extra["command"][1], searches[m].extra["command"][2:])
+      for m in METHODS
+    },
     "tuned": tuned,
     "same_lr": same,
     "T_tuned": _time_to_loss(tuned["backprop"], tuned["forward"]),

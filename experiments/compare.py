@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shlex
 import shutil
 import sys
 import time
@@ -200,7 +198,7 @@ def tune(args: argparse.Namespace, demo: dict[str, Any]) -> dict[str, Any]:
     "row": args.tune,
     "budget_s": budget,
     "search": res.as_dict(),
-    "sweep_command": shlex.join(["python", os.path.relpath(cmd[1]), *cmd[2:]]),
+    "sweep_command": experiment.command_line(cmd[1], cmd[2:]),
   }
 
 

@@ -39,6 +39,7 @@ import numpy as np
 
 __all__ = [
   "Timing",
+  "command_line",
   "fresh_dir",
   "git_revision",
   "hardware_info",
@@ -223,16 +224,27 @@ def hardware_info() -> dict[str, Any]:
   }
 
 
+def command_line(program: str | os.PathLike[str], argv: Sequence[Any]) -> str:
+  """``python <program> <argv>`` as a user types it: the program relative to the cwd, quoted.
+
+  Args:
+    program: the script (absolute or relative).
+    argv: its arguments.
+  """
+  program = str(program)
+  try:
+    program = os.path.relpath(program)
+  except ValueError:  # another drive (Windows)
+    pass
+  return shlex.join(["python", program, *map(str, argv)])
+
+
 def _command(argv: Sequence[str] | None, program: str | None) -> str:
   if argv is None:
     argv = sys.argv[1:]
   if program is None:
     program = sys.argv[0] if sys.argv and sys.argv[0] else "python"
-    try:  # relative to the working directory, as a user would type it
-      program = os.path.relpath(program)
-    except ValueError:
-      pass
-  return shlex.join(["python", program, *map(str, argv)])
+  return command_line(program, argv)
 
 
 def _load_average() -> list[float] | None:

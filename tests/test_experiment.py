@@ -198,3 +198,11 @@ def test_script_main_report_only_does_not_run(tmp_path, monkeypatch):
     },
   )
   assert merged["squares"] == [0, 1, 4, 0, 1, 4]
+
+
+def test_command_line_is_what_a_user_types(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  script = tmp_path / "experiments" / "x.py"
+  assert experiment.command_line(script, ["-m", "a=[1,2]", 3]) == (
+    "python experiments/x.py -m 'a=[1,2]' 3"
+  )
