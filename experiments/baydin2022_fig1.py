@@ -3,31 +3,26 @@
 Each sample draws one Gaussian tangent v_k and forms the forward gradient
 g_k = (∇f·v_k) v_k from a single jvp; the figure shows the tangents, the five g_k, their
 empirical mean and the true gradient over a contour plot of Beale, with the global
-minimum (3, 0.5) starred. Writes ``fig1_beale_samples.png`` and ``fig1_beale_samples.json``.
+minimum (3, 0.5) starred. Writes ``fig1_beale_samples.json`` and, from it,
+``fig1_beale_samples.png``.
 
-Run: ``python experiments/baydin2022_fig1.py [--out results/baydin2022] [--seed 0]``.
+  python experiments/baydin2022_fig1.py --out results/baydin2022
+  python experiments/baydin2022_fig1.py --report-only results/baydin2022/fig1_beale_samples.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")  # headless: the script only writes files
-import matplotlib.colors as mcolors  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker as mticker  # noqa: E402
-
-import fwdgrad_jax as fg  # noqa: E402
-from fwdgrad_jax.functions import FUNCTIONS  # noqa: E402
+import fwdgrad_jax as fg
+from fwdgrad_jax import experiment
+from fwdgrad_jax.functions import FUNCTIONS
 
 POINT = (1.5, -0.1)  # the paper's evaluation point
 NUM_SAMPLES = 5
@@ -54,6 +49,10 @@ def forward_gradient_samples(fn, x, key, num_samples):
 
 def plot(path, fn, x, minimizer, tangents, grads, mean, true_grad):
   """Draws the arrows over log-scaled Beale contours and saves the figure."""
+  import matplotlib.colors as mcolors
+  import matplotlib.ticker as mticker
+
+  plt = experiment.pyplot()
   # Gradients reach ~10 at this point while tangents are ~1, so the gradient-like arrows
   # (samples, mean, true) share one scale that keeps the longest of them readable, and the
   # tangents keep their own length; the JSON has the unscaled numbers.
@@ -112,52 +111,79 @@ def plot(path, fn, x, minimizer, tangents, grads, mean, true_grad):
   plt.close(fig)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="results/baydin2022", help="output directory")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The figure's options."""
   parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the tangents")
-  args = parser.parse_args(argv)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """The five samples, their mean and the true gradient at the paper's point."""
   tf = FUNCTIONS["beale"]
   x = jnp.array(POINT, jnp.float32)
   tangents, jvps, grads = forward_gradient_samples(tf.fn, x, jax.random.key(args.seed), NUM_SAMPLES)
   true_grad = np.asarray(jax.jit(jax.grad(tf.fn))(x))
   mean = grads.mean(0)
   cosine = jax.jit(fg.cosine_similarity)
-  cos = [float(cosine(g, true_grad)) for g in grads]
-  cos_mean = float(cosine(mean, true_grad))
-
-  png = out / "fig1_beale_samples.png"
-  plot(png, tf.fn, np.asarray(x), tf.minimizer(2), tangents, grads, mean, true_grad)
-  argv_used = sys.argv[1:] if argv is None else list(argv)
-  record = {
+  return {
     "figure": "Baydin et al. 2022, Fig. 1",
     "function": "beale",
     "point": list(POINT),
     "value": float(tf.fn(x)),
+    "minimizer": tf.minimizer(2).tolist(),
     "seed": args.seed,
     "samples": [
       {
         "tangent": v.tolist(),
         "directional_derivative": float(d),
         "forward_gradient": g.tolist(),
-        "cosine_to_true": c,
+        "cosine_to_true": float(cosine(g, true_grad)),
       }
-      for v, d, g, c in zip(tangents, jvps, grads, cos)
+      for v, d, g in zip(tangents, jvps, grads)
     ],
     "mean": mean.tolist(),
-    "cosine_mean_to_true": cos_mean,
+    "cosine_mean_to_true": float(cosine(mean, true_grad)),
     "true_gradient": true_grad.tolist(),
-    "jax_version": jax.__version__,
-    "command": shlex.join(["python", "experiments/baydin2022_fig1.py", *argv_used]),
   }
-  (out / "fig1_beale_samples.json").write_text(json.dumps(record, indent=2) + "\n")
-  print(f"wrote {png} and {out / 'fig1_beale_samples.json'}")
-  print(f"true gradient {np.round(true_grad, 4)}, mean of {NUM_SAMPLES} {np.round(mean, 4)}")
-  print(f"cosines to the true gradient: {np.round(cos, 3)}; of the mean: {cos_mean:.3f}")
-  return record
+
+
+def report(record: dict[str, Any], out: Path) -> list[Path]:
+  """``fig1_beale_samples.png``; prints the gradients and cosines."""
+  png = out / "fig1_beale_samples.png"
+  samples = record["samples"]
+  tangents = np.array([s["tangent"] for s in samples])
+  grads = np.array([s["forward_gradient"] for s in samples])
+  true_grad, mean = np.array(record["true_gradient"]), np.array(record["mean"])
+  fn = FUNCTIONS[record["function"]].fn
+  plot(
+    png,
+    fn,
+    np.array(record["point"]),
+    np.array(record["minimizer"]),
+    tangents,
+    grads,
+    mean,
+    true_grad,
+  )
+  cos = [s["cosine_to_true"] for s in samples]
+  print(f"true gradient {np.round(true_grad, 4)}, mean of {len(samples)} {np.round(mean, 4)}")
+  print(
+    f"cosines to the true gradient: {np.round(cos, 3)}; of the mean: "
+    f"{record['cosine_mean_to_true']:.3f}"
+  )
+  return [png]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Draws the figure (or only its report); returns the result written to the JSON."""
+  return experiment.script_main(
+    __file__,
+    run,
+    report,
+    result_file="fig1_beale_samples.json",
+    description=__doc__,
+    add_arguments=add_arguments,
+    argv=argv,
+  )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ runs diverged; none of 1000 from (−1.2, 1)). Both methods run the same number 
 iterations, as in the paper.
 
 The time axis is iteration × the per-iteration time of that method, measured in this
-process on a single un-vmapped jitted run of each method (compile excluded), with the two
-methods' repetitions interleaved so background load hits both alike, and the median kept.
+process on a single un-vmapped jitted run of each method (compile excluded) with the
+shared interleaved timer (fwdgrad_jax.experiment.time_interleaved: rounds of both
+methods in a shuffled order, so background load hits both alike; medians).
 It is logarithmic: in two dimensions a step is a handful of flops, and drawing the
 random tangent (the per-step key split and the threefry bits that seed the tangent
 sampler) costs far more than the jvp itself, so on CPU the forward step is tens of times
@@ -25,30 +26,23 @@ slower than the jax.grad step, not "slightly faster" as in the paper's PyTorch p
 With tangents drawn in advance the forward step costs about what the backprop step does.
 ``--prng-impl`` picks another key implementation (``unsafe_rbg`` is cheapest on CPU).
 
-Writes ``fig2_test_functions.png`` and ``fig2_test_functions.json``.
-Run: ``python experiments/baydin2022_fig2.py [--out DIR] [--runs 10] [--seed 0] [--quick]``.
+Writes ``fig2_test_functions.json`` (the numbers and the curves, sampled at up to
+``CURVE_POINTS`` iterations) and, from it, ``fig2_test_functions.png``.
+
+  python experiments/baydin2022_fig2.py --out results/baydin2022   # the figure
+  python experiments/baydin2022_fig2.py --quick                    # a quick look / smoke test
+  python experiments/baydin2022_fig2.py --report-only results/baydin2022/fig2_test_functions.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
-import time
 from pathlib import Path
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")  # headless: the script only writes files
-import matplotlib.colors as mcolors  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-
-from fwdgrad_jax import benchmark  # noqa: E402
-from fwdgrad_jax.functions import FUNCTIONS, descend  # noqa: E402
+from fwdgrad_jax import experiment
 
 # (function, start, learning rate, iterations, iterations with --quick)
 SETUPS = [
@@ -58,10 +52,15 @@ SETUPS = [
 METHODS = ("forward", "backprop")
 LABELS = {"forward": "Forward gradient", "backprop": "Backprop (jax.grad)"}
 COLORS = {"forward": "tab:blue", "backprop": "tab:orange"}
+CURVE_POINTS = 400  # iterations kept per curve in the JSON: linear and log-spaced
 
 
 def make_run(fn, start, lr, steps, method):
   """Jitted ``key -> (losses, xs)`` of one descent, with f at every iterate (steps + 1)."""
+  import jax
+  import jax.numpy as jnp
+
+  from fwdgrad_jax.functions import descend
 
   def run(key):
     losses, xs = descend(
@@ -72,34 +71,107 @@ def make_run(fn, start, lr, steps, method):
   return jax.jit(run)
 
 
-def time_per_iteration(runs, key, steps, reps):
-  """Median seconds per iteration of each single-run function, timed interleaved.
-
-  Args:
-    runs: method name -> jitted ``key -> outputs``.
-    key: the key every timed call gets.
-    steps: iterations per call.
-    reps: timed calls per method.
-
-  Returns:
-    method name -> median seconds per iteration.
-  """
-  for run in runs.values():
-    jax.block_until_ready(run(key))  # compile (and first-touch) outside the timing
-  times = {name: [] for name in runs}
-  names = list(runs)
-  for rep in range(reps):
-    # Alternate the order too, so neither method always runs right after the other.
-    for name in names if rep % 2 == 0 else names[::-1]:
-      t0 = time.perf_counter()
-      jax.block_until_ready(runs[name](key))
-      times[name].append(time.perf_counter() - t0)
-  return {name: float(np.median(t)) / steps for name, t in times.items()}
+def sample_iterations(steps: int, points: int = CURVE_POINTS) -> np.ndarray:
+  """Iterations 0..steps to keep for drawing: half linear, half log-spaced (both axes)."""
+  lin = np.linspace(0, steps, points // 2)
+  log = np.geomspace(1, steps, points // 2) if steps >= 1 else np.array([])
+  return np.unique(np.concatenate([[0, steps], lin, log]).round().astype(int))
 
 
-def contour_window(tf, trajectories, margin=0.25):
+def summary(values):
+  return {
+    "median": float(np.median(values)),
+    "min": float(values.min()),
+    "max": float(values.max()),
+  }
+
+
+def _one_function(i, setup, args) -> dict[str, Any]:
+  import jax
+
+  from fwdgrad_jax.functions import FUNCTIONS
+
+  name, start, lr, full_steps, quick_steps = setup
+  tf = FUNCTIONS[name]
+  steps = quick_steps if args.quick else full_steps
+  key = jax.random.fold_in(jax.random.key(args.seed, impl=args.prng_impl), i)
+  keys = jax.random.split(key, args.runs)
+  single = {m: make_run(tf.fn, start, lr, steps, m) for m in METHODS}
+  reps = args.timing_reps or (5 if args.quick else 30)
+  timing = experiment.time_interleaved(
+    single, rounds=reps, args={m: lambda: (key,) for m in METHODS}, steps=steps, seed=args.seed
+  )
+  keep = sample_iterations(steps)
+  entry: dict[str, Any] = {
+    "start": list(start),
+    "learning_rate": lr,
+    "iterations": steps,
+    "minimizer": tf.minimizer(2).tolist(),
+    "timing_rounds": reps,
+    "curve_iterations": keep.tolist(),
+    "methods": {},
+  }
+  for method in METHODS:
+    # The runs: one jit of the vmapped single-run function.
+    losses, xs = jax.jit(jax.vmap(single[method]))(keys)
+    losses, xs = np.asarray(losses, np.float64), np.asarray(xs, np.float64)
+    dist = np.linalg.norm(xs[:, -1] - tf.minimizer(2), axis=1)
+    entry["methods"][method] = {
+      "final_loss": summary(losses[:, -1]),
+      "final_distance_to_minimizer": summary(dist),
+      "all_finite": bool(np.isfinite(losses).all()),
+      "seconds_per_iteration": timing[method].median,
+      "timing_s": timing[method].as_dict(),
+      # Five significant digits: enough to draw, a fraction of the file.
+      "losses": np.vectorize(lambda v: float(f"{v:.5g}"))(losses[:, keep]),
+      "trajectories": np.vectorize(lambda v: float(f"{v:.5g}"))(xs[:, keep]),
+    }
+  entry["start_loss"] = float(entry["methods"]["backprop"]["losses"][0][0])
+  sec = {m: entry["methods"][m]["seconds_per_iteration"] for m in METHODS}
+  entry["time_ratio_forward_over_backprop"] = sec["forward"] / sec["backprop"]
+  return entry
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """The figure's options."""
+  parser.add_argument("--runs", type=int, default=10, help="independent runs per method")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--quick", action="store_true", help="few iterations (smoke test)")
+  parser.add_argument(
+    "--prng-impl",
+    default="threefry2x32",
+    help="jax.random key implementation (e.g. rbg); on CPU, threefry dominates a 2-D step",
+  )
+  parser.add_argument(
+    "--timing-reps", type=int, default=None, help="timed calls per method (default 30, quick 5)"
+  )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Both functions, both methods: final losses, time per iteration, sampled curves."""
+  functions = {s[0]: _one_function(i, s, args) for i, s in enumerate(SETUPS)}
+  return {
+    "figure": "Baydin et al. 2022, Fig. 2",
+    "runs": args.runs,
+    "seed": args.seed,
+    "prng_impl": args.prng_impl,
+    "quick": args.quick,
+    "timing": (
+      "experiment.time_interleaved: a single jitted run per method, one untimed call, then "
+      "interleaved rounds in a shuffled order, compile excluded; median / iterations"
+    ),
+    "functions": functions,
+  }
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+def contour_window(minimizer, trajectories, margin=0.25):
   """Axis limits holding every trajectory and the minimiser, with a margin."""
-  pts = np.concatenate([trajectories.reshape(-1, 2), tf.minimizer(2)[None]])
+  pts = np.concatenate([np.asarray(trajectories).reshape(-1, 2), np.asarray(minimizer)[None]])
   lo, hi = pts.min(0), pts.max(0)
   pad = margin * (hi - lo) + 0.1
   return lo - pad, hi + pad
@@ -107,6 +179,9 @@ def contour_window(tf, trajectories, margin=0.25):
 
 def draw_contours(ax, fn, lo, hi):
   """Log-spaced contours: both functions span many decades over the window."""
+  import jax
+  import matplotlib.colors as mcolors
+
   gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 300), np.linspace(lo[1], hi[1], 300))
   grid = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.float32)
   z = np.asarray(jax.jit(jax.vmap(fn))(grid)).reshape(gx.shape)
@@ -117,22 +192,22 @@ def draw_contours(ax, fn, lo, hi):
   )
 
 
-def plot(path, results):
+def plot(path: Path, functions: dict[str, Any]) -> None:
   """The 2 × 3 figure: loss per iteration, loss per time, trajectories."""
-  fig, axes = plt.subplots(len(results), 3, figsize=(15, 4.4 * len(results)), squeeze=False)
-  for row, (name, res) in zip(axes, results.items()):
-    tf = FUNCTIONS[name]
-    steps = res["steps"]
-    it = np.arange(steps + 1)
-    # Strided for drawing only: 20001 points per line add nothing visible.
-    stride = max(1, steps // 2000)
+  from fwdgrad_jax.functions import FUNCTIONS
+
+  plt = experiment.pyplot()
+  fig, axes = plt.subplots(len(functions), 3, figsize=(15, 4.4 * len(functions)), squeeze=False)
+  for row, (name, res) in zip(axes, functions.items()):
+    it = np.asarray(res["curve_iterations"], np.float64)
     for method in METHODS:
-      losses = res["losses"][method]
-      sec = res["seconds_per_iteration"][method]
+      m = res["methods"][method]
+      losses = np.asarray(m["losses"], np.float64)
+      sec = m["seconds_per_iteration"]
       # The time axis is logarithmic (per-iteration times can differ by orders of
       # magnitude), so it starts at iteration 1, not at time 0.
       for x_axis, ax, first in ((it, row[0], 0), (it * sec * 1e3, row[1], 1)):
-        sl = slice(first, None, stride)
+        sl = slice(first, None)
         for run_losses in losses:
           ax.plot(x_axis[sl], run_losses[sl], color=COLORS[method], lw=0.5, alpha=0.35)
         ax.plot(
@@ -158,12 +233,12 @@ def plot(path, results):
       ax.grid(alpha=0.3)
 
     ax = row[2]
-    trajectories = np.concatenate([res["xs"][m] for m in METHODS])
-    lo, hi = contour_window(tf, trajectories)
-    draw_contours(ax, tf.fn, lo, hi)
+    trajectories = np.concatenate([res["methods"][m]["trajectories"] for m in METHODS])
+    lo, hi = contour_window(res["minimizer"], trajectories)
+    draw_contours(ax, FUNCTIONS[name].fn, lo, hi)
     # Forward first; backprop on top, dashed: its runs all coincide, so one line shows ten.
     for method in METHODS:
-      for i, xs in enumerate(res["xs"][method]):
+      for i, xs in enumerate(np.asarray(res["methods"][method]["trajectories"])):
         ax.plot(
           xs[:, 0],
           xs[:, 1],
@@ -174,7 +249,7 @@ def plot(path, results):
           label=LABELS[method] if i == 0 else None,
         )
     ax.plot(*res["start"], "ko", ms=5, label="start")
-    ax.plot(*tf.minimizer(2), "*", color="gold", mec="k", ms=15, label="global minimum")
+    ax.plot(*res["minimizer"], "*", color="gold", mec="k", ms=15, label="global minimum")
     ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xlabel="x", ylabel="y")
     ax.set_title(f"{name}, trajectories")
     ax.legend(fontsize=8, loc="best")
@@ -183,97 +258,13 @@ def plot(path, results):
   plt.close(fig)
 
 
-def summary(values):
-  return {
-    "median": float(np.median(values)),
-    "min": float(values.min()),
-    "max": float(values.max()),
-  }
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="results/baydin2022", help="output directory")
-  parser.add_argument("--runs", type=int, default=10, help="independent runs per method")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--quick", action="store_true", help="few iterations (smoke test)")
-  parser.add_argument(
-    "--prng-impl",
-    default="threefry2x32",
-    help="jax.random key implementation (e.g. rbg); on CPU, threefry dominates a 2-D step",
-  )
-  parser.add_argument(
-    "--timing-reps", type=int, default=None, help="timed calls per method (default 30, quick 5)"
-  )
-  args = parser.parse_args(argv)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  reps = args.timing_reps or (5 if args.quick else 30)
-  device = jax.devices()[0]
-
-  results, record = {}, {}
-  for i, (name, start, lr, full_steps, quick_steps) in enumerate(SETUPS):
-    tf = FUNCTIONS[name]
-    steps = quick_steps if args.quick else full_steps
-    key = jax.random.fold_in(jax.random.key(args.seed, impl=args.prng_impl), i)
-    keys = jax.random.split(key, args.runs)
-    single = {m: make_run(tf.fn, start, lr, steps, m) for m in METHODS}
-    sec = time_per_iteration(single, key, steps, reps)
-
-    res = {
-      "start": start,
-      "learning_rate": lr,
-      "steps": steps,
-      "losses": {},
-      "xs": {},
-      "seconds_per_iteration": sec,
-    }
-    entry = {
-      "start": list(start),
-      "learning_rate": lr,
-      "iterations": steps,
-      "start_loss": None,  # filled from the runs' first loss below
-      "minimizer": tf.minimizer(2).tolist(),
-      "methods": {},
-    }
-    for method in METHODS:
-      # The ten runs: one jit of the vmapped single-run function.
-      losses, xs = jax.jit(jax.vmap(single[method]))(keys)
-      losses, xs = np.asarray(losses), np.asarray(xs)
-      res["losses"][method], res["xs"][method] = losses, xs
-      dist = np.linalg.norm(xs[:, -1] - tf.minimizer(2), axis=1)
-      entry["methods"][method] = {
-        "final_loss": summary(losses[:, -1]),
-        "final_distance_to_minimizer": summary(dist),
-        "all_finite": bool(np.isfinite(losses).all()),
-        "seconds_per_iteration": sec[method],
-      }
-    entry["start_loss"] = float(res["losses"]["backprop"][0, 0])
-    entry["time_ratio_forward_over_backprop"] = sec["forward"] / sec["backprop"]
-    results[name], record[name] = res, entry
-
+def report(doc: dict[str, Any], out: Path) -> list[Path]:
+  """``fig2_test_functions.png``; prints the final losses and the time per iteration."""
   png = out / "fig2_test_functions.png"
-  plot(png, results)
-  argv_used = sys.argv[1:] if argv is None else [str(a) for a in argv]
-  doc = {
-    "figure": "Baydin et al. 2022, Fig. 2",
-    "runs": args.runs,
-    "seed": args.seed,
-    "prng_impl": args.prng_impl,
-    "quick": args.quick,
-    "timing": (
-      f"median of {reps} interleaved calls of a single jitted run per method, compile "
-      "excluded, divided by the iterations"
-    ),
-    "functions": record,
-    "hardware": f"{device.device_kind} ({device.platform})",
-    "cpu": benchmark.hardware_info()["cpu_model"],
-    "jax_version": jax.__version__,
-    "command": shlex.join(["python", "experiments/baydin2022_fig2.py", *argv_used]),
-  }
-  (out / "fig2_test_functions.json").write_text(json.dumps(doc, indent=2) + "\n")
-  print(f"wrote {png} and {out / 'fig2_test_functions.json'} ({doc['hardware']})")
-  for name, entry in record.items():
+  plot(png, doc["functions"])
+  hw = doc.get("provenance", {}).get("hardware", {})
+  print(f"{hw.get('platform')} ({hw.get('cpu_model')}), jax {hw.get('jax_version')}")
+  for name, entry in doc["functions"].items():
     for method, m in entry["methods"].items():
       fl = m["final_loss"]
       print(
@@ -281,7 +272,20 @@ def main(argv=None):
         f"{fl['max']:.1e}]  {m['seconds_per_iteration'] * 1e6:.3f} µs/iter"
       )
     print(f"{name:10s} time ratio forward/backprop {entry['time_ratio_forward_over_backprop']:.2f}")
-  return doc
+  return [png]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Runs the figure (or only its report); returns the result written to the JSON."""
+  return experiment.script_main(
+    __file__,
+    run,
+    report,
+    result_file="fig2_test_functions.json",
+    description=__doc__,
+    add_arguments=add_arguments,
+    argv=argv,
+  )
 
 
 if __name__ == "__main__":

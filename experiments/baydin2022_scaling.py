@@ -16,25 +16,24 @@ seconds on a CPU); the rounds and steps used at every L are in the tables. Timin
 shared 2-core machine are noisy: read the medians and the per-round paired ratios.
 
 Writes ``scaling.json``, ``scaling.md`` and three PNGs (``scaling_runtime.png``,
-``scaling_memory_depth.png``, ``scaling_memory_batch.png``) to ``--out``.
-Run: ``python experiments/baydin2022_scaling.py [--out DIR] [--quick]``.
+``scaling_memory_depth.png``, ``scaling_memory_batch.png``) to ``--out`` (default: a
+fresh directory under outputs/).
+
+  python experiments/baydin2022_scaling.py --out results/baydin2022   # the full study
+  python experiments/baydin2022_scaling.py --quick                    # smoke test
+  python experiments/baydin2022_scaling.py --report-only results/baydin2022/scaling.json \
+      --out results/baydin2022
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")  # headless: the script only writes files
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
+from fwdgrad_jax import experiment
 
 DEPTHS = (1, 2, 5, 10, 20, 50, 100)
 BATCHES = (64, 256, 1024, 4096)
@@ -110,15 +109,13 @@ def _mib(x: int | None) -> str:
 
 def render(doc: dict[str, Any]) -> str:
   """scaling.md: the command, hardware and both tables."""
-  hw, s = doc["hardware"], doc["settings"]
+  s, prov = doc["settings"], doc.get("provenance", {})
   lines = [
     "# Baydin et al. 2022, §5.6: forward gradient vs backprop against depth",
     "",
-    f"`{doc['command']}`",
+    f"`{prov.get('command', '(command not recorded)')}`",
     "",
-    f"Hardware: {hw['platform']} ({hw['device_kind']}), {hw['cpu_model']}, "
-    f"{hw['usable_cores']} usable of {hw['logical_cores']} logical cores; "
-    f"jax {hw['jax_version']}; fwdgrad_jax {s.get('code_revision') or 'unknown revision'}. "
+    f"{experiment.hardware_line(prov)} "
     f"Model: deep_mlp, width {s['width']}, no bias, ReLU, "
     f"input {tuple(s['input_shape'])}, batch {s['batch_size']}, SGD; forward = k = 1 "
     f"'{s['tangent_scheme']}' tangent (fwdgrad_jax.tangents; jax PRNG keys: "
@@ -162,6 +159,7 @@ def render(doc: dict[str, Any]) -> str:
 
 def plot(doc: dict[str, Any], out: Path) -> list[Path]:
   """The three PNGs: R vs L, memory vs L, memory vs batch size."""
+  plt = experiment.pyplot()
   rows, batches = doc["depths"], doc["batches"]
   L = [r["depth"] for r in rows]
   paths = []
@@ -231,6 +229,8 @@ def plot(doc: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _ticks(ax: Any, xs: list[int]) -> None:
+  from matplotlib.ticker import NullFormatter, ScalarFormatter
+
   # Log axes label only powers of ten by default; label the measured points instead.
   ax.set_xticks(xs)
   ax.xaxis.set_major_formatter(ScalarFormatter())
@@ -241,10 +241,12 @@ def _ticks(ax: Any, xs: list[int]) -> None:
 
 
 def _caption(doc: dict[str, Any]) -> str:
-  hw, s = doc["hardware"], doc["settings"]
+  s = doc["settings"]
+  hw = doc.get("provenance", {}).get("hardware", {})
+  device = hw.get("gpu_model") or hw.get("cpu_model")
   return (
-    f"deep_mlp width {s['width']}, no bias, batch {s['batch_size']}; {hw['platform']} "
-    f"{hw['cpu_model']} ({hw['usable_cores']} cores), jax {hw['jax_version']}"
+    f"deep_mlp width {s['width']}, no bias, batch {s['batch_size']}; {hw.get('platform')} "
+    f"{device} ({hw.get('usable_cores')} cores), jax {hw.get('jax_version')}"
     + (" — QUICK smoke run" if s["quick"] else "")
   )
 
@@ -253,17 +255,8 @@ def _ints(text: str) -> list[int]:
   return [int(t) for t in text.split(",") if t.strip()]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  """Runs the study and writes its files.
-
-  Args:
-    argv: command-line arguments (``sys.argv[1:]`` if None).
-
-  Returns:
-    The document written to ``scaling.json``.
-  """
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default="results/baydin2022", help="output directory")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """The study's options."""
   p.add_argument("--depths", type=_ints, default=None, help=f"default {DEPTHS}")
   p.add_argument("--batches", type=_ints, default=None, help=f"memory study, default {BATCHES}")
   p.add_argument("--memory-depth", type=int, default=None, help="L of the batch study (deepest)")
@@ -275,8 +268,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--prng-impl", default=None, help="jax_default_prng_impl (e.g. rbg)")
   p.add_argument("--quick", action="store_true", help="two depths, few rounds (smoke test)")
-  args = p.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Times every depth and compiles every batch size; returns the study's document."""
   import jax
 
   if args.prng_impl:
@@ -286,8 +281,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   depths = args.depths or (QUICK_DEPTHS if args.quick else DEPTHS)
   batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)
   memory_depth = args.memory_depth or max(depths)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   common = dict(
     input_shape=(28, 28, 1),
     tangents=(1,),
@@ -297,9 +290,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   )
 
   def say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    print(line, flush=True)
 
-  rows, results, hardware = [], {}, None
+  rows, results = [], {}
   for depth in depths:
     rounds, steps = plan(depth, args.quick)
     rounds, steps = args.rounds or rounds, args.steps or steps
@@ -313,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       log=say,
       **common,
     )
-    results[depth], hardware = res, res["hardware"]
+    results[depth] = res
     rows.append(depth_row(depth, res))
     r = rows[-1]
     say(f"L = {depth}: R_f {r['R_f']:.2f}  R_b {r['R_b']:.2f}  R_f/R_b {r['R_f_over_R_b']:.3f}")
@@ -335,12 +328,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       mem = memory_row(res)
     batch_rows.append({"batch_size": b, "memory": mem})
 
-  argv_used = sys.argv[1:] if argv is None else [str(a) for a in argv]
   deepest = max(depths)
-  doc = {
+  return {
     "figure": "Baydin et al. 2022, §5.6 (Fig. 6): scalability with depth",
-    "command": shlex.join(["python", "experiments/baydin2022_scaling.py", *argv_used]),
-    "hardware": hardware,
     "settings": {
       "model": "deep_mlp",
       "width": args.width,
@@ -352,7 +342,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "tangent_scheme": args.tangent_scheme,
       "prng_impl": str(jax.config.jax_default_prng_impl),
       "seed": args.seed,
-      "code_revision": results[deepest]["settings"]["code_revision"],
       "quick": args.quick,
       "plan": {str(d): dict(zip(("rounds", "steps"), plan(d, args.quick))) for d in depths},
       "rounds_override": args.rounds,
@@ -375,12 +364,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     + (["QUICK smoke run: not a measurement."] if args.quick else []),
     "results": {str(d): r for d, r in results.items()},
   }
-  (out / "scaling.json").write_text(json.dumps(doc, indent=2) + "\n")
-  (out / "scaling.md").write_text(render(doc))
-  pngs = plot(doc, out)
+
+
+def report(doc: dict[str, Any], out: Path) -> list[Path]:
+  """``scaling.md`` and the three PNGs; the Markdown is printed too."""
+  md = out / "scaling.md"
+  md.write_text(render(doc))
   print(render(doc))
-  print(f"wrote {out / 'scaling.json'}, {out / 'scaling.md'}, " + ", ".join(map(str, pngs)))
-  return doc
+  return [md, *plot(doc, out)]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Runs the study (or only its report) and writes ``scaling.json``, ``.md`` and PNGs.
+
+  Args:
+    argv: command-line arguments (``sys.argv[1:]`` if None).
+
+  Returns:
+    The document written to ``scaling.json``.
+  """
+  return experiment.script_main(
+    __file__,
+    run,
+    report,
+    result_file="scaling.json",
+    description=__doc__,
+    add_arguments=add_arguments,
+    argv=argv,
+  )
 
 
 if __name__ == "__main__":

@@ -1,27 +1,32 @@
-"""Runtime and memory benchmark: base vs backprop vs forward-gradient train steps.
+"""Runtime and memory benchmark: base vs backprop vs forward-gradient steps.
 
-Times the jitted functions of :mod:`fwdgrad_jax.benchmark` (base = forward + loss, one
-backprop SGD step, one forward-gradient SGD step for every k and aggregation) on random
-data of the model's input shape, interleaved over rounds, and records the compiled
-memory of one step. Writes ``<out>.json`` (everything, incl. per-round times) and
-``<out>.md`` (the table) and prints the table.
+Times the jitted functions of fwdgrad_jax.benchmark (base = forward + loss, backprop,
+forward gradients for every k and aggregation) on random data of the model's input
+shape, interleaved over rounds, and records the compiled memory of one step. Two ways
+to call them: --calls loop (default: the training loop's chunk of SGD steps, on device)
+and --calls single (one jitted value_and_forward_grad / jax.value_and_grad call per step
+from Python, the way a user calls the function transforms). Writes <name>.json
+(everything, incl. per-round times and provenance) and <name>.md (the table).
 
   python experiments/benchmark.py --model mlp --batch-size 64 \\
-      --tangents 1,2,4,16 --aggregations mean,sum,orthogonal --rounds 20 \\
-      --out results/benchmarks/mlp_b64
+      --tangents 1,2,4,16 --aggregations mean,sum,orthogonal --rounds 15 \\
+      --out results/benchmarks
+  python experiments/benchmark.py --model mlp --tangents 1,4,16 --aggregations mean \\
+      --calls single --rounds 20
   python experiments/benchmark.py --model mlp --model-option hidden=[256,256]
-  python experiments/benchmark.py --model cnn --model-options '{"channels": 32}'
   python experiments/benchmark.py --model deep_mlp --model-option depth=100 --memory-only
+  python experiments/benchmark.py --report-only results/benchmarks/mlp_b64.json \\
+      --out results/benchmarks
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
+
+from fwdgrad_jax import experiment
 
 
 def _ints(text: str) -> list[int]:
@@ -43,9 +48,8 @@ def _option(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  """The command line (see the module docstring)."""
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """The benchmark's options (see the module docstring)."""
   p.add_argument("--model", default="mlp", help="name in fwdgrad_jax.models.MODELS")
   p.add_argument(
     "--model-option",
@@ -65,8 +69,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--aggregations", type=_names, default=["mean", "sum", "orthogonal"])
   p.add_argument("--tangent-scheme", default="normal", help="normal, rademacher, partition")
   p.add_argument("--no-backprop", action="store_true", help="leave out the backprop step")
+  p.add_argument(
+    "--calls",
+    choices=["loop", "single"],
+    default="loop",
+    help="loop: the training loop's on-device chunk of SGD steps; single: one jitted "
+    "estimator call per step from Python, as a user calls value_and_forward_grad",
+  )
   p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
-  p.add_argument("--steps", type=int, default=10, help="train steps per timed call (fori_loop)")
+  p.add_argument("--steps", type=int, default=10, help="train steps per timed call (loop)")
   p.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate of the steps")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--memory-only", action="store_true", help="compile for memory, time nothing")
@@ -76,23 +87,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     help="jax_default_prng_impl (e.g. rbg); on CPU the threefry tangent draw dominates",
   )
   p.add_argument(
-    "--out",
+    "--name",
     default=None,
-    help="output path without suffix (default results/benchmarks/<model>_b<batch>)",
+    help="file name without suffix (default <model>_b<batch>, plus _single for --calls single)",
   )
-  return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-  """Runs the benchmark, writes ``<out>.json`` and ``<out>.md``, prints the table.
+def _name(args: argparse.Namespace) -> str:
+  suffix = "_single" if args.calls == "single" else ""
+  return args.name or f"{args.model}_b{args.batch_size}{suffix}"
 
-  Args:
-    argv: command-line arguments (``sys.argv[1:]`` if None).
 
-  Returns:
-    The result dict of :func:`fwdgrad_jax.benchmark.benchmark` plus ``command``.
-  """
-  args = parse_args(argv)
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Runs :func:`fwdgrad_jax.benchmark.benchmark` with the command line's settings."""
   import jax
 
   if args.prng_impl:
@@ -112,24 +119,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     aggregations=args.aggregations,
     tangent_scheme=args.tangent_scheme,
     backprop=not args.no_backprop,
+    calls=args.calls,
     rounds=args.rounds,
     steps=args.steps,
     lr=args.lr,
     seed=args.seed,
     timed=not args.memory_only,
-    log=lambda line: print(line, file=sys.stderr, flush=True),
+    log=lambda line: print(line, flush=True),
   )
-  argv_used = sys.argv[1:] if argv is None else [str(a) for a in argv]
-  result["command"] = shlex.join(["python", "experiments/benchmark.py", *argv_used])
-  out = Path(args.out or f"results/benchmarks/{args.model}_b{args.batch_size}")
-  out.parent.mkdir(parents=True, exist_ok=True)
+  return {"name": _name(args), **result}
+
+
+def report(result: dict[str, Any], out: Path) -> list[Path]:
+  """``<name>.md``: the command and the table; the table is printed too."""
+  from fwdgrad_jax import benchmark as bench
+
+  s = result["settings"]
   table = bench.render_markdown(result)
-  md = f"# Benchmark: {args.model}, batch {args.batch_size}\n\n`{result['command']}`\n\n{table}"
-  Path(f"{out}.json").write_text(json.dumps(result, indent=2) + "\n")
-  Path(f"{out}.md").write_text(md)
+  command = result.get("provenance", {}).get("command", "(command not recorded)")
+  name = result.get("name") or f"{s['model']}_b{s['batch_size']}"
+  path = out / f"{name}.md"
+  title = f"# Benchmark: {s['model']}, batch {s['batch_size']}, calls: {s.get('calls', 'loop')}"
+  path.write_text(f"{title}\n\n`{command}`\n\n{table}")
   print(table)
-  print(f"wrote {out}.json and {out}.md")
-  return result
+  return [path]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Runs the benchmark (or only its report) and writes ``<name>.json`` and ``<name>.md``."""
+  return experiment.script_main(
+    __file__,
+    run,
+    report,
+    result_file=lambda args: f"{_name(args)}.json",
+    description=__doc__,
+    add_arguments=add_arguments,
+    argv=argv,
+  )
 
 
 if __name__ == "__main__":

@@ -1,35 +1,36 @@
-"""Runtime and memory of forward-gradient vs backprop train steps (Baydin et al. §5.2).
+"""Runtime and memory of forward-gradient vs backprop steps (Baydin et al. §5.2).
 
-For one model, input shape and batch size, :func:`benchmark` builds the jitted
-functions the training loop runs and times them against each other:
+For one model, input shape and batch size, :func:`benchmark` builds the jitted functions
+a user or the training loop runs and times them against each other:
 
 * ``base``: forward pass + loss, no derivative, no update (Baydin's base runtime);
-* ``backprop``: one ``jax.grad`` train step (estimate + SGD update applied to params);
-* ``forward k=K agg``: one forward-gradient train step for every number of tangents K
-  and aggregation ``agg``.
+* ``backprop``: ``jax.grad``;
+* ``forward k=K agg``: forward gradients with K tangents aggregated by ``agg``.
 
-A "train step" is exactly what :func:`fwdgrad_jax.train.train` runs per step: the
-estimator transform of :func:`fwdgrad_jax.train.make_tx` followed by optax SGD and
-``optax.apply_updates``, inside the chunked ``fori_loop`` of
-:func:`fwdgrad_jax.train.make_chunk_fn` (on-device batching from a permutation of the
-data, which is passed as an argument, never closed over). The base time comes from
-:func:`fwdgrad_jax.train.make_base_fn`, batched the same way, so R = step / base
-compares like with like and matches the ``runtime_ratio`` a training run reports.
+Two ways to call them (``calls``):
 
-Timing: every variant is compiled ahead of time and called once untimed; then, in each
-of ``rounds`` rounds, every variant is called once in a shuffled order (fixed seed),
-each call blocked on. One call runs ``steps`` train steps on device, so dispatch and
-host sync are paid once per ``steps`` steps; the per-step time is the call's time / steps.
-Interleaving means background load on a shared machine hits all variants alike; the
-medians and the per-round paired ratios are what to read.
+* ``"loop"`` (default): what :func:`fwdgrad_jax.train.train` runs — the estimator
+  transform of :func:`fwdgrad_jax.train.make_tx`, optax SGD and ``apply_updates``,
+  ``steps`` of them per call inside the chunked ``fori_loop`` of
+  :func:`fwdgrad_jax.train.make_chunk_fn` (on-device batching, state donated); the base
+  is :func:`fwdgrad_jax.train.make_base_fn`, batched the same way, so R = step / base
+  matches the ``runtime_ratio`` a training run reports.
+* ``"single"``: the way a user calls the function transforms — one jitted
+  ``value_and_forward_grad`` / ``jax.value_and_grad`` (or loss) call per step from
+  Python on one batch, no optimizer; dispatch and the host round trip are in the time.
 
-Memory: from XLA's compiled memory analysis of ONE train step (``jax.jit(step,
-donate_argnums=0).lower(...).compile().memory_analysis()``, state donated as in the
-training loop): temp, argument, output and alias bytes, and peak = argument + output +
-temp − alias (the temp arena is already packed by liveness; XLA's own
-``peak_memory_in_bytes`` is kept as ``xla_peak`` but leaves temp out on CPU). On backends whose device reports ``peak_bytes_in_use`` (GPU),
-that is recorded too; it is a process-wide high-water mark, so it only grows from one
-variant to the next (see :func:`benchmark`).
+The pipeline is small named steps: :func:`make_problem` (model, loss, data) →
+:func:`lower` one variant → :func:`compile_all` → :func:`time_variants` (the shared
+interleaved timer, :func:`fwdgrad_jax.experiment.time_interleaved`) →
+:func:`variant_record` and the ratios. :func:`time_configs` times arbitrary training
+configs with the same pieces.
+
+Memory: from XLA's compiled memory analysis of ONE step (:func:`memory_of`; in ``loop``
+mode ``jax.jit(step, donate_argnums=0)``, state donated as in the training loop): temp,
+argument, output and alias bytes, and peak = argument + output + temp − alias (XLA's own
+``peak_memory_in_bytes`` is kept as ``xla_peak`` but leaves temp out on CPU). Where the
+device reports ``peak_bytes_in_use`` (GPU) that is recorded too; it is a process-wide
+high-water mark, so it only grows from one variant to the next.
 """
 
 from __future__ import annotations
@@ -37,12 +38,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import math
-import os
-import platform
-import subprocess
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -51,25 +48,34 @@ import numpy as np
 from flax import nnx
 
 from fwdgrad_jax import config as config_lib
-from fwdgrad_jax import models
+from fwdgrad_jax import estimators, experiment, models
 from fwdgrad_jax import train as train_lib
 
 __all__ = [
+  "CALLS",
   "DEFAULT_AGGREGATIONS",
   "DEFAULT_TANGENTS",
+  "Lowered",
+  "Problem",
   "Variant",
   "benchmark",
-  "code_revision",
+  "compile_all",
   "default_input_shape",
   "device_peak_bytes",
-  "hardware_info",
+  "lower",
+  "make_problem",
   "make_variants",
   "memory_of",
   "render_markdown",
+  "time_configs",
+  "time_variants",
+  "variant_config",
+  "variant_record",
 ]
 
 DEFAULT_TANGENTS: tuple[int, ...] = (1, 2, 4, 16)
 DEFAULT_AGGREGATIONS: tuple[str, ...] = ("mean", "sum", "orthogonal")
+CALLS: tuple[str, ...] = ("loop", "single")
 
 # Image shapes (H, W, C) the registered models are built for in this project.
 _INPUT_SHAPES: dict[str, tuple[int, int, int]] = {"vgg": (32, 32, 3)}
@@ -102,11 +108,6 @@ def make_variants(
 ) -> list[Variant]:
   """``base``, ``backprop`` (optional) and ``forward k=K agg`` for every K × agg.
 
-  Args:
-    tangents: the numbers of tangents k (forward variants).
-    aggregations: the aggregations (forward variants).
-    backprop: include the backprop step.
-
   Returns:
     The variants, base first; aggregations vary slowest, so each block of k shares one.
   """
@@ -122,71 +123,6 @@ def make_variants(
 def default_input_shape(model: str) -> tuple[int, int, int]:
   """(H, W, C) of the data set a model is used with: 32×32×3 for ``vgg``, else 28×28×1."""
   return _INPUT_SHAPES.get(model, _MNIST_SHAPE)
-
-
-def _cpu_model() -> str | None:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or None
-
-
-def code_revision() -> str | None:
-  """``git describe``-style revision of this checkout (``+dirty`` if the library has edits).
-
-  The estimators and tangent samplers change under active development; a result without
-  the revision it was measured at cannot be compared with a later one. None outside git.
-  """
-  root = Path(__file__).resolve().parent
-  try:
-    head = subprocess.run(
-      ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-      capture_output=True,
-      text=True,
-      timeout=10,
-      check=True,
-    ).stdout.strip()
-    dirty = subprocess.run(
-      ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "."],
-      capture_output=True,
-      text=True,
-      timeout=10,
-      check=True,
-    ).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return head + ("+dirty" if dirty else "")
-
-
-def hardware_info() -> dict[str, Any]:
-  """Platform, device kind, CPU model and core counts, jax/jaxlib versions.
-
-  Returns:
-    A JSON-able dict. ``device_kind`` is just ``"cpu"`` on the CPU backend, hence the
-    CPU model from ``/proc/cpuinfo``; ``usable_cores`` is the scheduler affinity (what
-    XLA's thread pool can actually use), ``logical_cores`` the machine's count.
-  """
-  dev = jax.devices()[0]
-  try:
-    usable = len(os.sched_getaffinity(0))
-  except AttributeError:  # not on Linux
-    usable = os.cpu_count()
-  import jaxlib
-
-  return {
-    "platform": dev.platform,
-    "device_kind": dev.device_kind,
-    "device_count": jax.device_count(),
-    "cpu_model": _cpu_model(),
-    "logical_cores": os.cpu_count(),
-    "usable_cores": usable,
-    "jax_version": jax.__version__,
-    "jaxlib_version": getattr(jaxlib, "__version__", None),
-    "python": platform.python_version(),
-  }
 
 
 def memory_of(compiled: Any) -> dict[str, int | None]:
@@ -230,33 +166,110 @@ def device_peak_bytes() -> int | None:
 
 
 # --------------------------------------------------------------------------------------
-# Building the functions
+# Lowering
 # --------------------------------------------------------------------------------------
 
 
-class _Lowered(NamedTuple):
-  """A variant lowered, not yet compiled: one step (memory), the timed loop, its args."""
+class Problem(NamedTuple):
+  """What every variant of one benchmark shares.
 
-  step: jax.stages.Lowered
-  loop: jax.stages.Lowered | None
-  args: Callable[[], tuple] | None
+  Attributes:
+    loss: ``loss(params, x, y)`` of the model.
+    params: its parameters (a plain pytree).
+    x, y: random inputs and labels, ``batch_size × steps`` examples, so each step of a
+      timed loop reads a different batch (a loop over one fixed batch would let XLA
+      hoist the base pass out of the loop).
+    num_params: the parameter count.
+    data_key, est_key: the keys of the on-device batching and of the estimators.
+  """
+
+  loss: Callable[..., jax.Array]
+  params: Any
+  x: jax.Array
+  y: jax.Array
+  num_params: int
+  data_key: jax.Array
+  est_key: jax.Array
 
 
-def _config(model: str, options: dict[str, Any], variant: Variant, lr: float, scheme: str):
+def make_problem(
+  model: str,
+  *,
+  model_options: Mapping[str, Any],
+  input_shape: Sequence[int],
+  num_classes: int,
+  examples: int,
+  seed: int,
+) -> Problem:
+  """Builds the model, its loss and ``examples`` random examples (seeded by ``seed``)."""
+  net = models.create(
+    model,
+    input_shape=tuple(input_shape),
+    num_classes=num_classes,
+    rngs=nnx.Rngs(seed),
+    **model_options,
+  )
+  graphdef, params, rest = models.split(net)
+  # A plain pytree copy: nnx.split hands out the module's own Variables (see models.split).
+  params = jax.tree.map(jnp.asarray, params)
+  data_key, est_key = jax.random.split(jax.random.PRNGKey(seed))
+  # numpy, not jax.random: an eager threefry draw of a 4-D shape takes seconds to
+  # compile on CPU.
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((examples, *input_shape), dtype=np.float32))
+  y = jnp.asarray(rng.integers(0, num_classes, (examples,), dtype=np.int32))
+  return Problem(
+    train_lib.make_loss(graphdef, rest),
+    params,
+    x,
+    y,
+    models.count_params(params),
+    data_key,
+    est_key,
+  )
+
+
+def variant_config(
+  model: str,
+  model_options: Mapping[str, Any],
+  variant: Variant,
+  *,
+  lr: float,
+  tangent_scheme: str,
+) -> config_lib.Config | None:
+  """The training config of a variant (SGD at ``lr``); None for ``base``."""
+  if variant.kind == "base":
+    return None
   est = config_lib.EstimatorConfig(name="backprop")
   if variant.kind == "forward":
     est = config_lib.EstimatorConfig(
       name="forward",
       num_tangents=variant.num_tangents,
-      tangents=scheme,
+      tangents=tangent_scheme,
       aggregation=variant.aggregation,
     )
   cfg = config_lib.Config(
-    model=config_lib.ModelConfig(name=model, options=dict(options)),
+    model=config_lib.ModelConfig(name=model, options=dict(model_options)),
     estimator=est,
     optimizer=config_lib.OptimizerConfig(name="sgd", lr=lr),
   )
   return config_lib.validate(cfg)
+
+
+class Lowered(NamedTuple):
+  """One variant lowered, not yet compiled.
+
+  Attributes:
+    step: one step (its compiled memory is the variant's memory).
+    timed: what is timed (the chunked loop), or None: time ``step`` itself.
+    args: returns the timed call's arguments (fresh copies of donated state).
+    steps: steps one timed call runs.
+  """
+
+  step: jax.stages.Lowered
+  timed: jax.stages.Lowered | None
+  args: Callable[[], tuple]
+  steps: int
 
 
 def _fresh(tree: Any) -> Any:
@@ -265,43 +278,72 @@ def _fresh(tree: Any) -> Any:
   return jax.block_until_ready(jax.tree.map(jnp.copy, tree))
 
 
-def _lower(
-  variant: Variant,
-  *,
-  loss: Callable[..., jax.Array],
-  params: Any,
+def _lower_single(cfg: config_lib.Config | None, problem: Problem, batch_size: int) -> Lowered:
+  p = problem
+  xb, yb = p.x[:batch_size], p.y[:batch_size]
+  if cfg is None:
+    step = jax.jit(p.loss).lower(p.params, xb, yb)
+    return Lowered(step, None, lambda: (p.params, xb, yb), 1)
+  estimate = estimators.get_estimator(cfg.estimator.name)(
+    p.loss, **train_lib.estimator_options(cfg.estimator)
+  )
+  step = jax.jit(estimate).lower(p.est_key, p.params, xb, yb)
+  return Lowered(step, None, lambda: (p.est_key, p.params, xb, yb), 1)
+
+
+def _lower_loop(
+  cfg: config_lib.Config | None, problem: Problem, batch_size: int, steps: int, timed: bool
+) -> Lowered:
+  p = problem
+  xb, yb = p.x[:batch_size], p.y[:batch_size]
+  common = dict(
+    batch_size=batch_size, num_examples=int(p.x.shape[0]), chunk=steps, data_key=p.data_key
+  )
+  if cfg is None:
+    step = jax.jit(p.loss).lower(p.params, xb, yb)
+    step0 = jnp.zeros((), jnp.int32)
+    loop = jax.jit(train_lib.make_base_fn(p.loss, **common)).lower(p.params, step0, p.x, p.y)
+    return Lowered(step, loop if timed else None, lambda: (p.params, step0, p.x, p.y), steps)
+  tx = train_lib.make_tx(cfg, p.est_key)
+  state = train_lib.init_state(tx, p.params)
+  step = jax.jit(train_lib.make_step_fn(p.loss, tx), donate_argnums=0).lower(state, xb, yb)
+  n = jnp.int32(steps)
+  loop = jax.jit(train_lib.make_chunk_fn(p.loss, tx, **common), donate_argnums=0).lower(
+    state, n, p.x, p.y
+  )
+  return Lowered(step, loop if timed else None, lambda: (_fresh(state), n, p.x, p.y), steps)
+
+
+def lower(
   cfg: config_lib.Config | None,
-  keys: tuple[jax.Array, jax.Array],
-  data: tuple[jax.Array, jax.Array],
+  problem: Problem,
+  *,
   batch_size: int,
   steps: int,
-  timed: bool,
-) -> _Lowered:
-  data_key, est_key = keys
-  x, y = data
-  xb, yb = x[:batch_size], y[:batch_size]
-  common = dict(batch_size=batch_size, num_examples=int(x.shape[0]), chunk=steps, data_key=data_key)
-  if variant.kind == "base":
-    step = jax.jit(loss).lower(params, xb, yb)
-    if not timed:
-      return _Lowered(step, None, None)
-    step0 = jnp.zeros((), jnp.int32)
-    loop = jax.jit(train_lib.make_base_fn(loss, **common)).lower(params, step0, x, y)
-    return _Lowered(step, loop, lambda: (params, step0, x, y))
+  calls: str = "loop",
+  timed: bool = True,
+) -> Lowered:
+  """Lowers one variant: ``cfg`` is its training config, None for the base pass.
 
-  tx = train_lib.make_tx(cfg, est_key)
-  state = train_lib.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
-  step = jax.jit(train_lib.make_step_fn(loss, tx), donate_argnums=0).lower(state, xb, yb)
-  if not timed:
-    return _Lowered(step, None, None)
-  n = jnp.int32(steps)
-  loop = jax.jit(train_lib.make_chunk_fn(loss, tx, **common), donate_argnums=0).lower(
-    state, n, x, y
-  )
-  return _Lowered(step, loop, lambda: (_fresh(state), n, x, y))
+  Args:
+    cfg: the estimator and optimizer to step with (``None``: forward + loss only).
+    problem: :func:`make_problem`'s model, loss and data.
+    batch_size: examples per step.
+    steps: steps per timed call (``loop``; ``single`` runs one).
+    calls: ``"loop"`` or ``"single"`` (see the module docstring).
+    timed: False lowers only the one-step function (memory).
+
+  Returns:
+    The :class:`Lowered` functions.
+  """
+  if calls not in CALLS:
+    raise ValueError(f"calls must be one of {CALLS}, got {calls!r}")
+  if calls == "single":
+    return _lower_single(cfg, problem, batch_size)
+  return _lower_loop(cfg, problem, batch_size, steps, timed)
 
 
-def _compile_all(lowered: list[jax.stages.Lowered]) -> list[tuple[Any, float]]:
+def compile_all(lowered: Sequence[jax.stages.Lowered]) -> list[tuple[Any, float]]:
   """Compiles in a thread pool: XLA compiles outside the GIL, and compiling is the slow part.
 
   Returns:
@@ -314,27 +356,152 @@ def _compile_all(lowered: list[jax.stages.Lowered]) -> list[tuple[Any, float]]:
     exe = low.compile()
     return exe, time.perf_counter() - t0
 
-  workers = max(1, min(len(lowered), hardware_info()["usable_cores"] or 1))
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+  cores = experiment.hardware_info()["usable_cores"] or 1
+  with concurrent.futures.ThreadPoolExecutor(max(1, min(len(lowered), cores))) as pool:
     return list(pool.map(one, lowered))
 
 
-def _call(run: Any, args: Callable[[], tuple]) -> float:
-  call_args = args()  # outside the timer: copying the donated state is not a step
-  t0 = time.perf_counter()
-  jax.block_until_ready(run(*call_args))
-  return time.perf_counter() - t0
+# --------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------
 
 
-def _quantiles(x: Sequence[float]) -> dict[str, float]:
-  q25, q50, q75 = np.percentile(np.asarray(x, np.float64), [25, 50, 75])
-  return {"median": float(q50), "q25": float(q25), "q75": float(q75), "iqr": float(q75 - q25)}
+def time_variants(
+  functions: Mapping[str, Callable[..., Any]],
+  args: Mapping[str, Callable[[], tuple]],
+  *,
+  rounds: int,
+  steps: Mapping[str, int] | int,
+  seed: int,
+  log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, experiment.Timing], dict[str, int | None]]:
+  """Times compiled functions against each other with the shared interleaved timer.
+
+  Each function is first called once, untimed, in the given order (first touch: page
+  faults, thread pools, allocator), and the device's high-water mark read after it;
+  then :func:`fwdgrad_jax.experiment.time_interleaved` runs the rounds.
+
+  Returns:
+    ``(timings in seconds per step, device peak bytes after each first call)``.
+  """
+  peaks = {}
+  for name, fn in functions.items():
+    jax.block_until_ready(fn(*args[name]()))
+    peaks[name] = device_peak_bytes()
+  say = log or (lambda _: None)
+  timings = experiment.time_interleaved(
+    functions,
+    rounds=rounds,
+    args=args,
+    steps=steps,
+    warmup=0,
+    seed=seed,
+    on_round=lambda r: say(f"round {r + 1}/{rounds}"),
+  )
+  return timings, peaks
+
+
+def time_configs(
+  configs: Mapping[str, config_lib.Config],
+  *,
+  input_shape: Sequence[int],
+  num_classes: int = 10,
+  rounds: int = 3,
+  steps: int = 10,
+  seed: int = 0,
+) -> dict[str, experiment.Timing]:
+  """Seconds per training-loop step of each config, interleaved (e.g. to size a budget).
+
+  Every config must use the same model and batch size (they share one problem).
+
+  Returns:
+    name → :class:`fwdgrad_jax.experiment.Timing` in seconds per step.
+  """
+  first = next(iter(configs.values()))
+  batch = first.train.batch_size
+  if any(c.model != first.model or c.train.batch_size != batch for c in configs.values()):
+    raise ValueError("time_configs: every config must share the model and the batch size")
+  problem = make_problem(
+    first.model.name,
+    model_options=first.model.options,
+    input_shape=input_shape,
+    num_classes=num_classes,
+    examples=batch * steps,
+    seed=seed,
+  )
+  lowered = {n: lower(c, problem, batch_size=batch, steps=steps) for n, c in configs.items()}
+  exes = compile_all([low.timed for low in lowered.values()])
+  functions = {n: exe for n, (exe, _) in zip(lowered, exes)}
+  args = {n: low.args for n, low in lowered.items()}
+  timings, _ = time_variants(functions, args, rounds=rounds, steps=steps, seed=seed)
+  return timings
+
+
+# --------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
   if a is None or b is None or b == 0:
     return None
   return a / b
+
+
+def variant_record(
+  variant: Variant,
+  *,
+  compile_s: Mapping[str, float],
+  memory: Mapping[str, int | None],
+  device_peak: int | None,
+  timing: experiment.Timing | None,
+) -> dict[str, Any]:
+  """One variant's JSON record (times in ms per step); ratios are added by :func:`_add_ratios`."""
+  rec: dict[str, Any] = {
+    "name": variant.name,
+    "kind": variant.kind,
+    "num_tangents": variant.num_tangents,
+    "aggregation": variant.aggregation,
+    "compile_s": dict(compile_s),
+    "memory": dict(memory),
+    "device_peak_bytes": device_peak,
+  }
+  if timing is not None:
+    ms = timing.as_dict(1e3)
+    rec["ms_per_step"] = {k: ms[k] for k in ("median", "q25", "q75", "iqr")}
+    rec["times_ms"] = ms["times"]
+  return rec
+
+
+def _add_ratios(records: list[dict[str, Any]]) -> None:
+  # Rounds are paired: round r called every variant once, so times_ms[r] of two
+  # variants saw the same background load.
+  med = {r["name"]: r["ms_per_step"]["median"] for r in records}
+  times = {r["name"]: np.asarray(r["times_ms"]) for r in records}
+  k1 = {r["aggregation"]: med[r["name"]] for r in records if r["num_tangents"] == 1}
+  for r in records:
+    m = med[r["name"]]
+    r["R"] = _ratio(m, med["base"])
+    r["R_paired"] = float(np.median(times[r["name"]] / times["base"]))
+    r["vs_backprop"] = _ratio(m, med.get("backprop"))
+    r["vs_k1"] = _ratio(m, k1.get(r["aggregation"])) if r["kind"] == "forward" else None
+
+
+def _timing_text(calls: str, steps: int, seed: int) -> str:
+  if calls == "single":
+    return (
+      "AOT-compiled; one untimed call each; then per round every variant once in a "
+      f"shuffled order (numpy seed {seed}), each call = one jitted estimator call "
+      "(value_and_forward_grad / jax.value_and_grad / loss) from Python on one batch, "
+      "blocked on (experiment.time_interleaved)"
+    )
+  return (
+    "AOT-compiled; one untimed call each; then per round every variant once in a "
+    f"shuffled order (numpy seed {seed}), each call = {steps} steps in one on-device "
+    "fori_loop (train.make_chunk_fn / make_base_fn, state donated, a fresh copy per "
+    "call made outside the timer), blocked on; ms per step = call time / steps "
+    "(experiment.time_interleaved)"
+  )
 
 
 # --------------------------------------------------------------------------------------
@@ -353,6 +520,7 @@ def benchmark(
   aggregations: Sequence[str] = DEFAULT_AGGREGATIONS,
   tangent_scheme: str = "normal",
   backprop: bool = True,
+  calls: str = "loop",
   rounds: int = 20,
   steps: int = 10,
   lr: float = 1e-4,
@@ -360,7 +528,7 @@ def benchmark(
   timed: bool = True,
   log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-  """Times and measures the memory of base, backprop and forward-gradient train steps.
+  """Times and measures the memory of base, backprop and forward-gradient steps.
 
   Args:
     model: a name in :data:`fwdgrad_jax.models.MODELS`.
@@ -371,9 +539,11 @@ def benchmark(
     tangents: numbers of tangents k of the forward variants.
     aggregations: aggregations of the forward variants.
     tangent_scheme: tangent sampler of the forward variants (``normal``, ...).
-    backprop: include the backprop train step.
+    backprop: include the backprop variant.
+    calls: ``"loop"`` (training-loop chunks) or ``"single"`` (one jitted estimator call
+      per step from Python); see the module docstring.
     rounds: timed rounds; each calls every variant once, in a shuffled order.
-    steps: train steps (or base evaluations) per timed call, in one on-device loop.
+    steps: train steps (or base evaluations) per timed call in ``loop`` mode.
     lr: SGD learning rate (the update is applied, so its value does not matter).
     seed: seeds the parameters, data, tangents and the order of calls.
     timed: False compiles the one-step functions for their memory and times nothing
@@ -382,156 +552,106 @@ def benchmark(
 
   Returns:
     A JSON-able dict: ``settings`` (everything above, the parameter count and the
-    timing method), ``hardware`` (:func:`hardware_info`) and ``variants``, one record
-    per variant in build order with ``name``, ``kind``, ``num_tangents``,
-    ``aggregation``, ``compile_s`` (``step``, ``loop``), ``memory`` (:func:`memory_of` of one step),
-    ``device_peak_bytes`` and, when timed, ``ms_per_step`` (median, q25, q75, iqr over
-    rounds), ``times_ms`` (per round, per step), ``R`` (median / base median),
-    ``R_paired`` (median over rounds of the same-round ratio to base),
-    ``vs_backprop`` (median / backprop median, i.e. R_f / R_b) and ``vs_k1``
-    (median / the median of k = 1 with the same aggregation).
+    timing method) and ``variants``, one record per variant in build order with
+    ``name``, ``kind``, ``num_tangents``, ``aggregation``, ``compile_s`` (``step``,
+    ``loop``), ``memory`` (:func:`memory_of` of one step), ``device_peak_bytes`` and,
+    when timed, ``ms_per_step`` (median, q25, q75, iqr over rounds), ``times_ms`` (per
+    round, per step), ``R`` (median / base median), ``R_paired`` (median over rounds of
+    the same-round ratio to base), ``vs_backprop`` (median / backprop median, i.e.
+    R_f / R_b) and ``vs_k1`` (median / the median of k = 1 with the same aggregation).
+    Hardware and code revision belong in the result file's provenance
+    (:func:`fwdgrad_jax.experiment.write_json`).
 
-    ``device_peak_bytes`` is the device's high-water mark right after the variant's
-    first (untimed) call, variants run in build order; it never decreases, so only a
-    rise from the previous variant is attributable to this one. None on CPU.
+  Raises:
+    ValueError: ``rounds``, ``steps`` or ``batch_size`` < 1, or an unknown ``calls``.
   """
   say = log or (lambda _: None)
-  # Now, not at the end: the library may be edited while a long run is going.
-  revision = code_revision()
-  model_options = dict(model_options or {})
-  shape = tuple(int(d) for d in (input_shape or default_input_shape(model)))
-  variants = make_variants(tangents, aggregations, backprop=backprop)
   if rounds < 1 or steps < 1 or batch_size < 1:
     raise ValueError(
       f"rounds, steps and batch_size must be >= 1, got {rounds}, {steps}, {batch_size}"
     )
-
-  net = models.create(
-    model, input_shape=shape, num_classes=num_classes, rngs=nnx.Rngs(seed), **model_options
+  if calls not in CALLS:
+    raise ValueError(f"calls must be one of {CALLS}, got {calls!r}")
+  steps = steps if calls == "loop" else 1
+  model_options = dict(model_options or {})
+  shape = tuple(int(d) for d in (input_shape or default_input_shape(model)))
+  variants = make_variants(tangents, aggregations, backprop=backprop)
+  problem = make_problem(
+    model,
+    model_options=model_options,
+    input_shape=shape,
+    num_classes=num_classes,
+    examples=batch_size * steps if timed else batch_size,
+    seed=seed,
   )
-  graphdef, params, rest = models.split(net)
-  # A plain pytree copy: nnx.split hands out the module's own Variables (see models.split).
-  params = jax.tree.map(jnp.asarray, params)
-  loss = train_lib.make_loss(graphdef, rest)
-  num_params = models.count_params(params)
-
-  data_key, est_key = jax.random.split(jax.random.PRNGKey(seed))
-  # `steps` distinct batches: each step of a timed loop reads a different one (a loop
-  # over one fixed batch would let XLA hoist the base pass out of the loop). numpy, not
-  # jax.random: an eager threefry draw of a 4-D shape takes seconds to compile on CPU.
-  n = batch_size * steps if timed else batch_size
-  data_rng = np.random.default_rng(seed)
-  x = jnp.asarray(data_rng.standard_normal((n, *shape), dtype=np.float32))
-  y = jnp.asarray(data_rng.integers(0, num_classes, (n,), dtype=np.int32))
-
-  lowered: dict[str, _Lowered] = {}
-  for v in variants:
-    cfg = None if v.kind == "base" else _config(model, model_options, v, lr, tangent_scheme)
-    lowered[v.name] = _lower(
-      v,
-      loss=loss,
-      params=params,
-      cfg=cfg,
-      keys=(data_key, est_key),
-      data=(x, y),
+  lowered = {
+    v.name: lower(
+      variant_config(model, model_options, v, lr=lr, tangent_scheme=tangent_scheme),
+      problem,
       batch_size=batch_size,
       steps=steps,
+      calls=calls,
       timed=timed,
     )
+    for v in variants
+  }
   say(f"lowered {len(variants)} variants; compiling")
   t0 = time.perf_counter()
-  jobs = [(v.name, "step", lowered[v.name].step) for v in variants]
-  jobs += [(v.name, "loop", lowered[v.name].loop) for v in variants if timed]
-  done = _compile_all([low for _, _, low in jobs])
+  jobs = [(name, "step", low.step) for name, low in lowered.items()]
+  jobs += [(name, "loop", low.timed) for name, low in lowered.items() if low.timed is not None]
+  done = compile_all([low for _, _, low in jobs])
   exe = {(name, role): e for (name, role, _), e in zip(jobs, done)}
   compile_wall = time.perf_counter() - t0
   say(f"compiled {len(jobs)} executables in {compile_wall:.1f} s")
 
-  device_peak: dict[str, int | None] = {}
-  times: dict[str, list[float]] = {v.name: [] for v in variants}
+  timings: dict[str, experiment.Timing] = {}
   if timed:
-    for v in variants:
-      # First touch (page faults, thread-pool start-up, allocator), then the device's
-      # high-water mark so far.
-      _call(exe[v.name, "loop"][0], lowered[v.name].args)
-      device_peak[v.name] = device_peak_bytes()
-    rng = np.random.default_rng(seed)
-    names = [v.name for v in variants]
-    for r in range(rounds):
-      for i in rng.permutation(len(names)):
-        name = names[i]
-        times[name].append(_call(exe[name, "loop"][0], lowered[name].args) / steps * 1e3)
-      say(f"round {r + 1}/{rounds}")
+    functions = {n: exe.get((n, "loop"), exe[n, "step"])[0] for n in lowered}
+    args = {n: low.args for n, low in lowered.items()}
+    timings, peaks = time_variants(functions, args, rounds=rounds, steps=steps, seed=seed, log=say)
   else:
-    device_peak = {v.name: device_peak_bytes() for v in variants}
+    peaks = {v.name: device_peak_bytes() for v in variants}
 
-  records = []
-  for v in variants:
-    rec: dict[str, Any] = {
-      "name": v.name,
-      "kind": v.kind,
-      "num_tangents": v.num_tangents,
-      "aggregation": v.aggregation,
-      "compile_s": {
-        role: exe[v.name, role][1] for role in ("step", "loop") if (v.name, role) in exe
-      },
-      "memory": memory_of(exe[v.name, "step"][0]),
-      "device_peak_bytes": device_peak.get(v.name),
-    }
-    if timed:
-      rec["ms_per_step"] = _quantiles(times[v.name])
-      rec["times_ms"] = times[v.name]
-    records.append(rec)
+  records = [
+    variant_record(
+      v,
+      compile_s={role: exe[v.name, role][1] for role in ("step", "loop") if (v.name, role) in exe},
+      memory=memory_of(exe[v.name, "step"][0]),
+      device_peak=peaks.get(v.name),
+      timing=timings.get(v.name),
+    )
+    for v in variants
+  ]
   if timed:
-    _add_ratios(records, times)
-
+    _add_ratios(records)
   settings = {
     "model": model,
     "model_options": model_options,
     "input_shape": list(shape),
     "num_classes": num_classes,
     "batch_size": batch_size,
-    "num_params": num_params,
+    "num_params": problem.num_params,
     "dtype": "float32",
     "tangents": [int(k) for k in tangents],
     "aggregations": list(aggregations),
     "tangent_scheme": tangent_scheme,
     "prng_impl": str(jax.config.jax_default_prng_impl),
     "backprop": backprop,
-    "optimizer": f"sgd(lr={lr:g})",
+    "calls": calls,
+    "optimizer": f"sgd(lr={lr:g})" if calls == "loop" else None,
     "rounds": rounds if timed else 0,
     "steps_per_call": steps,
     "seed": seed,
-    "code_revision": revision,
     "timed": timed,
     "compile_wall_s": compile_wall,
-    "timing": (
-      "AOT-compiled; one untimed call each; then per round every variant once in a "
-      f"shuffled order (numpy seed {seed}), each call = {steps} steps in one on-device "
-      "fori_loop (train.make_chunk_fn / make_base_fn, state donated, a fresh copy per "
-      "call made outside the timer), blocked on; ms per step = call time / steps"
-    )
-    if timed
-    else "not timed (memory only)",
+    "timing": _timing_text(calls, steps, seed) if timed else "not timed (memory only)",
     "memory": (
       "compiled memory_analysis() of one jitted step (state donated) or of one loss "
       "evaluation (base); peak = argument + output + temp - alias; xla_peak = XLA's "
       "peak_memory_in_bytes (excludes temp on CPU)"
     ),
   }
-  return {"settings": settings, "hardware": hardware_info(), "variants": records}
-
-
-def _add_ratios(records: list[dict[str, Any]], times: dict[str, list[float]]) -> None:
-  med = {r["name"]: r["ms_per_step"]["median"] for r in records}
-  base = med["base"]
-  k1 = {r["aggregation"]: med[r["name"]] for r in records if r["num_tangents"] == 1}
-  for r in records:
-    m = med[r["name"]]
-    r["R"] = _ratio(m, base)
-    r["R_paired"] = float(np.median(np.asarray(times[r["name"]]) / np.asarray(times["base"])))
-    r["vs_backprop"] = _ratio(m, med.get("backprop"))
-    r["vs_k1"] = _ratio(m, k1.get(r["aggregation"])) if r["kind"] == "forward" else None
+  return {"settings": settings, "variants": records}
 
 
 # --------------------------------------------------------------------------------------
@@ -547,26 +667,29 @@ def _mib(x: int | None) -> str:
   return "–" if x is None else f"{x / _MIB:.1f}"
 
 
-def render_markdown(result: dict[str, Any]) -> str:
+def render_markdown(result: Mapping[str, Any]) -> str:
   """A markdown table of :func:`benchmark`'s result, one row per variant, plus settings.
 
   Args:
-    result: the dict returned by :func:`benchmark`.
+    result: the dict returned by :func:`benchmark`, with its ``provenance`` once written.
 
   Returns:
     Markdown: a settings line, a hardware line and the table (times in ms per step,
     memory in MiB).
   """
-  s, hw = result["settings"], result["hardware"]
+  s = result["settings"]
   opts = ", ".join(f"{k}={v}" for k, v in s["model_options"].items()) or "defaults"
+  how = (
+    f"{s['rounds']} interleaved rounds × {s['steps_per_call']} steps per call"
+    if s.get("calls", "loop") == "loop"
+    else f"{s['rounds']} interleaved rounds of single jitted calls from Python"
+  )
+  step = s["optimizer"] or "estimator only (no update)"
   lines = [
     f"**{s['model']}** ({opts}; {s['num_params']:,} params), input {tuple(s['input_shape'])}, "
-    f"batch {s['batch_size']}, {s['tangent_scheme']} tangents, {s['optimizer']}; "
-    f"{s['rounds']} interleaved rounds × {s['steps_per_call']} steps per call.",
+    f"batch {s['batch_size']}, {s['tangent_scheme']} tangents, {step}; {how}.",
     "",
-    f"Hardware: {hw['platform']} ({hw['device_kind']}), {hw['cpu_model']}, "
-    f"{hw['usable_cores']} usable of {hw['logical_cores']} logical cores; "
-    f"jax {hw['jax_version']}; fwdgrad_jax {s.get('code_revision') or 'unknown revision'}.",
+    experiment.hardware_line(result.get("provenance")),
     "",
   ]
   timed = s["timed"]

@@ -9,6 +9,11 @@
   and CPU/GPU model, the date.
 * :func:`write_json` / :func:`read_json` — result files carry their provenance.
 * :func:`pyplot` — matplotlib set up headless, once.
+* :func:`script_main` — the command line every experiment script shares: ``run(args)
+  -> dict`` writes one JSON (with provenance), ``report(result, out_dir)`` turns it into
+  Markdown and PNGs, and ``--report-only RESULT.json`` reruns only the report. Outputs go
+  to a fresh directory (:func:`fresh_dir`) unless ``--out`` names one, so a command
+  copied from a results page never overwrites committed results.
 
 Nothing here imports jax at module level except what timing needs, and nothing finds
 files of the repository: callers pass paths.
@@ -16,6 +21,7 @@ files of the repository: callers pass paths.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -33,11 +39,15 @@ import numpy as np
 
 __all__ = [
   "Timing",
+  "command_line",
+  "fresh_dir",
   "git_revision",
   "hardware_info",
+  "hardware_line",
   "provenance",
   "pyplot",
   "read_json",
+  "script_main",
   "time_interleaved",
   "write_json",
 ]
@@ -214,16 +224,34 @@ def hardware_info() -> dict[str, Any]:
   }
 
 
+def command_line(program: str | os.PathLike[str], argv: Sequence[Any]) -> str:
+  """``python <program> <argv>`` as a user types it: the program relative to the cwd, quoted.
+
+  Args:
+    program: the script (absolute or relative).
+    argv: its arguments.
+  """
+  program = str(program)
+  try:
+    program = os.path.relpath(program)
+  except ValueError:  # another drive (Windows)
+    pass
+  return shlex.join(["python", program, *map(str, argv)])
+
+
 def _command(argv: Sequence[str] | None, program: str | None) -> str:
   if argv is None:
     argv = sys.argv[1:]
   if program is None:
     program = sys.argv[0] if sys.argv and sys.argv[0] else "python"
-    try:  # relative to the working directory, as a user would type it
-      program = os.path.relpath(program)
-    except ValueError:
-      pass
-  return shlex.join(["python", program, *map(str, argv)])
+  return command_line(program, argv)
+
+
+def _load_average() -> list[float] | None:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except (AttributeError, OSError):  # not on Unix
+    return None
 
 
 def provenance(
@@ -238,15 +266,36 @@ def provenance(
 
   Returns:
     ``command``, ``git`` (:func:`git_revision`), ``hardware`` (:func:`hardware_info`),
-    ``date`` (UTC, ISO 8601) and ``extra``'s fields.
+    ``date`` (UTC, ISO 8601), ``load_average`` (1, 5, 15 min when taken: timings from a
+    shared machine are only as good as its load) and ``extra``'s fields.
   """
   return {
     "command": _command(argv, program),
     "git": git_revision(),
     "hardware": hardware_info(),
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "load_average": _load_average(),
     **extra,
   }
+
+
+def hardware_line(provenance: Mapping[str, Any] | None) -> str:
+  """One line naming the hardware, jax and code revision of a result's provenance."""
+  if not provenance:
+    return "Hardware: not recorded."
+  hw, git = provenance.get("hardware", {}), provenance.get("git", {})
+  rev = git.get("short") or "unknown revision"
+  if git.get("dirty"):
+    rev += " (uncommitted changes)"
+  device = hw.get("gpu_model") or hw.get("cpu_model")
+  load = provenance.get("load_average")
+  return (
+    f"Hardware: {hw.get('platform')} ({device}), {hw.get('usable_cores')} usable of "
+    f"{hw.get('logical_cores')} logical cores; jax {hw.get('jax_version')}; "
+    f"fwdgrad_jax {rev}; {provenance.get('date')}"
+    + (f"; load average {' '.join(map(str, load))}" if load else "")
+    + "."
+  )
 
 
 # --------------------------------------------------------------------------------------
@@ -268,13 +317,36 @@ def _jsonable(x: Any) -> Any:
   return x
 
 
+def _is_flat(x: Any) -> bool:
+  """Scalars, or lists of scalars / of short lists of scalars (a curve, a trajectory)."""
+  if isinstance(x, list):
+    return all(not isinstance(v, dict) and (not isinstance(v, list) or _is_flat(v)) for v in x)
+  return not isinstance(x, dict)
+
+
+def _dumps(x: Any, indent: int = 0) -> str:
+  # Indented like json.dumps(indent=2), except that arrays of numbers stay on one line:
+  # a curve of 2000 points is one line, not 2000.
+  if _is_flat(x):
+    return json.dumps(x, separators=(", ", ": "))
+  pad, inner = " " * indent, " " * (indent + 2)
+  if isinstance(x, dict):
+    if not x:
+      return "{}"
+    items = [f"{inner}{json.dumps(k)}: {_dumps(v, indent + 2)}" for k, v in x.items()]
+    return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+  items = [f"{inner}{_dumps(v, indent + 2)}" for v in x]
+  return "[\n" + ",\n".join(items) + f"\n{pad}]"
+
+
 def write_json(
   path: str | os.PathLike[str], payload: Mapping[str, Any], *, provenance_record: Any = None
 ) -> Path:
   """Writes ``payload`` with a ``provenance`` field (:func:`provenance` unless given).
 
-  Non-finite floats become null and numpy scalars/arrays plain JSON. The file is written
-  to a temporary name and renamed, so a reader never sees half of it.
+  Non-finite floats become null and numpy scalars/arrays plain JSON; arrays of numbers
+  are written on one line each. The file is written to a temporary name and renamed, so
+  a reader never sees half of it.
 
   Returns:
     The path written.
@@ -284,7 +356,7 @@ def write_json(
   record = dict(payload)
   record["provenance"] = provenance_record if provenance_record is not None else provenance()
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  tmp.write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+  tmp.write_text(_dumps(_jsonable(record)) + "\n")
   os.replace(tmp, path)
   return path
 
@@ -308,3 +380,123 @@ def pyplot() -> Any:
   import matplotlib.pyplot as plt
 
   return plt
+
+
+# --------------------------------------------------------------------------------------
+# The command line of an experiment script
+# --------------------------------------------------------------------------------------
+
+
+def fresh_dir(parent: str | os.PathLike[str], name: str) -> Path:
+  """Creates and returns ``parent/name/<UTC date-time>``, a directory that did not exist.
+
+  Two calls in the same second get ``…-1``, ``…-2`` suffixes rather than sharing one.
+  """
+  stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d_%H-%M-%S")
+  base = Path(parent) / name
+  base.mkdir(parents=True, exist_ok=True)
+  for i in range(1000):
+    path = base / (stamp if i == 0 else f"{stamp}-{i}")
+    try:
+      path.mkdir()
+    except FileExistsError:
+      continue
+    return path
+  raise FileExistsError(f"no fresh directory under {base} for {stamp}")
+
+
+def script_main(
+  file: str | os.PathLike[str],
+  run: Callable[[argparse.Namespace], Mapping[str, Any]],
+  report: Callable[[dict[str, Any], Path], Sequence[Path]],
+  *,
+  result_file: str | Callable[[argparse.Namespace], str],
+  description: str | None = None,
+  add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+  merge: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+  argv: Sequence[str] | None = None,
+  outputs: str | os.PathLike[str] = "outputs",
+) -> dict[str, Any]:
+  """The shared command line: run → JSON (with provenance) → report, or only the report.
+
+  Options added to the script's own (``add_arguments``):
+
+  * ``--out DIR``: where the JSON and the report go (default: a fresh
+    ``<outputs>/<script name>/<date-time>``, see :func:`fresh_dir`). ``args.out`` is the
+    :class:`~pathlib.Path` when ``run`` is called, so runs can put their files under it.
+  * ``--report-only JSON [JSON ...]``: skip ``run``; read the result file(s) and write
+    the report again (several files only where the script gives ``merge``).
+
+  The provenance is taken before ``run`` starts (the code may change during a long run)
+  and written into the JSON by :func:`write_json`.
+
+  Args:
+    file: the script's ``__file__``; names the output folder and the recorded command.
+    run: ``args -> result`` (JSON-able; numpy values are fine).
+    report: ``(result with provenance, out_dir) -> paths written``.
+    result_file: the JSON's file name inside the output directory, or a function of the
+      parsed arguments returning it.
+    description: the script's ``__doc__``: first line as the description, the rest
+      (usage examples) as the help's epilog.
+    add_arguments: adds the script's options to the parser.
+    merge: combines several result files for ``--report-only`` (e.g. models run by
+      separate commands); without it only one file is accepted.
+    argv: the arguments (default ``sys.argv[1:]``).
+    outputs: parent of the default output directories (relative to the cwd).
+
+  Returns:
+    The result as written (with ``provenance``), or the merged result of
+    ``--report-only``.
+  """
+  script = Path(file)
+  doc = (description or "").strip()
+  head, _, rest = doc.partition("\n")
+  parser = argparse.ArgumentParser(
+    prog=f"python {_relpath(script)}",
+    description=head or None,
+    epilog=rest.strip() or None,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  if add_arguments is not None:
+    add_arguments(parser)
+  parser.add_argument(
+    "--out",
+    type=Path,
+    default=None,
+    help=f"output directory (default: a fresh {outputs}/{script.stem}/<date-time>)",
+  )
+  parser.add_argument(
+    "--report-only",
+    nargs="+",
+    type=Path,
+    default=None,
+    metavar="JSON",
+    help="no run: write the report again from result file(s) of an earlier run",
+  )
+  argv = list(sys.argv[1:] if argv is None else map(str, argv))
+  args = parser.parse_args(argv)
+  if args.report_only is not None and len(args.report_only) > 1 and merge is None:
+    parser.error("--report-only: this script reports one result file at a time")
+  out = args.out if args.out is not None else fresh_dir(outputs, script.stem)
+  out.mkdir(parents=True, exist_ok=True)
+  args.out = out
+
+  if args.report_only is not None:
+    results = [read_json(p) for p in args.report_only]
+    result = merge(results) if merge is not None else results[0]
+  else:
+    record = provenance(argv, program=_relpath(script))
+    name = result_file(args) if callable(result_file) else result_file
+    path = write_json(out / name, run(args), provenance_record=record)
+    result = read_json(path)  # exactly what a later --report-only will see
+    print(f"wrote {path}", flush=True)
+  for path in report(result, out):
+    print(f"wrote {path}", flush=True)
+  return result
+
+
+def _relpath(path: Path) -> str:
+  try:  # as a user types it from the repository root
+    return os.path.relpath(path)
+  except ValueError:  # another drive (Windows)
+    return str(path)

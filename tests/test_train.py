@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import _scripts
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -683,31 +682,6 @@ def test_optuna_lr_search_runs_two_trials(tiny_data, tmp_path):
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert (sweep / "optimization_results.yaml").exists()
-
-
-@pytest.mark.slow
-def test_compare_main_job_runs_twice_into_the_same_directory(tiny_data, tmp_path, capsys):
-  data_dir, _ = tiny_data
-  argv = [
-    f"data.data_dir={data_dir}",
-    "data.val_size=64",
-    "model.options.hidden=[32]",
-    "train.steps=10",
-    "train.batch_size=16",
-    "train.log_every=10",
-    "train.eval_every=10",
-    "train.grad_check_every=10",
-    "train.progress=false",
-    "--out",
-    str(tmp_path),
-  ]
-  compare = _scripts.load("compare")
-  for _ in range(2):  # the second run starts fresh instead of resuming finished runs
-    assert compare.main(argv) == 0
-    results = json.loads((tmp_path / "comparison.json").read_text())
-    assert set(results) == {"backprop", "forward k=1", "forward k=4"}
-    assert all(s["steps"] == 10 and s["step_time_ms"] > 0 for s in results.values())
-  assert "R_f/R_b (forward k=1)" in capsys.readouterr().out
 
 
 def test_the_host_loop_runs_the_device_loops_steps(tiny_data, tmp_path):
