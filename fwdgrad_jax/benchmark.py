@@ -181,6 +181,8 @@ class Problem(NamedTuple):
       hoist the base pass out of the loop).
     num_params: the parameter count.
     data_key, est_key: the keys of the on-device batching and of the estimators.
+    losses: ``losses(params, x, y)``, the (batch,) vector (activity perturbation's
+      per-example directional derivatives differentiate it).
   """
 
   loss: Callable[..., jax.Array]
@@ -190,6 +192,11 @@ class Problem(NamedTuple):
   num_params: int
   data_key: jax.Array
   est_key: jax.Array
+  losses: Callable[..., jax.Array] | None = None
+
+  def estimated(self, cfg: config_lib.Config) -> Callable[..., jax.Array]:
+    """The loss ``cfg``'s estimator differentiates (per-example for activity)."""
+    return self.losses if train_lib.per_example_losses(cfg.estimator) else self.loss
 
 
 def make_problem(
@@ -226,6 +233,7 @@ def make_problem(
     models.count_params(params),
     data_key,
     est_key,
+    train_lib.make_loss(graphdef, rest, per_example=True),
   )
 
 
@@ -285,7 +293,7 @@ def _lower_single(cfg: config_lib.Config | None, problem: Problem, batch_size: i
     step = jax.jit(p.loss).lower(p.params, xb, yb)
     return Lowered(step, None, lambda: (p.params, xb, yb), 1)
   estimate = estimators.get_estimator(cfg.estimator.name)(
-    p.loss, **train_lib.estimator_options(cfg.estimator)
+    p.estimated(cfg), **train_lib.estimator_options(cfg.estimator)
   )
   step = jax.jit(estimate).lower(p.est_key, p.params, xb, yb)
   return Lowered(step, None, lambda: (p.est_key, p.params, xb, yb), 1)
@@ -306,9 +314,10 @@ def _lower_loop(
     return Lowered(step, loop if timed else None, lambda: (p.params, step0, p.x, p.y), steps)
   tx = train_lib.make_tx(cfg, p.est_key)
   state = train_lib.init_state(tx, p.params)
-  step = jax.jit(train_lib.make_step_fn(p.loss, tx), donate_argnums=0).lower(state, xb, yb)
+  loss = p.estimated(cfg)
+  step = jax.jit(train_lib.make_step_fn(loss, tx), donate_argnums=0).lower(state, xb, yb)
   n = jnp.int32(steps)
-  loop = jax.jit(train_lib.make_chunk_fn(p.loss, tx, **common), donate_argnums=0).lower(
+  loop = jax.jit(train_lib.make_chunk_fn(loss, tx, **common), donate_argnums=0).lower(
     state, n, p.x, p.y
   )
   return Lowered(step, loop if timed else None, lambda: (_fresh(state), n, p.x, p.y), steps)
