@@ -98,17 +98,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         searches.append(dict(rescale=rescale, k=k, aggregation=agg, search=result.as_dict()))
   bp = lr_search.search(
     _objective(
-      loss, params, train, val, steps=args.steps, batch_size=args.batch_size,
+      loss,
+      params,
+      train,
+      val,
+      steps=args.steps,
+      batch_size=args.batch_size,
       estimator=fg.value_and_exact_grad(loss),
     ),
-    lrs, seeds, objective_name="final val loss",
+    lrs,
+    seeds,
+    objective_name="final val loss",
   )
   return dict(
     settings=dict(
-      model=f"mlp 784-{args.hidden}-10", num_params=n, steps=args.steps,
-      batch_size=args.batch_size, train_examples=args.train_examples,
-      val_examples=args.val_examples, lrs=list(lrs), seeds=list(seeds),
-      data="fashion_mnist", optimizer="sgd (constant lr)", tangents="normal",
+      model=f"mlp 784-{args.hidden}-10",
+      num_params=n,
+      steps=args.steps,
+      batch_size=args.batch_size,
+      train_examples=args.train_examples,
+      val_examples=args.val_examples,
+      lrs=list(lrs),
+      seeds=list(seeds),
+      data="fashion_mnist",
+      optimizer="sgd (constant lr)",
+      tangents="normal",
     ),
     searches=searches,
     backprop=bp.as_dict(),
@@ -190,6 +204,10 @@ def _num(x, spec=".3f"):
 
 if __name__ == "__main__":
   experiment.script_main(
-    __file__, run, report, result_file="lr_transfer.json", description=__doc__,
+    __file__,
+    run,
+    report,
+    result_file="lr_transfer.json",
+    description=__doc__,
     add_arguments=_add_arguments,
   )
