@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import fwdgrad_jax as fg
 from fwdgrad_jax import benchmark, data, experiment
