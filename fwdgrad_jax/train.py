@@ -232,6 +232,29 @@ def _epoch_perm(data_key, step, num_examples, steps_per_epoch):
   return jax.random.permutation(jax.random.fold_in(data_key, step // steps_per_epoch), num_examples)
 
 
+def _batched_step(loss, tx, *, batch_size: int, num_examples: int, data_key: jax.Array):
+  """``one(state, perm, x, y) -> (state, perm, loss)``: one step on the epoch's next batch.
+
+  The permutation is ``permutation(fold_in(data_key, epoch))``, redrawn at each epoch's
+  first step; both loops (on device and from the host) run exactly this.
+  """
+  steps_per_epoch = num_examples // batch_size
+  train_step = make_step_fn(loss, tx)
+
+  def one(state: TrainState, perm, x, y):
+    step = state.step
+    perm = jax.lax.cond(
+      step % steps_per_epoch == 0,
+      lambda: _epoch_perm(data_key, step, num_examples, steps_per_epoch),
+      lambda: perm,
+    )
+    xb, yb = _batch(x, y, perm, step, batch_size, steps_per_epoch)
+    state = train_step(state, xb, yb)
+    return state, perm, optax.tree_utils.tree_get(state.opt_state, "value")
+
+  return one
+
+
 def make_chunk_fn(
   loss: Callable[..., Any],
   tx: optax.GradientTransformationExtraArgs,
@@ -249,21 +272,13 @@ def make_chunk_fn(
   ``permutation(fold_in(data_key, epoch))``, recomputed on device at epoch starts.
   """
   steps_per_epoch = num_examples // batch_size
-  train_step = make_step_fn(loss, tx)
+  one = _batched_step(loss, tx, batch_size=batch_size, num_examples=num_examples, data_key=data_key)
 
   def run(state: TrainState, num_steps, x, y):
     def body(i, carry):
       state, perm, losses = carry
-      step = state.step
-      perm = jax.lax.cond(
-        step % steps_per_epoch == 0,
-        lambda: _epoch_perm(data_key, step, num_examples, steps_per_epoch),
-        lambda: perm,
-      )
-      xb, yb = _batch(x, y, perm, step, batch_size, steps_per_epoch)
-      state = train_step(state, xb, yb)
-      losses = losses.at[i].set(optax.tree_utils.tree_get(state.opt_state, "value"))
-      return state, perm, losses
+      state, perm, value = one(state, perm, x, y)
+      return state, perm, losses.at[i].set(value)
 
     perm = _epoch_perm(data_key, state.step, num_examples, steps_per_epoch)
     losses = jnp.full((chunk,), jnp.nan, jnp.float32)
@@ -296,19 +311,7 @@ def make_host_chunk_fn(
     example: ``(state, x, y)`` to compile the step for (shapes only).
   """
   steps_per_epoch = num_examples // batch_size
-  train_step = make_step_fn(loss, tx)
-
-  def one(state: TrainState, perm, x, y):
-    step = state.step
-    perm = jax.lax.cond(
-      step % steps_per_epoch == 0,
-      lambda: _epoch_perm(data_key, step, num_examples, steps_per_epoch),
-      lambda: perm,
-    )
-    xb, yb = _batch(x, y, perm, step, batch_size, steps_per_epoch)
-    state = train_step(state, xb, yb)
-    return state, perm, optax.tree_utils.tree_get(state.opt_state, "value")
-
+  one = _batched_step(loss, tx, batch_size=batch_size, num_examples=num_examples, data_key=data_key)
   state0, x0, y0 = example
   first_perm = jax.jit(lambda step: _epoch_perm(data_key, step, num_examples, steps_per_epoch))
   perm0 = first_perm(state0.step)
@@ -439,9 +442,7 @@ def make_eval_fn(
 
   def evaluate(params, x, y, model_state=None):
     xp, yp, mask = batches(x, y)
-    loss_sums, correct = jax.lax.map(
-      lambda args: one(params, model_state, *args), (xp, yp, mask)
-    )
+    loss_sums, correct = jax.lax.map(lambda args: one(params, model_state, *args), (xp, yp, mask))
     return jnp.sum(loss_sums) / x.shape[0], jnp.sum(correct) / x.shape[0]
 
   return jax.jit(evaluate)
@@ -627,7 +628,9 @@ def _init(
   eval_apply = models.apply_with_state_fn(models.eval_graphdef(graphdef, params, rest))
   loss = make_stateful_loss(graphdef)
   # What the estimator differentiates: per-example losses for activity perturbation.
-  est_loss = make_stateful_loss(graphdef, per_example=True) if per_example_losses(cfg.estimator) else loss
+  est_loss = (
+    make_stateful_loss(graphdef, per_example=True) if per_example_losses(cfg.estimator) else loss
+  )
 
   data_key, est_key, check_key = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
   tx = make_tx(cfg, est_key, has_aux=True)
