@@ -817,7 +817,6 @@ def _activity_pass(
   words: jax.Array,
   k: int,
   scheme: str,
-  has_aux: bool,
 ):
   """Runs the program with activity tangents; returns what the aggregation needs."""
   dep = _dependencies(prog, n_leaves)
@@ -942,7 +941,7 @@ def activity_estimate(
   leaves, treedef = jax.tree.flatten(params)
   prog, flat_args, out_tree = _trace(fun, params, args, kwargs)
   outs_p, d, site_tangents, vjps, blocks = _activity_pass(
-    prog, leaves + flat_args, len(leaves), _key_words(key), num_tangents, tangents, False
+    prog, leaves + flat_args, len(leaves), _key_words(key), num_tangents, tangents
   )
   loss = outs_p[0]
   per_example = jnp.ndim(loss) == 1
