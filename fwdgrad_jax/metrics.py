@@ -6,20 +6,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 PyTree = Any
 
 
-def _tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-  return sum(
-    jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-  )
+def _at_least_f32(tree: PyTree) -> PyTree:
+  # Low-precision leaves (bf16) would round a sum over millions of parameters away.
+  return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
 
 
 def tree_norm(a: PyTree) -> jax.Array:
-  """Euclidean norm of a pytree, as one flat vector, in float32."""
-  return jnp.sqrt(_tree_vdot(a, a))
+  """Euclidean norm of a pytree, as one flat vector, in float32 or wider."""
+  return optax.tree_utils.tree_norm(_at_least_f32(a))
 
 
 def cosine_similarity(estimate: PyTree, true: PyTree, eps: float = 1e-30) -> jax.Array:
@@ -31,9 +30,10 @@ def cosine_similarity(estimate: PyTree, true: PyTree, eps: float = 1e-30) -> jax
     eps: guards a zero norm (the result is then 0).
 
   Returns:
-    A float32 scalar in [-1, 1].
+    A float32 (or wider) scalar in [-1, 1].
   """
-  dot = _tree_vdot(estimate, true)
+  estimate, true = _at_least_f32(estimate), _at_least_f32(true)
+  dot = optax.tree_utils.tree_vdot(estimate, true)
   return dot / jnp.maximum(tree_norm(estimate) * tree_norm(true), eps)
 
 
