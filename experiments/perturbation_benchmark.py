@@ -88,11 +88,13 @@ def _cosines(model: str, variants, samples: int) -> dict[str, float]:
     est = fg.value_and_forward_grad(
       problem.estimated(cfg), **train_lib.estimator_options(cfg.estimator)
     )
+    # params and data as arguments: closed over, they are constants that XLA
+    # constant-folds (seconds per convolution at compile time).
     cos = jax.jit(
-      lambda keys, est=est: jax.lax.map(
-        lambda k: fg.cosine_similarity(est(k, problem.params, x, y)[1], true), keys
+      lambda keys, params, x, y, true, est=est: jax.lax.map(
+        lambda k: fg.cosine_similarity(est(k, params, x, y)[1], true), keys
       )
-    )(keys)
+    )(keys, problem.params, x, y, true)
     out[name] = float(jnp.mean(cos))
   return out
 
