@@ -203,4 +203,5 @@ if __name__ == "__main__":
     result_file="training.json",
     description=__doc__,
     add_arguments=_add_arguments,
+    merge=_merge,
   )

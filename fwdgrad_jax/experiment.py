@@ -484,6 +484,10 @@ def script_main(
   if args.report_only is not None:
     results = [read_json(p) for p in args.report_only]
     result = merge(results) if merge is not None else results[0]
+    if len(results) > 1:  # the merged result is a result file of its own
+      name = result_file(args) if callable(result_file) else result_file
+      merged = write_json(out / name, result, provenance_record=result.get("provenance"))
+      print(f"wrote {merged}", flush=True)
   else:
     record = provenance(argv, program=_relpath(script))
     name = result_file(args) if callable(result_file) else result_file

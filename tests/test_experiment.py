@@ -198,6 +198,8 @@ def test_script_main_report_only_does_not_run(tmp_path, monkeypatch):
     },
   )
   assert merged["squares"] == [0, 1, 4, 0, 1, 4]
+  # the merged result is written too, so a later --report-only of it needs no merge
+  assert json.loads((tmp_path / "m" / "toy.json").read_text())["squares"] == merged["squares"]
 
 
 def test_command_line_is_what_a_user_types(tmp_path, monkeypatch):
