@@ -40,7 +40,7 @@ def estimates():
   y = jnp.arange(16) % 10
   mesh = parallel.make_mesh(2, 2)
   out = {}
-  for agg in ("mean", "sum", "orthogonal"):
+  for agg in ("mean", "orthogonal"):
     ref_v, ref_g = jax.jit(fg.value_and_forward_grad(_loss, num_tangents=4, aggregation=agg))(
       k0, params, x, y
     )
@@ -74,27 +74,23 @@ def run(mesh, estimator, model):
   cfg.estimator = config_lib.EstimatorConfig(**estimator)
   cfg.optimizer = config_lib.OptimizerConfig(name="sgd", lr=0.05)
   cfg.train = config_lib.TrainConfig(
-    steps=8, batch_size=16, log_every=2, eval_every=8, progress=False, loop="device"
+    steps=8, batch_size=16, log_every=2, eval_every=0, progress=False, loop="device"
   )
   cfg.mesh = config_lib.MeshConfig(*mesh)
   with tempfile.TemporaryDirectory() as d:
-    train_lib.train(cfg, d, dataset=dataset())
+    summary = train_lib.train(cfg, d, dataset=dataset())
     lines = open(os.path.join(d, "metrics.jsonl")).read().splitlines()
   records = [json.loads(line) for line in lines]
-  return [r["train_loss"] for r in records if r.get("train_loss") is not None], [
-    r["val_loss"] for r in records if "val_loss" in r
-  ]
+  train_losses = [r["train_loss"] for r in records if r.get("train_loss") is not None]
+  return train_losses, [summary["val_loss"], summary["test_loss"]]
 
 
 def training():
-  """Train and validation losses of the same runs on 1 device and on a 2×2 (4×1) mesh."""
-  mlp = {"name": "mlp", "options": {"hidden": [32]}}
+  """Train, validation and test losses of the same run on 1 device and on a 2×2 mesh."""
+  # BatchNorm: its batch statistics are reduced across the data shards too.
   bn = {"name": "mlp", "options": {"hidden": [32], "batch_norm": True}}
   forward = {"name": "forward", "num_tangents": 4, "aggregation": "orthogonal"}
-  cases = {
-    "forward 2x2": ((2, 2), forward, mlp),
-    "backprop+batchnorm 4x1": ((4, 1), {"name": "backprop"}, bn),
-  }
+  cases = {"forward+batchnorm 2x2": ((2, 2), forward, bn)}
   out = {}
   for name, (mesh, est, model) in cases.items():
     one = run((1, 1), est, model)
