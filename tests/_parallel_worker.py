@@ -56,6 +56,19 @@ def estimates():
   return out
 
 
+def memory():
+  """Compiled per-device temp bytes of a k = 8 estimate on 1 device and on a 1×4 mesh."""
+  k0, k1 = jax.random.split(jax.random.PRNGKey(0))
+  params = {"w1": jnp.zeros((256, 256)), "b1": jnp.zeros(256), "w2": jnp.zeros((256, 10))}
+  x, y = jnp.zeros((16, 256)), jnp.arange(16) % 10
+  out = {}
+  for name, mesh in (("one", None), ("1x4", parallel.make_mesh(1, 4))):
+    fn = fg.value_and_forward_grad(_loss, num_tangents=8, mesh=mesh)
+    args = (k0, params, x, y) if mesh is None else (k0, *parallel.replicate((params, x, y), mesh))
+    out[name] = jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+  return out
+
+
 def dataset(n=256, seed=3):
   rng = np.random.default_rng(seed)
 
@@ -103,6 +116,7 @@ def main(what):
   result = {"devices": len(jax.devices())}
   if what in ("all", "estimates"):
     result["estimates"] = estimates()
+    result["memory"] = memory()
   if what in ("all", "training"):
     result["training"] = training()
   print(json.dumps(result))

@@ -49,6 +49,13 @@ def test_a_2x2_mesh_gives_the_one_device_estimate(four_devices, aggregation):
   assert diff["grad"] < 1e-5
 
 
+def test_each_device_holds_only_its_share_of_the_tangents(four_devices):
+  # k = 8 tangents of 68k parameters: 2.2 MB on one device; a quarter of them (plus
+  # per-layer temporaries) on each of four.
+  temp = four_devices["memory"]
+  assert temp["1x4"] < 0.4 * temp["one"], temp
+
+
 def test_the_same_training_run_on_one_device_and_on_a_2x2_mesh(four_devices):
   run = four_devices["training"]["forward+batchnorm 2x2"]
   (train_one, val_one), (train_many, val_many) = run["one"], run["many"]
