@@ -922,6 +922,7 @@ def train(
   """
   config_lib.validate(cfg)
   parallel.initialize_distributed(cfg.mesh.distributed)
+  make_run_mesh(cfg.mesh)  # too few devices fails here, before the data are loaded
   with rundir.lock(run_dir) as run_dir, _Interrupts() as interrupts:
     _check_resumable(run_dir, cfg)
     model = _create_model(cfg, dataset)  # bad model options fail before data loading
