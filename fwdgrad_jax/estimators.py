@@ -369,9 +369,11 @@ def value_and_forward_grad(
       if normalize:
         batch, d = _normalize(batch, d)
     else:
-      batch = tangents_lib.sample(key, params, num_tangents, tangents, normalized=normalize)
-      batch = parallel.shard_tangents(batch, mesh)
-      batch = tangents_lib.materialize(batch, key)
+      # Drawn once, laid out for the jvp's matmuls, split over the mesh's tangent axis.
+      batch = tangents_lib.draw(
+        key, params, num_tangents, tangents, normalized=normalize,
+        constrain=parallel.tangent_constraint(mesh),
+      )
       value, d, aux = directional_derivatives(
         lambda p: fun(p, *args, **kwargs), params, batch, has_aux=has_aux
       )

@@ -163,6 +163,20 @@ def shard_tangents(batch: PyTree, mesh: Mesh | None) -> PyTree:
   return _constrain(batch, tangent_sharding(mesh))
 
 
+def tangent_constraint(mesh: Mesh | None) -> Callable[[jax.Array, int], jax.Array] | None:
+  """For :func:`fwdgrad_jax.tangents.draw`: splits a leaf's tangent axis (wherever the
+  draw lays it out) along ``"tangents"``; None without a tangent axis."""
+  if axis_size(mesh, TANGENTS) == 1:
+    return None
+
+  def constrain(v: jax.Array, axis: int) -> jax.Array:
+    spec = [None] * v.ndim
+    spec[axis] = TANGENTS
+    return jax.lax.with_sharding_constraint(v, NamedSharding(mesh, PartitionSpec(*spec)))
+
+  return constrain
+
+
 def shard_batch(tree: PyTree, mesh: Mesh | None) -> PyTree:
   """Annotates arrays of examples (axis 0) as split along ``"data"`` (inside ``jit``)."""
   if axis_size(mesh, DATA) == 1:
