@@ -373,6 +373,7 @@ def value_and_forward_grad(
       batch = tangents_lib.draw(
         key, params, num_tangents, tangents, normalized=normalize,
         constrain=parallel.tangent_constraint(mesh),
+        jvp_layout=aggregation in ("mean", "sum"),  # the Gram matrix flattens tangents
       )
       value, d, aux = directional_derivatives(
         lambda p: fun(p, *args, **kwargs), params, batch, has_aux=has_aux

@@ -389,6 +389,7 @@ def draw(
   *,
   normalized: bool = False,
   constrain: Callable[[jax.Array, int], jax.Array] | None = None,
+  jvp_layout: bool = True,
 ) -> PyTree:
   """:func:`sample`, computed once into buffers laid out for the jvp's matmuls.
 
@@ -402,13 +403,16 @@ def draw(
     key, params, num_tangents, tangents, normalized: as for :func:`sample`.
     constrain: applied inside the draw to every leaf with the position of its tangent
       axis (e.g. a sharding constraint, :func:`fwdgrad_jax.parallel.tangent_constraint`).
+    jvp_layout: store 2-D leaves tangent-axis-second. Off for consumers that flatten
+      each tangent (the orthogonal aggregation's Gram matrix): they would copy V back.
 
   Returns:
     The tangent batch, leaves ``(k, *leaf.shape)``.
   """
   leaves, treedef = jax.tree.flatten(params)
   at = _DRAW_AT.get(tangents) if isinstance(tangents, str) and not normalized else None
-  k_axes = [1 if at is not None and num_tangents > 1 and jnp.ndim(p) == 2 else 0 for p in leaves]
+  second = at is not None and jvp_layout and num_tangents > 1
+  k_axes = [1 if second and jnp.ndim(p) == 2 else 0 for p in leaves]
   fix = constrain or (lambda v, axis: v)
 
   def make():
