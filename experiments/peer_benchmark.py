@@ -41,15 +41,22 @@ def _names(text: str) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tangents", type=_ints, default=[1, 4, 16])
-  p.add_argument("--schemes", type=_names, default=["normal", "rademacher"],
-                 help="fwdgrad_jax tangent samplers to time (the peer draws torch.randn)")
+  p.add_argument(
+    "--schemes",
+    type=_names,
+    default=["normal", "rademacher"],
+    help="fwdgrad_jax tangent samplers to time (the peer draws torch.randn)",
+  )
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--rounds", type=int, default=10)
   p.add_argument("--steps", type=int, default=10, help="steps per timed call")
   p.add_argument("--lr", type=float, default=1e-4)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--peer-python", default=os.environ.get("FWDGRAD_PEER_PYTHON"),
-                 help="a Python with torch to run the peer (default $FWDGRAD_PEER_PYTHON)")
+  p.add_argument(
+    "--peer-python",
+    default=os.environ.get("FWDGRAD_PEER_PYTHON"),
+    help="a Python with torch to run the peer (default $FWDGRAD_PEER_PYTHON)",
+  )
   p.add_argument("--peer-json", default=None, help="a standalone run of the peer to report beside")
   p.add_argument("--peer-threads", type=int, default=None, help="the peer's torch threads")
 
@@ -62,7 +69,10 @@ class _PeerProcess:
     extra = ["--threads", str(threads)] if threads else []
     self.proc = subprocess.Popen(
       [python, str(PEER), "--serve", "--batch-size", str(batch_size), *extra],
-      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      env=env,
     )
     line = self.proc.stdout.readline()
     if not line:
@@ -104,8 +114,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   from fwdgrad_jax import benchmark as bench
 
   problem = bench.make_problem(
-    "mlp", model_options={"hidden": [1024, 1024]}, input_shape=(28, 28, 1), num_classes=10,
-    examples=args.batch_size, seed=args.seed,
+    "mlp",
+    model_options={"hidden": [1024, 1024]},
+    input_shape=(28, 28, 1),
+    num_classes=10,
+    examples=args.batch_size,
+    seed=args.seed,
   )
   x, y = problem.x, problem.y
   variants, states = {}, {}
@@ -133,7 +147,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       for k in args.tangents:
         variants[f"torch k={k}"] = lambda k=k: peer.run(k, args.steps)
     timings = experiment.time_interleaved(
-      variants, rounds=args.rounds, steps=args.steps, warmup=1, seed=args.seed,
+      variants,
+      rounds=args.rounds,
+      steps=args.steps,
+      warmup=1,
+      seed=args.seed,
       on_round=lambda r: print(f"round {r + 1}/{args.rounds}", flush=True),
     )
   finally:
@@ -141,9 +159,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       peer.close()
   result: dict[str, Any] = {
     "settings": {
-      "model": "mlp 784-1024-1024-10 (ReLU)", "num_params": problem.num_params,
-      "batch_size": args.batch_size, "tangents": args.tangents, "schemes": args.schemes,
-      "aggregation": "mean", "optimizer": f"sgd(lr={args.lr:g})", "rounds": args.rounds,
+      "model": "mlp 784-1024-1024-10 (ReLU)",
+      "num_params": problem.num_params,
+      "batch_size": args.batch_size,
+      "tangents": args.tangents,
+      "schemes": args.schemes,
+      "aggregation": "mean",
+      "optimizer": f"sgd(lr={args.lr:g})",
+      "rounds": args.rounds,
       "steps_per_call": args.steps,
       "timing": "one jitted step per Python call, steps_per_call calls per timed call, "
       "interleaved rounds in a shuffled order, median ms per step",
@@ -187,14 +210,15 @@ def render(result: dict[str, Any]) -> str:
     row += ["–" if peer is None else f"{peer / t:.2f}×" for t in ours]
     lines.append("| " + " | ".join(row) + " |")
   peer_info = result.get("peer") or result.get("peer_standalone")
-  who = (
-    f"PyTorch {peer_info['torch']} ({peer_info['threads']} threads)" if peer_info else "no peer"
-  )
+  who = f"PyTorch {peer_info['torch']} ({peer_info['threads']} threads)" if peer_info else "no peer"
   return (
     f"{s['model']}, {s['num_params']:,} params, batch {s['batch_size']}, {s['aggregation']} of "
     f"k tangents, {s['optimizer']}; {s['timing']}; {s['rounds']} rounds × "
     f"{s['steps_per_call']} steps. Peer: {who}. Ratio > 1: fwdgrad_jax is faster.\n\n"
-    + experiment.hardware_line(result.get("provenance")) + "\n\n" + "\n".join(lines) + "\n"
+    + experiment.hardware_line(result.get("provenance"))
+    + "\n\n"
+    + "\n".join(lines)
+    + "\n"
   )
 
 
@@ -209,8 +233,13 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   return experiment.script_main(
-    __file__, run, report, result_file="peer_b64.json", description=__doc__,
-    add_arguments=add_arguments, argv=argv,
+    __file__,
+    run,
+    report,
+    result_file="peer_b64.json",
+    description=__doc__,
+    add_arguments=add_arguments,
+    argv=argv,
   )
 
 

@@ -61,8 +61,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   from fwdgrad_jax import benchmark as bench
 
   p = bench.make_problem(
-    "mlp", model_options={"hidden": [1024, 1024]}, input_shape=(28, 28, 1), num_classes=10,
-    examples=args.batch_size, seed=args.seed,
+    "mlp",
+    model_options={"hidden": [1024, 1024]},
+    input_shape=(28, 28, 1),
+    num_classes=10,
+    examples=args.batch_size,
+    seed=args.seed,
   )
   schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
   fns, memory = {}, {}
@@ -79,13 +83,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   fns["forward pass"] = jax.jit(lambda key, params, x, y: p.loss(params, x, y))
   args_of = {n: (lambda: (p.est_key, p.params, p.x, p.y)) for n in fns}
   timings = experiment.time_interleaved(
-    fns, rounds=args.rounds, args=args_of, steps=1, seed=args.seed,
+    fns,
+    rounds=args.rounds,
+    args=args_of,
+    steps=1,
+    seed=args.seed,
     on_round=lambda r: print(f"round {r + 1}/{args.rounds}", flush=True),
   )
   return {
     "settings": {
-      "model": "mlp 784-1024-1024-10", "batch_size": args.batch_size, "schemes": schemes,
-      "tangents": args.tangents, "aggregation": "mean", "rounds": args.rounds,
+      "model": "mlp 784-1024-1024-10",
+      "batch_size": args.batch_size,
+      "schemes": schemes,
+      "tangents": args.tangents,
+      "aggregation": "mean",
+      "rounds": args.rounds,
       "timing": "one jitted estimator call per timed call, interleaved, median",
     },
     "ms": {n: t.median * 1e3 for n, t in timings.items()},
@@ -111,8 +123,11 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   text = (
     f"# Tangent layout: before/after\n\n`{command}`\n\n{s['model']}, batch {s['batch_size']}, "
     f"{s['aggregation']} of k tangents; {s['timing']}, {s['rounds']} rounds; forward pass "
-    f"{ms['forward pass']:.1f} ms.\n\n" + experiment.hardware_line(result.get("provenance"))
-    + "\n\n" + "\n".join(lines) + "\n"
+    f"{ms['forward pass']:.1f} ms.\n\n"
+    + experiment.hardware_line(result.get("provenance"))
+    + "\n\n"
+    + "\n".join(lines)
+    + "\n"
   )
   path = out / "tangent_layout.md"
   path.write_text(text)
@@ -122,8 +137,13 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   return experiment.script_main(
-    __file__, run, report, result_file="tangent_layout.json", description=__doc__,
-    add_arguments=add_arguments, argv=argv,
+    __file__,
+    run,
+    report,
+    result_file="tangent_layout.json",
+    description=__doc__,
+    add_arguments=add_arguments,
+    argv=argv,
   )
 
 

@@ -127,8 +127,9 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   return jax.device_put(tree, replicated(mesh))
 
 
-def check_divisible(mesh: Mesh | None, *, num_tangents: int | None = None,
-                    batch_size: int | None = None) -> None:
+def check_divisible(
+  mesh: Mesh | None, *, num_tangents: int | None = None, batch_size: int | None = None
+) -> None:
   """Raises ValueError unless k and the batch split evenly over their mesh axes."""
   t, d = axis_size(mesh, TANGENTS), axis_size(mesh, DATA)
   if num_tangents is not None and num_tangents % t:

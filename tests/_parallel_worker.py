@@ -78,7 +78,18 @@ def dataset(n=256, seed=3):
     return jnp.asarray(x), jnp.asarray(y)
 
   (xt, yt), (xv, yv), (xs, ys) = split(n), split(32), split(32)
-  return data_lib.Dataset("fashion_mnist", 10, xt, yt, xv, yv, xs, ys, (0.0,), (1.0,))
+  return data_lib.Dataset(
+    name="fashion_mnist",
+    num_classes=10,
+    x_train=xt,
+    y_train=yt,
+    x_val=xv,
+    y_val=yv,
+    x_test=xs,
+    y_test=ys,
+    mean=(0.0,),
+    std=(1.0,),
+  )
 
 
 def run(mesh, estimator, model):

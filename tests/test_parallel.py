@@ -32,7 +32,10 @@ def four_devices():
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
   out = subprocess.run(
     [sys.executable, str(ROOT / "tests" / "_parallel_worker.py"), "all"],
-    capture_output=True, text=True, env=env, timeout=600,
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
   )
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -97,9 +100,9 @@ def test_the_estimate_on_a_one_device_mesh_is_the_plain_one():
   key = jax.random.PRNGKey(1)
   mesh = parallel.make_mesh()
   ref = fg.value_and_forward_grad(loss, num_tangents=3)(key, params, x)
-  got = jax.jit(fg.value_and_forward_grad(parallel.data_parallel(loss, mesh), num_tangents=3, mesh=mesh))(
-    key, params, x
-  )
+  got = jax.jit(
+    fg.value_and_forward_grad(parallel.data_parallel(loss, mesh), num_tangents=3, mesh=mesh)
+  )(key, params, x)
   np.testing.assert_allclose(got[1]["w"], ref[1]["w"], rtol=1e-6)
 
 
@@ -119,7 +122,10 @@ def test_tangent_parallelism_refuses_structured_tangents_and_uneven_k():
   [
     ({"mesh": {"tangents": 2}, "estimator": {"num_tangents": 3}}, "estimator.num_tangents"),
     ({"mesh": {"tangents": 2}, "estimator": {"name": "backprop"}}, "mesh.tangents"),
-    ({"mesh": {"tangents": 2}, "estimator": {"num_tangents": 2, "tangents": "rank1"}}, "mesh.tangents"),
+    (
+      {"mesh": {"tangents": 2}, "estimator": {"num_tangents": 2, "tangents": "rank1"}},
+      "mesh.tangents",
+    ),
     ({"mesh": {"data": 3}}, "train.batch_size"),
     ({"mesh": {"data": 0}}, "mesh.data"),
     ({"mesh": {"distributed": "yes"}}, "mesh.distributed"),
@@ -141,7 +147,5 @@ def test_the_run_refuses_more_devices_than_present_naming_the_keys():
 
 
 def test_the_mesh_group_composes():
-  cfg = config_lib.compose(
-    ["mesh.data=2", "train.batch_size=64"], config_dir=ROOT / "configs"
-  )
+  cfg = config_lib.compose(["mesh.data=2", "train.batch_size=64"], config_dir=ROOT / "configs")
   assert (cfg.mesh.data, cfg.mesh.tangents, cfg.mesh.distributed) == (2, 1, False)

@@ -112,7 +112,9 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=10, help="steps per timed call")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--out", default=None, help="write the JSON here (default: stdout)")
-  p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+  p.add_argument(
+    "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+  )
   args = p.parse_args(argv)
   if args.threads:
     torch.set_num_threads(args.threads)
