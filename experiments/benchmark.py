@@ -15,6 +15,8 @@ from Python, the way a user calls the function transforms). Writes <name>.json
       --calls single --rounds 20
   python experiments/benchmark.py --model mlp --model-option hidden=[256,256]
   python experiments/benchmark.py --model deep_mlp --model-option depth=100 --memory-only
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python experiments/benchmark.py \
+      --model mlp --tangents 4,16 --aggregations mean --mesh 2,2 --name mlp_b64_mesh2x2
   python experiments/benchmark.py --report-only results/benchmarks/mlp_b64.json \\
       --out results/benchmarks
 """
@@ -87,6 +89,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     help="jax_default_prng_impl (e.g. rbg); on CPU the threefry tangent draw dominates",
   )
   p.add_argument(
+    "--mesh",
+    type=_ints,
+    default=[1, 1],
+    metavar="DATA,TANGENTS",
+    help="devices along the batch and the tangent axes (fwdgrad_jax.parallel); on a CPU "
+    "set XLA_FLAGS=--xla_force_host_platform_device_count=N first",
+  )
+  p.add_argument(
     "--name",
     default=None,
     help="file name without suffix (default <model>_b<batch>, plus _single for --calls single)",
@@ -126,6 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seed=args.seed,
     timed=not args.memory_only,
     log=lambda line: print(line, flush=True),
+    mesh=tuple(getattr(args, "mesh", None) or (1, 1)),
   )
   return {"name": _name(args), **result}
 

@@ -4,7 +4,7 @@ The core is pure functions over pytrees; models, data and the training loop live
 their own modules and are imported explicitly (``from fwdgrad_jax import train``).
 """
 
-from fwdgrad_jax import aggregation, functions, metrics, perturbation, tangents
+from fwdgrad_jax import aggregation, functions, metrics, parallel, perturbation, tangents
 from fwdgrad_jax.estimators import (
   cap_jvp_norm,
   directional_derivatives,
@@ -47,6 +47,7 @@ __all__ = [
   "guided_forward_gradient",
   "metrics",
   "norm_ratio",
+  "parallel",
   "perturbation",
   "site",
   "tangents",

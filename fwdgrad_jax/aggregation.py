@@ -72,9 +72,10 @@ def combine(tangents: PyTree, coefficients: jax.Array) -> PyTree:
       # with regenerated tangents, into the tangent's draw: no weight-sized buffer.
       return c[0].reshape(c.shape[1:] + (1,) * (v.ndim - c.ndim)) * v[0]
     if c.ndim == 1:
-      # HIGHEST: on GPUs float32 dots may default to TF32, which would round the
-      # estimate to ~3 digits; these contractions are tiny and memory-bound anyway.
-      return jnp.tensordot(c, v, axes=1, precision=_HIGHEST)
+      # A reduction, not a dot: it reads V once in whatever layout the draw left it
+      # (tangents.draw stores dense layers tangent-axis-second; a dot would first copy
+      # V back), and it stays in float32 on GPUs, where float32 dots may run as TF32.
+      return jnp.sum(c.reshape((-1,) + (1,) * (v.ndim - 1)) * v, axis=0)
     return jnp.einsum("kb,kb...->b...", c, v, precision=_HIGHEST)
 
   return jax.tree.map(one, tangents, is_leaf=is_rank1)

@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from fwdgrad_jax import config as config_lib
-from fwdgrad_jax import estimators, experiment, models
+from fwdgrad_jax import estimators, experiment, models, parallel
 from fwdgrad_jax import train as train_lib
 
 __all__ = [
@@ -286,23 +286,43 @@ def _fresh(tree: Any) -> Any:
   return jax.block_until_ready(jax.tree.map(jnp.copy, tree))
 
 
-def _lower_single(cfg: config_lib.Config | None, problem: Problem, batch_size: int) -> Lowered:
-  p = problem
+def _on_mesh(problem: Problem, mesh: Any) -> Problem:
+  """The problem's parameters and data replicated over ``mesh``, its losses data-parallel."""
+  if mesh is None:
+    return problem
+  params, x, y = parallel.replicate((problem.params, problem.x, problem.y), mesh)
+  return problem._replace(
+    params=params, x=x, y=y,
+    loss=parallel.data_parallel(problem.loss, mesh),
+    losses=parallel.data_parallel(problem.losses, mesh),
+  )
+
+
+def _lower_single(
+  cfg: config_lib.Config | None, problem: Problem, batch_size: int, mesh: Any = None
+) -> Lowered:
+  p = _on_mesh(problem, mesh)
   xb, yb = p.x[:batch_size], p.y[:batch_size]
   if cfg is None:
     step = jax.jit(p.loss).lower(p.params, xb, yb)
     return Lowered(step, None, lambda: (p.params, xb, yb), 1)
-  estimate = estimators.get_estimator(cfg.estimator.name)(
-    p.estimated(cfg), **train_lib.estimator_options(cfg.estimator)
-  )
+  options = train_lib.estimator_options(cfg.estimator)
+  if mesh is not None and cfg.estimator.name == "forward":
+    options["mesh"] = mesh
+  estimate = estimators.get_estimator(cfg.estimator.name)(p.estimated(cfg), **options)
   step = jax.jit(estimate).lower(p.est_key, p.params, xb, yb)
   return Lowered(step, None, lambda: (p.est_key, p.params, xb, yb), 1)
 
 
 def _lower_loop(
-  cfg: config_lib.Config | None, problem: Problem, batch_size: int, steps: int, timed: bool
+  cfg: config_lib.Config | None,
+  problem: Problem,
+  batch_size: int,
+  steps: int,
+  timed: bool,
+  mesh: Any = None,
 ) -> Lowered:
-  p = problem
+  p = _on_mesh(problem, mesh)
   xb, yb = p.x[:batch_size], p.y[:batch_size]
   common = dict(
     batch_size=batch_size, num_examples=int(p.x.shape[0]), chunk=steps, data_key=p.data_key
@@ -312,8 +332,10 @@ def _lower_loop(
     step0 = jnp.zeros((), jnp.int32)
     loop = jax.jit(train_lib.make_base_fn(p.loss, **common)).lower(p.params, step0, p.x, p.y)
     return Lowered(step, loop if timed else None, lambda: (p.params, step0, p.x, p.y), steps)
-  tx = train_lib.make_tx(cfg, p.est_key)
+  tx = train_lib.make_tx(cfg, p.est_key, mesh=mesh)
   state = train_lib.init_state(tx, p.params)
+  if mesh is not None:
+    state = parallel.replicate(state, mesh)
   loss = p.estimated(cfg)
   step = jax.jit(train_lib.make_step_fn(loss, tx), donate_argnums=0).lower(state, xb, yb)
   n = jnp.int32(steps)
@@ -331,6 +353,7 @@ def lower(
   steps: int,
   calls: str = "loop",
   timed: bool = True,
+  mesh: Any = None,
 ) -> Lowered:
   """Lowers one variant: ``cfg`` is its training config, None for the base pass.
 
@@ -341,6 +364,9 @@ def lower(
     steps: steps per timed call (``loop``; ``single`` runs one).
     calls: ``"loop"`` or ``"single"`` (see the module docstring).
     timed: False lowers only the one-step function (memory).
+    mesh: a :func:`fwdgrad_jax.parallel.make_mesh` mesh: parameters and data
+      replicated, each batch split along ``"data"``, the forward estimator's tangents
+      along ``"tangents"`` (backprop and the base use the data axis only).
 
   Returns:
     The :class:`Lowered` functions.
@@ -348,8 +374,8 @@ def lower(
   if calls not in CALLS:
     raise ValueError(f"calls must be one of {CALLS}, got {calls!r}")
   if calls == "single":
-    return _lower_single(cfg, problem, batch_size)
-  return _lower_loop(cfg, problem, batch_size, steps, timed)
+    return _lower_single(cfg, problem, batch_size, mesh)
+  return _lower_loop(cfg, problem, batch_size, steps, timed, mesh)
 
 
 def compile_all(lowered: Sequence[jax.stages.Lowered]) -> list[tuple[Any, float]]:
@@ -536,6 +562,7 @@ def benchmark(
   seed: int = 0,
   timed: bool = True,
   log: Callable[[str], None] | None = None,
+  mesh: Sequence[int] = (1, 1),
 ) -> dict[str, Any]:
   """Times and measures the memory of base, backprop and forward-gradient steps.
 
@@ -558,6 +585,9 @@ def benchmark(
     timed: False compiles the one-step functions for their memory and times nothing
       (cheap; e.g. memory against batch size).
     log: called with progress lines (e.g. ``print``), or None for silence.
+    mesh: ``(data, tangents)`` device counts (:mod:`fwdgrad_jax.parallel`): the batch
+      split over ``data`` devices, the forward variants' tangents over ``tangents``
+      (every k a multiple of it); backprop and the base use the data axis only.
 
   Returns:
     A JSON-able dict: ``settings`` (everything above, the parameter count and the
@@ -585,6 +615,11 @@ def benchmark(
   model_options = dict(model_options or {})
   shape = tuple(int(d) for d in (input_shape or default_input_shape(model)))
   variants = make_variants(tangents, aggregations, backprop=backprop)
+  mesh_cfg = config_lib.MeshConfig(*(int(n) for n in mesh))
+  device_mesh = train_lib.make_run_mesh(mesh_cfg)
+  parallel.check_divisible(device_mesh, batch_size=batch_size)
+  for k in tangents:
+    parallel.check_divisible(device_mesh, num_tangents=int(k))
   problem = make_problem(
     model,
     model_options=model_options,
@@ -601,6 +636,7 @@ def benchmark(
       steps=steps,
       calls=calls,
       timed=timed,
+      mesh=device_mesh,
     )
     for v in variants
   }
@@ -646,6 +682,7 @@ def benchmark(
     "tangent_scheme": tangent_scheme,
     "prng_impl": str(jax.config.jax_default_prng_impl),
     "backprop": backprop,
+    "mesh": parallel.describe(device_mesh),
     "calls": calls,
     "optimizer": f"sgd(lr={lr:g})" if calls == "loop" else None,
     "rounds": rounds if timed else 0,
@@ -694,6 +731,9 @@ def render_markdown(result: Mapping[str, Any]) -> str:
     else f"{s['rounds']} interleaved rounds of single jitted calls from Python"
   )
   step = s["optimizer"] or "estimator only (no update)"
+  mesh = s.get("mesh") or {"devices": 1}
+  if mesh["devices"] > 1:
+    how += f" Mesh: data {mesh['data']} × tangents {mesh['tangents']} ({mesh['devices']} devices)."
   lines = [
     f"**{s['model']}** ({opts}; {s['num_params']:,} params), input {tuple(s['input_shape'])}, "
     f"batch {s['batch_size']}, {s['tangent_scheme']} tangents, {step}; {how}.",

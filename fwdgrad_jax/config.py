@@ -156,6 +156,26 @@ class TrainConfig:
 
 
 @dataclass
+class MeshConfig:
+  """Devices: data and tangent parallelism (:mod:`fwdgrad_jax.parallel`).
+
+  Attributes:
+    data: devices the batch is split across (``train.batch_size`` a multiple of it).
+    tangents: devices the k tangents are split across (``estimator.num_tangents`` a
+      multiple of it; dense weight tangents of the ``forward`` estimator).
+      ``data × tangents`` must not exceed the devices present (on a CPU, more come from
+      ``XLA_FLAGS=--xla_force_host_platform_device_count=N``).
+    distributed: call ``jax.distributed.initialize()`` first (multi-host: SLURM, Open
+      MPI and Cloud TPU are detected from the environment), so the mesh spans every
+      process's devices.
+  """
+
+  data: int = 1
+  tangents: int = 1
+  distributed: bool = False
+
+
+@dataclass
 class Config:
   """A whole run."""
 
@@ -164,6 +184,7 @@ class Config:
   estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
   optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
+  mesh: MeshConfig = field(default_factory=MeshConfig)
   seed: int = 0
   name: str = "run"
 
@@ -254,8 +275,32 @@ def validate(cfg: Config) -> Config:
     _nonnegative_int(f"train.{key}", getattr(tr, key))
   _optional_positive("train.time_budget_s", tr.time_budget_s)
   _choice("train.loop", tr.loop, ("auto", "device", "host"))
+  _validate_mesh(cfg)
   _require(_is_int(cfg.seed), "seed", cfg.seed, "must be an integer")
   return cfg
+
+
+def _validate_mesh(cfg: Config) -> None:
+  """The mesh's counts and what they must divide (the device count is checked at the run)."""
+  mesh, est = cfg.mesh, cfg.estimator
+  _positive_int("mesh.data", mesh.data)
+  _positive_int("mesh.tangents", mesh.tangents)
+  _require(isinstance(mesh.distributed, bool), "mesh.distributed", mesh.distributed, "must be a boolean")
+  _require(
+    cfg.train.batch_size % mesh.data == 0, "train.batch_size", cfg.train.batch_size,
+    f"must be a multiple of mesh.data={mesh.data}",
+  )
+  if mesh.tangents > 1:
+    dense = est.name == "forward" and est.perturbation == "weights" and est.tangents in tangents.SAMPLERS
+    _require(
+      dense, "mesh.tangents", mesh.tangents,
+      "tangent parallelism needs estimator.name=forward with dense weight tangents "
+      f"({', '.join(sorted(tangents.SAMPLERS))}); use mesh.tangents=1",
+    )
+    _require(
+      est.num_tangents % mesh.tangents == 0, "estimator.num_tangents", est.num_tangents,
+      f"must be a multiple of mesh.tangents={mesh.tangents}",
+    )
 
 
 _SECTIONS = {
@@ -264,6 +309,7 @@ _SECTIONS = {
   "estimator": EstimatorConfig,
   "optimizer": OptimizerConfig,
   "train": TrainConfig,
+  "mesh": MeshConfig,
 }
 
 

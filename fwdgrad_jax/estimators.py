@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fwdgrad_jax import aggregation as aggregation_lib
+from fwdgrad_jax import parallel
 from fwdgrad_jax import perturbation as perturbation_lib
 from fwdgrad_jax import tangents as tangents_lib
 
@@ -277,6 +278,7 @@ def value_and_forward_grad(
   jvp_hook: JvpHook | None = None,
   perturbation: str = "weights",
   rescale: bool = False,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> ValueAndGradFn:
   """Forward-gradient twin of ``jax.value_and_grad(fun)``, with a PRNG key first.
 
@@ -309,6 +311,11 @@ def value_and_forward_grad(
     rescale: divide the estimate by :func:`expected_norm_ratio` for its (n, k,
       aggregation, scheme), so that its expected length is that of ∇f and one learning
       rate transfers across k and aggregations.
+    mesh: a :func:`fwdgrad_jax.parallel.make_mesh` mesh: the k dense tangents are split
+      along its ``"tangents"`` axis (each device draws and runs its share of the vmapped
+      jvp; the aggregation is combined across devices). Shard the batch along
+      ``"data"`` yourself (:func:`fwdgrad_jax.parallel.data_parallel`). The estimate is
+      the one computed without a mesh, up to the order of floating-point sums.
 
   Returns:
     ``f(key, params, *args, **kwargs)`` → ``(value, grad)``, or
@@ -331,6 +338,13 @@ def value_and_forward_grad(
   hook = _hooks(jvp_hook, max_jvp_norm)
   structured = perturbation_lib.uses_interpreter(perturbation, tangents)
   who = "value_and_forward_grad"
+  if parallel.axis_size(mesh, parallel.TANGENTS) > 1:
+    if structured or perturbation != "weights":
+      raise ValueError(
+        f"mesh: tangent parallelism (mesh.tangents > 1) needs dense weight tangents, got "
+        f"tangents={tangents!r} with perturbation={perturbation!r}; use mesh.tangents=1."
+      )
+    parallel.check_divisible(mesh, num_tangents=num_tangents)
 
   def finish(grad, params, n):
     if rescale:
@@ -355,8 +369,12 @@ def value_and_forward_grad(
       if normalize:
         batch, d = _normalize(batch, d)
     else:
-      batch = tangents_lib.sample(key, params, num_tangents, tangents, normalized=normalize)
-      batch = tangents_lib.materialize(batch, key)
+      # Drawn once, laid out for the jvp's matmuls, split over the mesh's tangent axis.
+      batch = tangents_lib.draw(
+        key, params, num_tangents, tangents, normalized=normalize,
+        constrain=parallel.tangent_constraint(mesh),
+        jvp_layout=aggregation in ("mean", "sum"),  # the Gram matrix flattens tangents
+      )
       value, d, aux = directional_derivatives(
         lambda p: fun(p, *args, **kwargs), params, batch, has_aux=has_aux
       )

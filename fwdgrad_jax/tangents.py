@@ -327,6 +327,109 @@ def materialize(tree: PyTree, key: jax.Array) -> PyTree:
   )
 
 
+# --- Drawing for the estimator: once, in the layout the jvp's matmuls read -----------
+# A vmapped jvp reads the tangents of a dense layer, V of logical shape (k, in, out), in
+# the product x·V: XLA:CPU runs it as ONE matmul (batch, in) × (in, k·out), so it first
+# copies V into the order (in, k, out). And a buffer that leaves a ``cond`` (see
+# :func:`materialize`) is copied out of the branch. Two extra passes over V — at k = 16
+# on Baydin's MLP, 120 MB each — cost as much as the draw itself. :func:`draw` therefore
+# computes the tangents INSIDE the branch (no copy out), 2-D leaves directly in the order
+# (in, k, out) (a transpose outside the branch makes them (k, in, out) again, which XLA
+# folds into the matmul and the aggregation's reduction instead of copying). The values
+# are those of :func:`sample`: each element still hashes its own flat counter.
+
+
+def _counters(shape: tuple[int, ...], num_tangents: int, k_axis: int) -> jax.Array:
+  """The flat counter (tangent, *index) of every element, laid out with the tangent
+  axis at ``k_axis`` of the result (the element (t, i, j) of a 2-D leaf has counter
+  t·size + i·cols + j whatever the layout)."""
+  full = list(shape)
+  full.insert(k_axis, num_tangents)
+  strides = [int(np.prod(shape[d + 1 :])) for d in range(len(shape))]
+  counter = jax.lax.broadcasted_iota(jnp.uint32, full, k_axis) * jnp.uint32(np.prod(shape))
+  for d, stride in enumerate(strides):
+    axis = d if d < k_axis else d + 1
+    counter = counter + jax.lax.broadcasted_iota(jnp.uint32, full, axis) * jnp.uint32(stride)
+  return counter
+
+
+def _hash_counter(seed: jax.Array, counter: jax.Array) -> jax.Array:
+  return _fmix32(_fmix32(counter ^ seed[0]) + seed[1])  # as _hash_bits
+
+
+def _normal_at(seed, counter, dtype):
+  return _standard_normal(_hash_counter(seed, counter), dtype)
+
+
+def _rademacher_at(seed, counter, dtype):
+  # Word c // 32, bit c % 32: the bits _rademacher_leaf unpacks.
+  word = _hash_counter(seed, counter >> 5)
+  bit = (word >> (counter & 31)) & 1
+  return (1 - 2 * bit.astype(jnp.int8)).astype(dtype)
+
+
+_DRAW_AT = {"normal": _normal_at, "gaussian": _normal_at, "rademacher": _rademacher_at}
+
+
+def _materialized(make: Callable[[], list[jax.Array]], key: jax.Array) -> list[jax.Array]:
+  """``make()`` computed inside a conditional (see :func:`materialize`), no copy out."""
+  data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
+  word = data.reshape(-1)[0]
+  shapes = jax.eval_shape(make)
+  return jax.lax.cond(
+    (word | jnp.uint32(1)) != 0, make, lambda: [jnp.zeros(a.shape, a.dtype) for a in shapes]
+  )
+
+
+def draw(
+  key: jax.Array,
+  params: PyTree,
+  num_tangents: int,
+  tangents: str | Sampler = "normal",
+  *,
+  normalized: bool = False,
+  constrain: Callable[[jax.Array, int], jax.Array] | None = None,
+  jvp_layout: bool = True,
+) -> PyTree:
+  """:func:`sample`, computed once into buffers laid out for the jvp's matmuls.
+
+  The estimators' draw: the values of ``sample(key, params, num_tangents, tangents,
+  normalized=normalized)``, made a buffer that every consumer reads (as
+  :func:`materialize`, without its copy), with the hash samplers' 2-D leaves stored
+  tangent-axis-second, so that the vmapped jvp's matmul and the aggregation read them
+  without a transposing copy (see the comment above).
+
+  Args:
+    key, params, num_tangents, tangents, normalized: as for :func:`sample`.
+    constrain: applied inside the draw to every leaf with the position of its tangent
+      axis (e.g. a sharding constraint, :func:`fwdgrad_jax.parallel.tangent_constraint`).
+    jvp_layout: store 2-D leaves tangent-axis-second. Off for consumers that flatten
+      each tangent (the orthogonal aggregation's Gram matrix): they would copy V back.
+
+  Returns:
+    The tangent batch, leaves ``(k, *leaf.shape)``.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  at = _DRAW_AT.get(tangents) if isinstance(tangents, str) and not normalized else None
+  second = at is not None and jvp_layout and num_tangents > 1
+  k_axes = [1 if second and jnp.ndim(p) == 2 else 0 for p in leaves]
+  fix = constrain or (lambda v, axis: v)
+
+  def make():
+    if at is None:
+      batch = jax.tree.leaves(sample(key, params, num_tangents, tangents, normalized=normalized))
+      return [fix(v, 0) for v in batch]
+    seeds = _leaf_seeds(key, len(leaves))
+    return [
+      fix(at(seeds[i], _counters(jnp.shape(p), num_tangents, ax), jnp.result_type(p)), ax)
+      for i, (p, ax) in enumerate(zip(leaves, k_axes))
+    ]
+
+  out = _materialized(make, key)
+  out = [jnp.moveaxis(v, ax, 0) if ax else v for v, ax in zip(out, k_axes)]
+  return jax.tree.unflatten(treedef, out)
+
+
 def sample(
   key: jax.Array,
   params: PyTree,

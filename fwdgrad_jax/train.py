@@ -48,14 +48,14 @@ from flax import nnx
 
 from fwdgrad_jax import config as config_lib
 from fwdgrad_jax import data as data_lib
-from fwdgrad_jax import experiment, metrics, models, rundir, transforms
+from fwdgrad_jax import experiment, metrics, models, parallel, rundir, transforms
 
 PyTree = Any
 log = logging.getLogger(__name__)
 
 # What may change when a run directory is resumed; everything else must match.
 _MAY_CHANGE_ON_RESUME = frozenset(
-  {"name", "data.data_dir", "data.download"}
+  {"name", "data.data_dir", "data.download", "mesh.data", "mesh.tangents", "mesh.distributed"}
   | {f"train.{key}" for key in ("steps", "eval_batch_size", "progress", "time_budget_s")}
   | {f"train.{key}_every" for key in ("log", "eval", "grad_check", "checkpoint")}
 )
@@ -164,7 +164,7 @@ def estimator_options(cfg: config_lib.EstimatorConfig) -> dict[str, Any]:
 
 
 def make_tx(
-  cfg: config_lib.Config, key: jax.Array, *, has_aux: bool = False
+  cfg: config_lib.Config, key: jax.Array, *, has_aux: bool = False, mesh: Any = None
 ) -> optax.GradientTransformationExtraArgs:
   """Estimator transform → optional global-norm clipping → optimizer.
 
@@ -172,11 +172,14 @@ def make_tx(
     cfg: the run's config.
     key: PRNG key of the tangents.
     has_aux: the loss returns ``(loss, new_model_state)`` (:func:`make_stateful_loss`).
+    mesh: a :func:`fwdgrad_jax.parallel.make_mesh` mesh; the forward estimator splits
+      its tangents along its ``"tangents"`` axis.
   """
   est = cfg.estimator
-  parts = [
-    transforms.gradient_transform(est.name, key=key, has_aux=has_aux, **estimator_options(est))
-  ]
+  options = estimator_options(est)
+  if mesh is not None and est.name == "forward":
+    options["mesh"] = mesh
+  parts = [transforms.gradient_transform(est.name, key=key, has_aux=has_aux, **options)]
   if cfg.optimizer.clip_norm is not None:
     parts.append(optax.clip_by_global_norm(cfg.optimizer.clip_norm))
   parts.append(make_optimizer(cfg.optimizer))
@@ -613,11 +616,35 @@ def _load_data(cfg: config_lib.Config) -> data_lib.Dataset:
     raise config_lib.ConfigError(f"data.{e}") from e
 
 
+def make_run_mesh(cfg: config_lib.MeshConfig) -> Any:
+  """The run's mesh (:func:`fwdgrad_jax.parallel.make_mesh`), None for one device.
+
+  Raises:
+    ConfigError: more devices asked for than present, naming the keys.
+  """
+  if cfg.data * cfg.tangents == 1:
+    return None
+  try:
+    return parallel.make_mesh(cfg.data, cfg.tangents)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from e
+
+
+def _on_mesh(mesh: Any, dataset: data_lib.Dataset, state: TrainState):
+  """The data set and state replicated over ``mesh`` (each step shards its batch)."""
+  if mesh is None:
+    return dataset, state
+  splits = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+  placed = parallel.replicate({s: getattr(dataset, s) for s in splits}, mesh)
+  return dataclasses.replace(dataset, **placed), parallel.replicate(state, mesh)
+
+
 def _init(
   cfg: config_lib.Config, model: nnx.Module, dataset: data_lib.Dataset
 ) -> tuple[_Run, TrainState]:
   """Builds the run's compiled functions and its state at step 0."""
   tr = cfg.train
+  mesh = make_run_mesh(cfg.mesh)
   num_examples = int(dataset.x_train.shape[0])
   if num_examples < tr.batch_size:
     raise config_lib.ConfigError(
@@ -632,9 +659,11 @@ def _init(
     make_stateful_loss(graphdef, per_example=True) if per_example_losses(cfg.estimator) else loss
   )
 
+  est_loss = parallel.data_parallel(est_loss, mesh)  # the batch split along mesh.data
   data_key, est_key, check_key = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
-  tx = make_tx(cfg, est_key, has_aux=True)
+  tx = make_tx(cfg, est_key, has_aux=True, mesh=mesh)
   state = init_state(tx, params, rest)
+  dataset, state = _on_mesh(mesh, dataset, state)
   chunk = _chunk_length(tr)
   x, y = dataset.x_train, dataset.y_train
   common = dict(batch_size=tr.batch_size, num_examples=num_examples, chunk=chunk, data_key=data_key)
@@ -892,6 +921,8 @@ def train(
       when the run had started. One line naming the path.
   """
   config_lib.validate(cfg)
+  parallel.initialize_distributed(cfg.mesh.distributed)
+  make_run_mesh(cfg.mesh)  # too few devices fails here, before the data are loaded
   with rundir.lock(run_dir) as run_dir, _Interrupts() as interrupts:
     _check_resumable(run_dir, cfg)
     model = _create_model(cfg, dataset)  # bad model options fail before data loading

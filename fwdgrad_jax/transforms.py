@@ -88,6 +88,7 @@ def forward_gradient(
   jvp_hook: Callable[[jax.Array], jax.Array] | None = None,
   perturbation: str = "weights",
   rescale: bool = False,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Replaces the updates by a forward-gradient estimate of ``value_fn``.
 
@@ -110,7 +111,7 @@ def forward_gradient(
       BatchNorm statistics) is stored in ``state.aux`` for the caller to thread back in.
       It is None until the first update: to carry the state through ``lax.scan`` or
       ``fori_loop``, set it first, ``optax.tree_utils.tree_set(state, aux=initial)``.
-    normalize, max_jvp_norm, jvp_hook, perturbation, rescale: as for
+    normalize, max_jvp_norm, jvp_hook, perturbation, rescale, mesh: as for
       :func:`fwdgrad_jax.value_and_forward_grad`.
 
   Returns:
@@ -128,7 +129,7 @@ def forward_gradient(
   options = dict(
     num_tangents=num_tangents, tangents=tangents, aggregation=aggregation, has_aux=has_aux,
     normalize=normalize, max_jvp_norm=max_jvp_norm, jvp_hook=jvp_hook,
-    perturbation=perturbation, rescale=rescale,
+    perturbation=perturbation, rescale=rescale, mesh=mesh,
   )
   # Builds once to check every option now, with a name, rather than inside a jit trace.
   estimators.value_and_forward_grad(lambda p: p, **options)

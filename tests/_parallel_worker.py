@@ -1,0 +1,137 @@
+"""Runs in a subprocess with 4 CPU devices (XLA_FLAGS set before JAX starts): the checks
+of tests/test_parallel.py that need more than one device. Prints one JSON line."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+
+import json  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import fwdgrad_jax as fg  # noqa: E402
+from fwdgrad_jax import config as config_lib  # noqa: E402
+from fwdgrad_jax import data as data_lib  # noqa: E402
+from fwdgrad_jax import parallel  # noqa: E402
+from fwdgrad_jax import train as train_lib  # noqa: E402
+
+
+def _loss(p, x, y):
+  h = jnp.tanh(x @ p["w1"] + p["b1"])
+  logits = h @ p["w2"]
+  return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(x.shape[0]), y])
+
+
+def estimates():
+  """Max relative difference of the 2×2-mesh estimate from the one-device one."""
+  k0, k1, k2 = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = {
+    "w1": 0.05 * jax.random.normal(k0, (64, 32)),
+    "b1": jnp.zeros(32),
+    "w2": 0.05 * jax.random.normal(k1, (32, 10)),
+  }
+  x = jax.random.normal(k2, (16, 64))
+  y = jnp.arange(16) % 10
+  mesh = parallel.make_mesh(2, 2)
+  out = {}
+  for agg in ("mean", "orthogonal"):
+    ref_v, ref_g = jax.jit(fg.value_and_forward_grad(_loss, num_tangents=4, aggregation=agg))(
+      k0, params, x, y
+    )
+    fn = fg.value_and_forward_grad(
+      parallel.data_parallel(_loss, mesh), num_tangents=4, aggregation=agg, mesh=mesh
+    )
+    v, g = jax.jit(fn)(k0, *parallel.replicate((params, x, y), mesh))
+    rel = max(
+      float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+      for a, b in zip(jax.tree.leaves(ref_g), jax.tree.leaves(g))
+    )
+    out[agg] = {"value": abs(float(v) - float(ref_v)), "grad": rel}
+  return out
+
+
+def memory():
+  """Compiled per-device temp bytes of a k = 8 estimate on 1 device and on a 1×4 mesh."""
+  k0, k1 = jax.random.split(jax.random.PRNGKey(0))
+  params = {"w1": jnp.zeros((256, 256)), "b1": jnp.zeros(256), "w2": jnp.zeros((256, 10))}
+  x, y = jnp.zeros((16, 256)), jnp.arange(16) % 10
+  out = {}
+  for name, mesh in (("one", None), ("1x4", parallel.make_mesh(1, 4))):
+    fn = fg.value_and_forward_grad(_loss, num_tangents=8, mesh=mesh)
+    args = (k0, params, x, y) if mesh is None else (k0, *parallel.replicate((params, x, y), mesh))
+    out[name] = jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+  return out
+
+
+def dataset(n=256, seed=3):
+  rng = np.random.default_rng(seed)
+
+  def split(m):
+    x = rng.normal(size=(m, 28, 28, 1)).astype(np.float32)
+    y = np.argmax(x[:, :20, :, 0].reshape(m, 10, -1).mean(-1), axis=1).astype(np.int32)
+    return jnp.asarray(x), jnp.asarray(y)
+
+  (xt, yt), (xv, yv), (xs, ys) = split(n), split(32), split(32)
+  return data_lib.Dataset(
+    name="fashion_mnist",
+    num_classes=10,
+    x_train=xt,
+    y_train=yt,
+    x_val=xv,
+    y_val=yv,
+    x_test=xs,
+    y_test=ys,
+    mean=(0.0,),
+    std=(1.0,),
+  )
+
+
+def run(mesh, estimator, model):
+  cfg = config_lib.Config()
+  cfg.model = config_lib.ModelConfig(**model)
+  cfg.estimator = config_lib.EstimatorConfig(**estimator)
+  cfg.optimizer = config_lib.OptimizerConfig(name="sgd", lr=0.05)
+  cfg.train = config_lib.TrainConfig(
+    steps=8, batch_size=16, log_every=2, eval_every=0, progress=False, loop="device"
+  )
+  cfg.mesh = config_lib.MeshConfig(*mesh)
+  with tempfile.TemporaryDirectory() as d:
+    summary = train_lib.train(cfg, d, dataset=dataset())
+    lines = open(os.path.join(d, "metrics.jsonl")).read().splitlines()
+  records = [json.loads(line) for line in lines]
+  train_losses = [r["train_loss"] for r in records if r.get("train_loss") is not None]
+  return train_losses, [summary["val_loss"], summary["test_loss"]]
+
+
+def training():
+  """Train, validation and test losses of the same run on 1 device and on a 2×2 mesh."""
+  # BatchNorm: its batch statistics are reduced across the data shards too.
+  bn = {"name": "mlp", "options": {"hidden": [32], "batch_norm": True}}
+  forward = {"name": "forward", "num_tangents": 4, "aggregation": "orthogonal"}
+  cases = {"forward+batchnorm 2x2": ((2, 2), forward, bn)}
+  out = {}
+  for name, (mesh, est, model) in cases.items():
+    one = run((1, 1), est, model)
+    many = run(mesh, est, model)
+    out[name] = {"one": one, "many": many}
+  return out
+
+
+def main(what):
+  result = {"devices": len(jax.devices())}
+  if what in ("all", "estimates"):
+    result["estimates"] = estimates()
+    result["memory"] = memory()
+  if what in ("all", "training"):
+    result["training"] = training()
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1] if len(sys.argv) > 1 else "all")
