@@ -42,6 +42,7 @@ iterations and seconds per optimizer); sweeps under ``--sweeps-dir``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -147,6 +148,24 @@ def _centre(method: str, optimizer: str, args: argparse.Namespace) -> float:
   return float(cfg.optimizer.lr)
 
 
+def _finished(sweep_dir: Path, grid, seeds: int, steps: int) -> lr_search.LrSearch | None:
+  """The sweep already in ``sweep_dir`` if every (lr, seed) finished ``steps``, else None."""
+  if not sweep_dir.is_dir():
+    return None
+  try:
+    search = lr_search.read_sweep(sweep_dir)
+  except FileNotFoundError:
+    return None
+  if tuple(search.lrs) != tuple(grid) or tuple(search.seeds) != tuple(range(seeds)):
+    return None
+  for row in search.extra["runs"]:
+    for run_dir in row:
+      s = _summary(run_dir)
+      if not s or not (s.get("diverged") or s.get("steps") == steps):
+        return None
+  return search
+
+
 def tune(method: str, optimizer: str, args: argparse.Namespace, data: str) -> dict[str, Any]:
   """One method's lr search on one optimizer; its best run's numbers and curve."""
   spec = METHODS[method]
@@ -167,15 +186,23 @@ def tune(method: str, optimizer: str, args: argparse.Namespace, data: str) -> di
   ]
   sweep_dir = ((args.sweeps_dir or args.out / "sweeps") / optimizer / method).absolute()
   print(f"== {optimizer} {method}: lrs {list(grid)}, {args.steps} iterations", flush=True)
-  search = lr_search.run_sweep(
-    args.app,
-    sweep_dir,
-    grid,
-    seeds=range(args.seeds),
-    presets=[preset],
-    overrides=overrides,
-    quiet=False,
-  )
+  search = _finished(sweep_dir, grid, args.seeds, args.steps)
+  if search is None:
+    search = lr_search.run_sweep(
+      args.app,
+      sweep_dir,
+      grid,
+      seeds=range(args.seeds),
+      presets=[preset],
+      overrides=overrides,
+      quiet=False,
+    )
+  else:  # the same sweep ran before (e.g. backprop, shared by both method lists): reuse it
+    print(f"   reusing {sweep_dir}", flush=True)
+    cmd = lr_search.sweep_command(
+      args.app, sweep_dir, grid, seeds=range(args.seeds), presets=[preset], overrides=overrides
+    )
+    search = dataclasses.replace(search, extra={**search.extra, "command": cmd})
   best = {"lr": search.best_lr, "runs": []}
   if search.best_index is not None:
     for run_dir in search.extra["runs"][search.best_index]:
