@@ -26,8 +26,8 @@ resumes each run from its checkpoint, a finished run is reused.
   python experiments/repro_table1.py --nn-epochs 10 --cnn-steps 300 \\
       --out results/reproduction_study --runs-dir outputs/reproduction_study/table1
   python experiments/repro_table1.py --rows repro_nn_mnist_sgd_bp --nn-epochs 1   # one row
-  python experiments/repro_table1.py --report-only results/reproduction_study/table1.json \\
-      --out results/reproduction_study
+  python experiments/repro_table1.py --report-only results/reproduction_study/table1_nn.json \\
+      results/reproduction_study/table1_cnn.json --out results/reproduction_study   # merged
 """
 
 from __future__ import annotations
@@ -282,12 +282,14 @@ def render(doc: dict[str, Any]) -> str:
         f"({s['steps']}) | {_f(s['test_loss'])} | {_f(s['test_accuracy'], '{:.4f}')} | "
         f"{_f(s['best_val_loss'])} | {'yes' if s['diverged'] else 'no'} |"
       )
-  lines += ["", "## Commands", "", f"- this table: `{prov.get('command', '(not recorded)')}`"]
+  parts = doc.get("parts") or [prov]
+  lines += ["", "## Commands", ""]
+  lines += [f"- rows run by: `{p.get('command', '(not recorded)')}`" for p in parts]
   lines.append("- each run, as an app command (equivalent; run from the repository root):")
   for e in doc["rows"]:
     for variant, r in e.get("runs", {}).items():
       lines.append(f"  - {e['row']} ({variant}): `{r['command']}`")
-  lines += ["", experiment.hardware_line(prov)]
+  lines += [""] + [experiment.hardware_line(p) for p in parts]
   if doc.get("data_note"):
     lines += ["", "Data: " + doc["data_note"] + "."]
   return "\n".join(lines) + "\n"
@@ -337,6 +339,21 @@ def report(doc: dict[str, Any], out: Path) -> list[Path]:
   return [md, png]
 
 
+def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
+  """Several result files (e.g. the NN and the CNN rows, run by separate commands) as one."""
+  rows: dict[str, Any] = {}
+  for d in docs:
+    for e in d["rows"]:
+      rows[e["row"]] = e  # a later file's row replaces an earlier one
+  order = {row: i for i, row in enumerate(PAPER)}
+  return {
+    "data_note": next((d["data_note"] for d in docs if d.get("data_note")), None),
+    "rows": sorted(rows.values(), key=lambda e: order.get(e["row"], len(order))),
+    "provenance": docs[0].get("provenance", {}),
+    "parts": [d.get("provenance", {}) for d in docs],
+  }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the rows (or only the report); returns the result written to the JSON."""
   return experiment.script_main(
@@ -346,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result_file="table1.json",
     description=__doc__,
     add_arguments=add_arguments,
+    merge=merge,
     argv=argv,
   )
 
