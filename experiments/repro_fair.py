@@ -217,8 +217,16 @@ def tune(method: str, optimizer: str, args: argparse.Namespace, data: str) -> di
           **{
             k: s.get(k)
             for k in (
-              "best_val_loss", "best_val_step", "val_loss", "test_loss", "test_accuracy",
-              "val_accuracy", "step_time_ms", "train_time_s", "diverged", "steps",
+              "best_val_loss",
+              "best_val_step",
+              "val_loss",
+              "test_loss",
+              "test_accuracy",
+              "val_accuracy",
+              "step_time_ms",
+              "train_time_s",
+              "diverged",
+              "steps",
             )
           },  # fmt: skip
         }
@@ -359,7 +367,7 @@ def render(doc: dict[str, Any]) -> str:
       )
   lines += ["", "Grids (best validation loss per lr; (div) = diverged):", ""]
   for opt, e in doc["optimizers"].items():
-    for m, t in e["methods"].items():
+    for t in e["methods"].values():
       s = t["search"]
       cells = [
         f"{lr:g}: {_f(c)}{' (div)' if lr in s['diverged_lrs'] else ''}"
@@ -380,7 +388,9 @@ def plot(path: Path, doc: dict[str, Any]) -> None:
   """Per optimizer: validation loss of each tuned run against iterations and seconds."""
   plt = experiment.pyplot()
   opts = list(doc["optimizers"])
-  fig, axes = plt.subplots(2, max(1, len(opts)), figsize=(4.5 * max(1, len(opts)), 7), squeeze=False)
+  fig, axes = plt.subplots(
+    2, max(1, len(opts)), figsize=(4.5 * max(1, len(opts)), 7), squeeze=False
+  )
   for col, opt in enumerate(opts):
     for m, t in doc["optimizers"][opt]["methods"].items():
       for i, r in enumerate(t["best"]["runs"]):
@@ -390,7 +400,11 @@ def plot(path: Path, doc: dict[str, Any]) -> None:
         label = f"{t['label']}, lr {t['best']['lr']:g}" if i == 0 else None
         for row, x in ((0, "step"), (1, "train_time_s")):
           axes[row][col].plot(
-            [p[x] for p in pts], [p["val_loss"] for p in pts], ".-", color=COLORS.get(m), label=label
+            [p[x] for p in pts],
+            [p["val_loss"] for p in pts],
+            ".-",
+            color=COLORS.get(m),
+            label=label,
           )
     for row, xlabel in ((0, "iteration"), (1, "training time (s)")):
       ax = axes[row][col]

@@ -138,7 +138,9 @@ def _dataset(cfg):
   key = (d.name, d.data_dir, d.val_size, cfg.seed)
   if key not in _DATA_CACHE:
     _DATA_CACHE.clear()  # one data set in memory at a time
-    _DATA_CACHE[key] = data_lib.load(d.name, data_dir=d.data_dir, val_size=d.val_size, seed=cfg.seed)
+    _DATA_CACHE[key] = data_lib.load(
+      d.name, data_dir=d.data_dir, val_size=d.val_size, seed=cfg.seed
+    )
   return _DATA_CACHE[key]
 
 
@@ -225,9 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     entry.update(steps=steps, epochs=steps / STEPS_PER_EPOCH)
     for variant in variants if parts["grad"] == "fwd" else ["preset"]:
       name = row if variant == "preset" else f"{row}-{variant.replace(' ', '_')}"
-      entry["runs"][variant] = train_run(
-        [*base, *budget, *FWD_VARIANTS[variant]], runs_dir / name
-      )
+      entry["runs"][variant] = train_run([*base, *budget, *FWD_VARIANTS[variant]], runs_dir / name)
     rows.append(entry)
   return {"data_note": note, "nn_epochs": args.nn_epochs, "rows": rows}
 

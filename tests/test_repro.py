@@ -35,11 +35,16 @@ def test_table1_runs_the_rows_reuses_them_and_lists_cifar_as_not_run(tiny_data, 
       assert s["steps"] == round(0.02 * 859) and not s["diverged"]
       assert s["test_loss"] > 0 and any(p["val_loss"] is not None for p in r["curve"])
       assert r["command"].startswith("python experiments/train.py +experiment=repro_nn_mnist_sgd")
-  capped = json.loads((tmp_path / "runs" / "repro_nn_mnist_sgd_fwd-cap_only" / "config.json").read_text())
+  capped = json.loads(
+    (tmp_path / "runs" / "repro_nn_mnist_sgd_fwd-cap_only" / "config.json").read_text()
+  )
   assert capped["optimizer"]["clip_norm"] is None and capped["estimator"]["max_jvp_norm"] == 1.0
   assert "not prepared" in by_row["repro_vgg_cifar10_sgd_fwd"]["not_run"]
   md = (tmp_path / "table1.md").read_text()
-  assert "| repro_nn_mnist_sgd_fwd | fwd | nn | sgd | 0.000464 | 1e-05 | – | 50 | 0.332 | cap only |" in md
+  assert (
+    "| repro_nn_mnist_sgd_fwd | fwd | nn | sgd | 0.000464 | 1e-05 | – | 50 | 0.332 | cap only |"
+    in md
+  )
   assert "not run: CIFAR-10" in md and (tmp_path / "table1_curves.png").stat().st_size > 10_000
   # A second call reuses the finished runs (same numbers, nothing retrained).
   mtime = (tmp_path / "runs" / "repro_nn_mnist_sgd_bp" / "summary.json").stat().st_mtime_ns
