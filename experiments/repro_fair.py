@@ -338,6 +338,9 @@ def render(doc: dict[str, Any]) -> str:
     "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for opt, e in doc["optimizers"].items():
+    bp_runs = e["methods"]["bp"]["best"]["runs"]
+    bp_evals = analysis.evaluations(bp_runs[0]["records"]) if bp_runs else []
+    first_eval = bp_evals[0]["step"] if bp_evals else None
     for m, t in e["methods"].items():
       grid = ", ".join(f"{x:g}" for x in t["grid"])
       edge = " (edge)" if t["search"].get("at_grid_edge") else ""
@@ -354,10 +357,12 @@ def render(doc: dict[str, Any]) -> str:
           reach = f"no (bp's best {_f(to_bp['target_val_loss'])} at it. {per.get('step_b')})"
         rev = c["backprop_to_forward_loss"]
         per = rev["per_seed"][0] if rev["per_seed"] else {}
+        # Reached at backprop's first evaluation: only a lower bound on the factor.
+        bound = "≥ " if per.get("backprop_step") == first_eval else ""
         cells = (
-          f"{reach} | {_f(rev['iteration_factor'], '{:.1f}×')} "
+          f"{reach} | {bound}{_f(rev['iteration_factor'], '{:.1f}×')} "
           f"({per.get('forward_step')} / {per.get('backprop_step')}) | "
-          f"{_f(rev['time_factor'], '{:.1f}×')}"
+          f"{bound}{_f(rev['time_factor'], '{:.1f}×')}"
         )
       lines.append(
         f"| {opt} | {t['label']} | {grid} | {_f(t['best']['lr'], '{:g}')}{edge} | "
