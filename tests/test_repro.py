@@ -53,6 +53,16 @@ def test_table1_runs_the_rows_reuses_them_and_lists_cifar_as_not_run(tiny_data, 
   assert again["rows"][0]["runs"]["preset"]["summary"] == bp["runs"]["preset"]["summary"]
 
 
+def test_table1_merge_orders_rows_as_the_paper_and_keeps_every_command():
+  table1 = _scripts.load("repro_table1")
+  row = lambda name: {"row": name, "runs": {}}  # noqa: E731
+  a = {"data_note": "n", "rows": [row("repro_nn_mnist_sgd_bp")], "provenance": {"command": "A"}}
+  b = {"data_note": None, "rows": [row("repro_nn_mnist_sgd_fwd")], "provenance": {"command": "B"}}
+  merged = table1.merge([a, b])
+  assert [e["row"] for e in merged["rows"]] == ["repro_nn_mnist_sgd_fwd", "repro_nn_mnist_sgd_bp"]
+  assert merged["data_note"] == "n" and [p["command"] for p in merged["parts"]] == ["A", "B"]
+
+
 def _run(curve, step_ms=1.0):
   """Records of a run: (step, val_loss) pairs, time = step × step_ms."""
   return {
