@@ -157,7 +157,11 @@ def _one_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
   return dict(
     settings=dict(
-      batch_size=64, aggregation="mean", rounds=args.rounds, data_for_cosine="fashion_mnist"
+      batch_size=64,
+      aggregation="mean",
+      rounds=args.rounds,
+      data_for_cosine="fashion_mnist",
+      cosine_samples=args.cosine_samples,
     ),
     models=[_one_model(m, args) for m in args.models.split(",")],
   )
@@ -196,7 +200,8 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "",
     "Mean aggregation. Memory: XLA's compiled analysis of one step (state donated; "
     "peak = arguments + outputs + temp − aliased). Cosine: mean over "
-    "16 keys on the first 64 Fashion-MNIST training images, at initialisation.",
+    f"{result['settings'].get('cosine_samples', 16)} keys on the first 64 Fashion-MNIST "
+    "training images, at initialisation.",
   ]
   md = out / "benchmark.md"
   md.write_text("\n".join(lines) + "\n")
