@@ -33,16 +33,18 @@ FUNCTIONS = ("sphere", "rosenbrock", "styblinski_tang")
 KS = (2, 4, 16)
 
 
-def _variants() -> list[tuple[str, dict[str, Any] | None]]:
+def _variants(ks=KS) -> list[tuple[str, dict[str, Any] | None]]:
   out: list[tuple[str, dict[str, Any] | None]] = [("true gradient", None), ("forward k=1", dict(num_tangents=1))]
-  for k in KS:
+  for k in ks:
     out.append((f"mean k={k}", dict(num_tangents=k, aggregation="mean")))
     out.append((f"orthogonal k={k}", dict(num_tangents=k, aggregation="orthogonal")))
   return out
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--max-log2-n", type=int, default=10, help="n = 1, 2, …, 2^this")
+  p.add_argument("--dims", type=int, nargs="+", default=[2**i for i in range(11)],
+                 help="the dimensions n (paper: 1, 2, 4, …, 1024)")
+  p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="k > 1 (k = 1 always runs)")
   p.add_argument("--steps", type=int, default=1000, help="gradient-descent iterations")
   p.add_argument("--seeds", type=int, default=5)
   p.add_argument("--lr-range", type=float, nargs=2, default=(1e-7, 1.0))
@@ -75,17 +77,16 @@ def _objective(fn, n: int, steps: int, options: dict[str, Any] | None):
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
-    args.max_log2_n, args.steps, args.seeds, args.per_decade = 3, 50, 2, 1
+    args.dims, args.steps, args.seeds, args.per_decade = [1, 2, 4, 8], 50, 2, 1
   lo, hi = args.lr_range
   lrs = lr_search.log_grid(lo, hi, round(math.log10(hi / lo) * args.per_decade) + 1)
   seeds = tuple(range(args.seeds))
   rows = []
   for name in args.functions.split(","):
     tf = functions.FUNCTIONS[name]
-    for n in (2**i for i in range(args.max_log2_n + 1)):
-      if n < tf.min_dim:
-        continue
-      for label, options in _variants():
+    # Rosenbrock starts at n = 2.
+    for n in sorted({max(n, tf.min_dim) for n in args.dims}):
+      for label, options in _variants(args.ks):
         res = lr_search.search(_objective(tf.fn, n, args.steps, options), lrs, seeds,
                                objective_name="best value")
         vals = None
@@ -96,8 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          minimum=float(tf.minimum(n))))
       print(f"{name} n={n} done", flush=True)
   return dict(
-    settings=dict(steps=args.steps, seeds=list(seeds), lrs=list(lrs), x0="U(-2, 2)^n per seed",
-                  tangents="normal", estimator="raw (rescale=False)", ks=[1, *KS]),
+    settings=dict(dims=list(args.dims), steps=args.steps, seeds=list(seeds), lrs=list(lrs), x0="U(-2, 2)^n per seed",
+                  tangents="normal", estimator="raw (rescale=False)", ks=[1, *args.ks]),
     rows=rows,
   )
 

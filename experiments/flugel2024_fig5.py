@@ -31,12 +31,14 @@ import numpy as np
 import fwdgrad_jax as fg
 from fwdgrad_jax import experiment, functions, lr_search
 
-ANGLES_DEG = (2, 5, 10, 20, 30, 45, 60, 75, 90)
+ANGLES_DEG = (5, 15, 30, 45, 60, 90)
 KS = (4, 16)
 AGGREGATIONS = ("mean", "orthogonal")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--angles", type=float, nargs="+", default=list(ANGLES_DEG), help="α in degrees")
+  p.add_argument("--ks", type=int, nargs="+", default=list(KS))
   p.add_argument("--n", type=int, default=64, help="dimension (cosine and Styblinski–Tang)")
   p.add_argument("--cos-seeds", type=int, default=500)
   p.add_argument("--steps", type=int, default=1000, help="GD iterations on Styblinski–Tang")
@@ -89,9 +91,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   lrs = lr_search.log_grid(lo, hi, round(math.log10(hi / lo) * args.per_decade) + 1)
   seeds = tuple(range(args.seeds))
   rows = []
-  for k in KS:
+  for k in args.ks:
     for agg in AGGREGATIONS:
-      for angle in (*ANGLES_DEG, None):
+      for angle in (*args.angles, None):
         cos, cos_se = _cosine(args.n, args.cos_seeds, k, agg, angle)
         res = lr_search.search(_st_objective(args.n, args.steps, k, agg, angle), lrs, seeds,
                                objective_name="best value")
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"k={k} {agg} angle={angle}: cos {cos:.3f}, ST {res.best_loss}", flush=True)
   return dict(
     settings=dict(n=args.n, cos_seeds=args.cos_seeds, steps=args.steps, seeds=list(seeds),
-                  lrs=list(lrs), angles_deg=list(ANGLES_DEG), ks=list(KS),
+                  lrs=list(lrs), angles_deg=list(args.angles), ks=list(args.ks),
                   st_minimum=float(functions.FUNCTIONS["styblinski_tang"].minimum(args.n))),
     rows=rows,
   )
@@ -114,7 +116,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   angles = s["angles_deg"]
   plt = experiment.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  colors = {4: "tab:blue", 16: "tab:green"}
+  colors = {2: "tab:orange", 4: "tab:blue", 16: "tab:green"}
   for k in s["ks"]:
     for agg in AGGREGATIONS:
       ls = "-" if agg == "orthogonal" else "--"
