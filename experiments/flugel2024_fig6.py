@@ -37,14 +37,23 @@ import fwdgrad_jax as fg
 from fwdgrad_jax import data, experiment, lr_search, models
 from fwdgrad_jax import train as train_lib
 
-#: Log grids per family: raw estimates are longer for weight perturbation (n = #weights)
-#: than for activity perturbation (n = #activations per example), and longer still for
-#: small k with mean aggregation; the grids are wide enough to bracket each.
+#: Log grids per family and aggregation. The raw estimates' lengths differ by orders of
+#: magnitude (mean: about √(n/k) × ‖∇f‖; orthogonal projection: about √(k/n) × ‖∇f‖, with n
+#: the perturbed dimension — activations per example for activity perturbation, weights for
+#: weight perturbation), so each grid is placed around backprop's lr divided by that ratio.
 LRS = {
-  "backprop": (0.01, 0.03, 0.1, 0.3, 1.0),
-  "activity": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1),
-  "weights": (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1),
+  "backprop": (0.03, 0.1, 0.3, 1.0),
+  "activity mean": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+  "activity orthogonal": (0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
+  "weights mean": (1e-6, 1e-5, 1e-4, 1e-3, 1e-2),
+  "weights orthogonal": (1.0, 10.0, 100.0, 1000.0, 1e4),
 }
+
+
+def _grid(fam: str, options: dict[str, Any] | None) -> tuple[float, ...]:
+  if options is None:
+    return LRS["backprop"]
+  return LRS[f"{fam} {options['aggregation']}"]
 
 
 def _variants(ks, weights: bool) -> list[tuple[str, str, dict[str, Any] | None]]:
@@ -138,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_example = train_lib.make_loss(graphdef, rest, per_example=True)
     apply = models.apply_fn(graphdef, rest)
     for label, fam, options in _variants(args.ks, width in args.weights_widths):
-      lrs = LRS[fam]
+      lrs = _grid(fam, options)
       vl, tl, te, secs = _train_all_lrs(per_example, loss, apply, params, ds, lrs, args, options)
       best_val = np.where(np.isfinite(vl), vl, np.inf).min(axis=1)  # early stopping on val loss
       search = lr_search.summarize(lrs, [args.seed], [[v] if np.isfinite(v) else [None] for v in best_val],
