@@ -23,7 +23,6 @@ batch 64) instead of 100 epochs with early stopping after 10, one seed, widths 2
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 from typing import Any
