@@ -505,3 +505,7 @@ class DeepMLP(nnx.Module):
     for layer in self.hidden:
       h = jax.nn.relu(layer(h))
     return self.head(h)
+
+
+# ResNet18 and ViT (Flügel et al. 2024) register themselves here.
+from fwdgrad_jax import models_flugel as _models_flugel  # noqa: E402, F401

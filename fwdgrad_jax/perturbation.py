@@ -733,6 +733,16 @@ def _blocks(prog: _Program, n_leaves: int, dep, uses, sites: list[int]) -> list[
         todo.extend(x for x in prog.ops[j].ins if dep[x] == _PARAM)
     return [prog.ops[j] for j in sorted(ops)], sorted(leaves)
 
+  # Ops the loss (the first output) depends on.
+  loss_id = prog.outs[0]
+  to_loss: set[int] = set()
+  todo = [loss_id]
+  while todo:
+    j = producer.get(todo.pop())
+    if j is not None and j not in to_loss:
+      to_loss.add(j)
+      todo.extend(prog.ops[j].ins)
+
   blocks = []
   for b, (op_ids, site_j) in enumerate(groups):
     ops = [prog.ops[j] for j in op_ids]
@@ -750,7 +760,11 @@ def _blocks(prog: _Program, n_leaves: int, dep, uses, sites: list[int]) -> list[
         readers = uses.get(o, [])
         outside = [r for r in readers if r < 0 or assigned.get(r) != b]
         if outside:
-          if site_j is not None:
+          # Reads that do not lead to the loss (BatchNorm's running statistics returned as
+          # aux, or left dead by a function that drops them) need the primal only: the
+          # block's VJP misses no path of the loss through them.
+          on_loss_path = o == loss_id or any(r >= 0 and r in to_loss for r in outside)
+          if site_j is not None and on_loss_path:
             raise ValueError(
               "perturbation='activity': a value computed from parameters inside the block "
               f"of site #{b} (shape {op.shapes[op.outs.index(o)]}) is also used outside "
