@@ -145,7 +145,7 @@ def _size(tangents: PyTree, per_example: bool) -> int:
 
 
 def _orthogonal_in_parameter_space(tangents: PyTree, jvps: jax.Array, rcond) -> PyTree:
-  """V (VᵀV)⁺ d as the minimum-norm least-squares solution of Vᵀ g = d, for k > n tangents.
+  """V (VᵀV)⁺ d as the minimum-norm least-squares solution of Vᵀ g = d, for k ≥ n tangents.
 
   The same projection (V(VᵀV)⁺ = (Vᵀ)⁺), solved by an SVD of the k×n matrix of
   tangents instead of a k×k Gram matrix: a million tangents of a 3-parameter function
@@ -183,11 +183,15 @@ def orthogonal(tangents: PyTree, jvps: jax.Array, *, rcond: float | None = None)
 
   Exact when the tangents span the parameter space (k ≥ n); otherwise the best
   approximation of ∇f within span(V). Extra cost: O(k² n) for the Gram matrix and a
-  k×k eigendecomposition; with k > n the same projection is solved as an n×n problem.
+  k×k eigendecomposition; with k ≥ n the same projection is solved by an SVD of the k×n
+  tangent matrix (exact where the Gram matrix would square its condition number).
   With per-example jvps (k, batch) every example is projected onto its own tangents.
   """
   per_example = jvps.ndim == 2
-  if jvps.shape[0] > _size(tangents, per_example):
+  # At k = n the Gram matrix squares cond(V) (~n for square Gaussian V, heavy-tailed), and
+  # the float32 cut-off would drop real directions in about half the draws; the SVD of V
+  # keeps them.
+  if jvps.shape[0] >= _size(tangents, per_example):
     return _orthogonal_in_parameter_space(tangents, jvps, rcond)
   g = gram(tangents, per_example=per_example)
   if per_example:
