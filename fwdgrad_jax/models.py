@@ -505,3 +505,7 @@ class DeepMLP(nnx.Module):
     for layer in self.hidden:
       h = jax.nn.relu(layer(h))
     return self.head(h)
+
+
+# Models kept in their own modules register themselves on import.
+from fwdgrad_jax import models_yao  # noqa: E402, F401  (Yao's CNN, "yao_cnn")
