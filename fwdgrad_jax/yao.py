@@ -1,0 +1,173 @@
+"""What the Yao experiments share: the schemes compared, the problem, a plain-SGD run.
+
+Yao, "Studies on Forward Mode Gradient Descent", compares backprop, the naive forward
+gradient and three variance reductions (averaging k directions, the direction partition,
+input-generated tangents) plus the guided ("momentum") forward mode. Each is one
+:class:`fwdgrad_jax.config.EstimatorConfig` here, always with the RAW estimate
+(``rescale=False``): the paper's learning rates are for it. The scripts
+``experiments/yao_*.py`` build on :func:`sgd_run`, a ``lax.scan`` of plain SGD steps
+(no lr schedule, as in the paper) that is jittable and vmappable over the learning rate
+and the seed, so an lr grid × seeds runs as one compiled call.
+
+Imports flax (through :mod:`fwdgrad_jax.models`): part of the app, not of the core.
+
+References:
+  Yao. Studies on Forward Mode Gradient Descent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fwdgrad_jax import config as config_lib
+from fwdgrad_jax import metrics, models, transforms
+from fwdgrad_jax import train as train_lib
+
+__all__ = ["SCHEMES", "Problem", "estimator_config", "make_problem", "make_transform", "sgd_run"]
+
+#: The paper's schemes, label → estimator config (raw estimates: rescale=False).
+SCHEMES: dict[str, config_lib.EstimatorConfig] = {
+  "backprop": config_lib.EstimatorConfig(name="backprop"),
+  "naive": config_lib.EstimatorConfig(name="forward", rescale=False),
+  "average k=3": config_lib.EstimatorConfig(
+    name="forward", num_tangents=3, aggregation="mean", rescale=False
+  ),
+  "partition k=3": config_lib.EstimatorConfig(
+    name="forward", num_tangents=3, tangents="partition", aggregation="sum", rescale=False
+  ),
+  "input (QR)": config_lib.EstimatorConfig(name="forward", tangents="input", rescale=False),
+  "input approx": config_lib.EstimatorConfig(
+    name="forward", tangents="input_approx", rescale=False
+  ),
+  "guided": config_lib.EstimatorConfig(
+    name="guided", fix_gap=10, decrease_gap=10, decay_rate=0.9, shuffle_ratio=0.5, rescale=False
+  ),
+}
+
+#: The paper's models: the MLP 784-1024-1024-10 and the CNN (widths ours, models_yao.py).
+MODEL_OPTIONS: dict[str, dict[str, Any]] = {
+  "mlp": {"hidden": (1024, 1024)},
+  "yao_cnn": {"channels": (16, 32, 64), "hidden": 128},
+}
+
+
+def estimator_config(label: str, **changes: Any) -> config_lib.EstimatorConfig:
+  """The config of scheme ``label`` (a key of :data:`SCHEMES`), with ``changes`` applied.
+
+  Raises:
+    ValueError: unknown label, listing the known ones.
+  """
+  if label not in SCHEMES:
+    raise ValueError(f"unknown scheme {label!r}; known: {', '.join(SCHEMES)}")
+  import dataclasses
+
+  return dataclasses.replace(SCHEMES[label], **changes)
+
+
+def make_transform(
+  est: config_lib.EstimatorConfig, key: jax.Array
+) -> Any:  # optax.GradientTransformationExtraArgs
+  """The estimator transform of ``est`` (as the app builds it), without an optimizer."""
+  return transforms.gradient_transform(est.name, key=key, **train_lib.estimator_options(est))
+
+
+class Problem(NamedTuple):
+  """A model's loss, initial parameters and the training data.
+
+  Attributes:
+    loss: ``loss(params, x, y)``, mean cross-entropy.
+    params: initial parameters (plain pytree).
+    x, y: training images (N, H, W, C) and labels.
+    num_params: parameter count.
+  """
+
+  loss: Callable[..., jax.Array]
+  params: Any
+  x: jax.Array
+  y: jax.Array
+  num_params: int
+
+
+def make_problem(
+  model: str, x: jax.Array, y: jax.Array, *, seed: int = 0, options: Mapping[str, Any] | None = None
+) -> Problem:
+  """Builds ``model`` (default options from :data:`MODEL_OPTIONS`) for the data ``x, y``."""
+  opts = dict(MODEL_OPTIONS.get(model, {}) if options is None else options)
+  net = models.create(
+    model, input_shape=x.shape[1:], num_classes=10, rngs=nnx.Rngs(seed), **opts
+  )
+  graphdef, params, rest = models.split(net)
+  params = jax.tree.map(jnp.asarray, params)
+  return Problem(
+    train_lib.make_loss(graphdef, rest), params, x, y, models.count_params(params)
+  )
+
+
+def sgd_run(
+  problem: Problem,
+  est: config_lib.EstimatorConfig,
+  *,
+  lr: jax.Array | float,
+  seed: jax.Array | int,
+  steps: int,
+  batch_size: int,
+  params: Any = None,
+  cosine: bool = False,
+) -> dict[str, jax.Array]:
+  """``steps`` plain SGD steps θ ← θ − lr·ĝ with the estimator ``est``; jittable, vmappable.
+
+  The batches are drawn uniformly with replacement from ``problem.x`` (keyed by ``seed``,
+  the same for every estimator at one seed); the tangents' key is ``seed`` too.
+
+  Args:
+    problem: :func:`make_problem`'s model and data.
+    est: the estimator.
+    lr: the learning rate (may be traced: vmap over a grid).
+    seed: the seed of the batches and tangents (may be traced).
+    steps: number of steps.
+    batch_size: examples per step.
+    params: start here instead of ``problem.params``.
+    cosine: also record, every step, the cosine of the estimate to the true minibatch
+      gradient (one extra ``jax.grad`` per step).
+
+  Returns:
+    ``loss`` (steps,): the minibatch loss before each step; ``cosine`` (steps,) if asked;
+    ``true_grads``: the true gradients the estimator itself evaluated (guided only, else 0).
+  """
+  p0 = problem.params if params is None else params
+  key = jax.random.key(jnp.asarray(seed, jnp.uint32))
+  data_key, est_key = jax.random.split(key)
+  tx = make_transform(est, est_key)
+  state = tx.init(p0)
+  n = problem.x.shape[0]
+
+  def body(carry, t):
+    p, s = carry
+    idx = jax.random.randint(jax.random.fold_in(data_key, t), (batch_size,), 0, n)
+    xb, yb = problem.x[idx], problem.y[idx]
+    g, s = tx.update(p, s, p, value_fn=problem.loss, x=xb, y=yb)
+    out = {"loss": s.value}
+    if cosine:
+      out["cosine"] = metrics.cosine_similarity(g, jax.grad(problem.loss)(p, xb, yb))
+    p = jax.tree.map(lambda a, b: a - lr * b, p, g)
+    return (p, s), out
+
+  (_, state), out = jax.lax.scan(body, (p0, state), jnp.arange(steps))
+  out["true_grads"] = getattr(state, "true_grads", jnp.zeros((), jnp.int32))
+  return out
+
+
+def summary_stats(values: np.ndarray) -> dict[str, float]:
+  """mean, std, and the 5/50/95 % quantiles of a sample (NaNs dropped)."""
+  v = np.asarray(values, np.float64)
+  v = v[np.isfinite(v)]
+  if v.size == 0:
+    return dict(mean=float("nan"), std=float("nan"), q05=float("nan"), q50=float("nan"), q95=float("nan"))
+  q05, q50, q95 = np.quantile(v, [0.05, 0.5, 0.95])
+  return dict(mean=float(v.mean()), std=float(v.std()), q05=float(q05), q50=float(q50), q95=float(q95))
