@@ -119,6 +119,7 @@ def sgd_run(
   batch_size: int,
   params: Any = None,
   cosine: bool = False,
+  state_changes: Mapping[str, Any] | None = None,
 ) -> dict[str, jax.Array]:
   """``steps`` plain SGD steps θ ← θ − lr·ĝ with the estimator ``est``; jittable, vmappable.
 
@@ -135,6 +136,9 @@ def sgd_run(
     params: start here instead of ``problem.params``.
     cosine: also record, every step, the cosine of the estimate to the true minibatch
       gradient (one extra ``jax.grad`` per step).
+    state_changes: fields of the estimator's initial state to replace (may be traced),
+      e.g. ``{"decay_rate": d}`` for the guided estimator, whose state carries its decay
+      rate: a grid of decay rates then runs as one vmapped call (one compilation).
 
   Returns:
     ``loss`` (steps,): the minibatch loss before each step; ``cosine`` (steps,) if asked;
@@ -145,6 +149,10 @@ def sgd_run(
   data_key, est_key = jax.random.split(key)
   tx = make_transform(est, est_key)
   state = tx.init(p0)
+  if state_changes:
+    state = state._replace(
+      **{k: jnp.asarray(v, jnp.result_type(getattr(state, k))) for k, v in state_changes.items()}
+    )
   n = problem.x.shape[0]
 
   def body(carry, t):
