@@ -29,7 +29,18 @@ from fwdgrad_jax import config as config_lib
 from fwdgrad_jax import metrics, models, transforms
 from fwdgrad_jax import train as train_lib
 
-__all__ = ["SCHEMES", "Problem", "estimator_config", "make_problem", "make_transform", "sgd_run"]
+__all__ = [
+  "SCHEMES",
+  "Problem",
+  "SgdCarry",
+  "estimator_config",
+  "make_problem",
+  "make_transform",
+  "sgd_init",
+  "sgd_run",
+  "sgd_step",
+  "train_config",
+]
 
 #: The paper's schemes, label → estimator config (raw estimates: rescale=False).
 SCHEMES: dict[str, config_lib.EstimatorConfig] = {
@@ -109,6 +120,63 @@ def make_problem(
   )
 
 
+class SgdCarry(NamedTuple):
+  """What one SGD step carries: parameters, estimator state, the batches' key."""
+
+  params: Any
+  state: Any
+  data_key: jax.Array
+
+
+def sgd_init(
+  problem: Problem,
+  est: config_lib.EstimatorConfig,
+  *,
+  seed: jax.Array | int,
+  params: Any = None,
+  state_changes: Mapping[str, Any] | None = None,
+) -> SgdCarry:
+  """The carry of :func:`sgd_step` at step 0 (see :func:`sgd_run` for the arguments)."""
+  p0 = problem.params if params is None else params
+  data_key, est_key = jax.random.split(jax.random.key(jnp.asarray(seed, jnp.uint32)))
+  state = make_transform(est, est_key).init(p0)
+  if state_changes:
+    state = state._replace(
+      **{k: jnp.asarray(v, jnp.result_type(getattr(state, k))) for k, v in state_changes.items()}
+    )
+  return SgdCarry(p0, state, data_key)
+
+
+def sgd_step(
+  problem: Problem,
+  est: config_lib.EstimatorConfig,
+  carry: SgdCarry,
+  t: jax.Array | int,
+  *,
+  lr: jax.Array | float,
+  batch_size: int,
+  cosine: bool = False,
+) -> tuple[SgdCarry, dict[str, jax.Array]]:
+  """Step ``t``: θ ← θ − lr·ĝ on a batch drawn with ``fold_in(data_key, t)``."""
+  # The transform's key lives in its state (from sgd_init); this one is never used.
+  tx = make_transform(est, jax.random.key(0))
+  p, s, data_key = carry
+  n = problem.x.shape[0]
+  idx = jax.random.randint(jax.random.fold_in(data_key, t), (batch_size,), 0, n)
+  xb, yb = problem.x[idx], problem.y[idx]
+  g, s = tx.update(p, s, p, value_fn=problem.loss, x=xb, y=yb)
+  out = {"loss": s.value}
+  if cosine:
+    out["cosine"] = metrics.cosine_similarity(g, jax.grad(problem.loss)(p, xb, yb))
+  p = jax.tree.map(lambda a, b: a - lr * b, p, g)
+  return SgdCarry(p, s, data_key), out
+
+
+def true_grads_of(carry: SgdCarry) -> jax.Array:
+  """The true gradients the estimator paid for (guided: its state's count; else 0)."""
+  return getattr(carry.state, "true_grads", jnp.zeros((), jnp.int32))
+
+
 def sgd_run(
   problem: Problem,
   est: config_lib.EstimatorConfig,
@@ -123,8 +191,11 @@ def sgd_run(
 ) -> dict[str, jax.Array]:
   """``steps`` plain SGD steps θ ← θ − lr·ĝ with the estimator ``est``; jittable, vmappable.
 
-  The batches are drawn uniformly with replacement from ``problem.x`` (keyed by ``seed``,
-  the same for every estimator at one seed); the tangents' key is ``seed`` too.
+  One ``lax.scan``. The batches are drawn uniformly with replacement from ``problem.x``
+  (keyed by ``seed``, the same for every estimator at one seed); the tangents' key is
+  derived from ``seed`` too. Convolutional models on XLA:CPU run ~20× slower inside a
+  loop (jax-ml/jax#12868): step them from the host with :func:`sgd_init` and a jitted
+  :func:`sgd_step` instead.
 
   Args:
     problem: :func:`make_problem`'s model and data.
@@ -144,30 +215,13 @@ def sgd_run(
     ``loss`` (steps,): the minibatch loss before each step; ``cosine`` (steps,) if asked;
     ``true_grads``: the true gradients the estimator itself evaluated (guided only, else 0).
   """
-  p0 = problem.params if params is None else params
-  key = jax.random.key(jnp.asarray(seed, jnp.uint32))
-  data_key, est_key = jax.random.split(key)
-  tx = make_transform(est, est_key)
-  state = tx.init(p0)
-  if state_changes:
-    state = state._replace(
-      **{k: jnp.asarray(v, jnp.result_type(getattr(state, k))) for k, v in state_changes.items()}
-    )
-  n = problem.x.shape[0]
+  carry = sgd_init(problem, est, seed=seed, params=params, state_changes=state_changes)
 
   def body(carry, t):
-    p, s = carry
-    idx = jax.random.randint(jax.random.fold_in(data_key, t), (batch_size,), 0, n)
-    xb, yb = problem.x[idx], problem.y[idx]
-    g, s = tx.update(p, s, p, value_fn=problem.loss, x=xb, y=yb)
-    out = {"loss": s.value}
-    if cosine:
-      out["cosine"] = metrics.cosine_similarity(g, jax.grad(problem.loss)(p, xb, yb))
-    p = jax.tree.map(lambda a, b: a - lr * b, p, g)
-    return (p, s), out
+    return sgd_step(problem, est, carry, t, lr=lr, batch_size=batch_size, cosine=cosine)
 
-  (_, state), out = jax.lax.scan(body, (p0, state), jnp.arange(steps))
-  out["true_grads"] = getattr(state, "true_grads", jnp.zeros((), jnp.int32))
+  carry, out = jax.lax.scan(body, carry, jnp.arange(steps))
+  out["true_grads"] = true_grads_of(carry)
   return out
 
 
@@ -179,3 +233,16 @@ def summary_stats(values: np.ndarray) -> dict[str, float]:
     return dict(mean=float("nan"), std=float("nan"), q05=float("nan"), q50=float("nan"), q95=float("nan"))
   q05, q50, q95 = np.quantile(v, [0.05, 0.5, 0.95])
   return dict(mean=float(v.mean()), std=float(v.std()), q05=float(q05), q50=float(q50), q95=float(q95))
+
+
+def train_config(
+  model: str, est: config_lib.EstimatorConfig, *, lr: float = 1e-4, batch_size: int = 256
+) -> config_lib.Config:
+  """The app's config of one scheme (plain SGD at ``lr``), for the benchmark's lowering."""
+  cfg = config_lib.Config(
+    model=config_lib.ModelConfig(name=model, options=dict(MODEL_OPTIONS.get(model, {}))),
+    estimator=est,
+    optimizer=config_lib.OptimizerConfig(name="sgd", lr=lr),
+    train=config_lib.TrainConfig(batch_size=batch_size),
+  )
+  return config_lib.validate(cfg)
