@@ -68,13 +68,17 @@ def _time_group(model: str, labels: dict[str, Any], args: argparse.Namespace) ->
     examples=args.batch_size * args.steps,
     seed=0,
   )
-  lowered = {
-    n: benchmark.lower(c, problem, batch_size=args.batch_size, steps=args.steps)
-    for n, c in cfgs.items()
-  }
-  exes = benchmark.compile_all([low.timed for low in lowered.values()])
-  functions = {n: exe for n, (exe, _) in zip(lowered, exes)}
-  call_args = {n: low.args for n, low in lowered.items()}
+  if model == "mlp":
+    lowered = {
+      n: benchmark.lower(c, problem, batch_size=args.batch_size, steps=args.steps)
+      for n, c in cfgs.items()
+    }
+    exes = benchmark.compile_all([low.timed for low in lowered.values()])
+    functions = {n: exe for n, (exe, _) in zip(lowered, exes)}
+    call_args = {n: low.args for n, low in lowered.items()}
+  else:
+    functions, exes = _host_stepped(cfgs, problem, args)
+    call_args = {n: tuple for n in functions}
   timings, _ = benchmark.time_variants(
     functions, call_args, rounds=args.rounds, steps=args.steps, seed=0,
     log=lambda m: print(f"{model}: {m}", flush=True),
@@ -88,6 +92,47 @@ def _time_group(model: str, labels: dict[str, Any], args: argparse.Namespace) ->
     )
     for i, (n, t) in enumerate(timings.items())
   }
+
+
+def _host_stepped(cfgs, problem, args):
+  """CNN steps from the host, one compiled step per call, as the app's ``loop=host``.
+
+  Convolutions inside an XLA:CPU loop run ~20x slower (jax-ml/jax#12868), so the app
+  steps convolutional models from Python; so does this timer. The state advances from
+  call to call (each timed call runs ``steps`` consecutive steps, so the guided method
+  pays exactly one true gradient per call of 10 steps).
+  """
+  import time
+
+  import jax
+
+  from fwdgrad_jax import train as train_lib
+
+  b = args.batch_size
+  batches = [(problem.x[i * b : (i + 1) * b], problem.y[i * b : (i + 1) * b]) for i in range(args.steps)]
+  functions, exes = {}, []
+  for name, cfg in cfgs.items():
+    tx = train_lib.make_tx(cfg, problem.est_key)
+    # Copies: the step donates its state, and the key and params are shared with others.
+    state = jax.tree.map(jax.numpy.copy, train_lib.init_state(tx, problem.params))
+    t0 = time.perf_counter()
+    exe = (
+      jax.jit(train_lib.make_step_fn(problem.loss, tx), donate_argnums=0)
+      .lower(state, *batches[0])
+      .compile()
+    )
+    exes.append((exe, time.perf_counter() - t0))
+    box = {"state": state}
+
+    def calls(exe=exe, box=box):
+      st = box["state"]
+      for xb, yb in batches:
+        st = exe(st, xb, yb)
+      box["state"] = st
+      return st.params
+
+    functions[name] = calls
+  return functions, exes
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
