@@ -54,6 +54,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seeds", default="0,1")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--stop-after", type=int, default=2, help="diverged lrs in a row that end a scheme")
   p.add_argument("--quick", action="store_true", help="10 steps, 3 lrs, 2 schemes")
 
 
@@ -77,17 +78,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   out = []
   for label in schemes:
     est = yao.estimator_config(label)
-    fn = jax.jit(
-      jax.vmap(
-        lambda lr, s, est=est: yao.sgd_run(
-          problem, est, lr=lr, seed=s, steps=args.steps, batch_size=args.batch_size
-        ),
-        in_axes=(None, 0),
+    one = jax.jit(
+      lambda lr, s, est=est: yao.sgd_run(
+        problem, est, lr=lr, seed=s, steps=args.steps, batch_size=args.batch_size
       )
     )
+    if est.tangents == "input":
+      # The QR scheme vmapped over seeds hung here (every thread waiting on a futex, in
+      # the batched LAPACK QR call): its seeds run one after the other.
+      def fn(lr, seeds_, one=one):
+        return {"loss": jnp.stack([one(lr, s)["loss"] for s in seeds_])}
+    else:
+      fn = jax.jit(jax.vmap(one, in_axes=(None, 0)))
     runs, streak = [], 0
     for lr in lrs:
-      if streak >= 2:
+      if streak >= args.stop_after:
         runs.append(dict(lr=lr, ran=False, curves=None))
         continue
       t0 = time.perf_counter()
@@ -160,7 +165,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   lines = [
     f"# Yao Figs. 5–6: learning-rate stability ({model})",
     "",
-    f"`{prov['command']}`",
+    *[f"`{c}`" for c in result.get("merged_from") or [prov["command"]]],
     "",
     experiment.hardware_line(prov),
     "",
@@ -231,6 +236,19 @@ def _plot(result: dict[str, Any], png: Path) -> None:
   plt.close(fig)
 
 
+def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+  """Schemes run by several commands (same model and settings) in one report."""
+  schemes: dict[str, Any] = {}
+  for r in results:
+    for sc in r["schemes"]:
+      schemes[sc["label"]] = sc
+  return {
+    **results[-1],
+    "schemes": list(schemes.values()),
+    "merged_from": [r["provenance"]["command"] for r in results],
+  }
+
+
 def _f(x, spec=".3f"):
   return "–" if x is None else format(x, spec)
 
@@ -247,4 +265,5 @@ if __name__ == "__main__":
     result_file=_result_file,
     description=__doc__,
     add_arguments=_add_arguments,
+    merge=_merge,
   )
