@@ -170,6 +170,11 @@ def _label(r: dict[str, Any]) -> str:
   return f"{r['method']} lr {r['lr']:g}"
 
 
+def _f(x, spec=".4f"):
+  # NaN is written to JSON as null: a diverged run.
+  return "NaN (diverged)" if x is None else format(x, spec)
+
+
 def _smooth(x: np.ndarray, w: int = 10) -> np.ndarray:
   if len(x) < w:
     return x
@@ -200,7 +205,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   ]
   for r in runs:
     lines.append(
-      f"| {_label(r)} | {r['lr']:g} | {r['final_loss']:.4f} | {r['mean_cosine']:.4f} | "
+      f"| {_label(r)} | {r['lr']:g} | {_f(r['final_loss'])} | {_f(r['mean_cosine'])} | "
       f"{r['true_grads'] if r['method'] == 'guided' else ('every step' if r['method'] == 'backprop' else 0)} |"
     )
   guided = [r for r in runs if r["method"] == "guided"]
@@ -218,7 +223,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
       cells = []
       for sh in shuffles:
         m = [r for r in guided if r["decay_rate"] == d and r["shuffle_ratio"] == sh]
-        cells.append(f"{m[0]['final_loss']:.4f}" if m else "–")
+        cells.append(_f(m[0]["final_loss"]) if m else "–")
       lines.append(f"| {d:g} | " + " | ".join(cells) + " |")
   png = out / f"guided_{model}.png"
   lines += ["", f"![loss and cosine]({png.name})", ""]
@@ -235,10 +240,10 @@ def _plot(result: dict[str, Any], png: Path) -> None:
   base = [r for r in runs if r["method"] != "guided"]
   guided = [r for r in runs if r["method"] == "guided"]
   for r in base:
-    axes[0].plot(_smooth(np.asarray(r["loss"])), label=_label(r), lw=1.5, ls="--")
+    axes[0].plot(_smooth(np.asarray(r["loss"], np.float64)), label=_label(r), lw=1.5, ls="--")
   cmap = plt.get_cmap("viridis")
   for i, r in enumerate(guided):
-    axes[0].plot(_smooth(np.asarray(r["loss"])), label=_label(r), lw=0.8,
+    axes[0].plot(_smooth(np.asarray(r["loss"], np.float64)), label=_label(r), lw=0.8,
                  color=cmap(i / max(1, len(guided) - 1)))
   axes[0].set_title("minibatch loss (moving mean of 10)", fontsize=9)
   axes[0].set_xlabel("step")
@@ -246,9 +251,9 @@ def _plot(result: dict[str, Any], png: Path) -> None:
   # Fig. 10: the two slices of the grid the paper shows.
   for r in guided:
     if r["shuffle_ratio"] == 0.5 or r["decay_rate"] == 0.9 or (r["decay_rate"], r["shuffle_ratio"]) == (1.0, 0.0):
-      axes[1].plot(_smooth(np.asarray(r["loss"])), label=_label(r), lw=1)
+      axes[1].plot(_smooth(np.asarray(r["loss"], np.float64)), label=_label(r), lw=1)
   for r in base:
-    axes[1].plot(_smooth(np.asarray(r["loss"])), label=_label(r), lw=1.5, ls="--")
+    axes[1].plot(_smooth(np.asarray(r["loss"], np.float64)), label=_label(r), lw=1.5, ls="--")
   axes[1].set_title("Figs. 9–11 slices: shuffle 0.5 / decay 0.9 / (1.0, 0.0)", fontsize=9)
   axes[1].set_xlabel("step")
   axes[1].legend(fontsize=6)
@@ -256,7 +261,7 @@ def _plot(result: dict[str, Any], png: Path) -> None:
   for r in runs:
     key = (r.get("decay_rate"), r.get("shuffle_ratio"))
     if r["method"] == "naive" or key in ((1.0, 0.0), (0.9, 0.5)):
-      axes[2].plot(r["cosine"], label=_label(r), lw=0.6)
+      axes[2].plot(np.asarray(r["cosine"], np.float64), label=_label(r), lw=0.6)
   axes[2].set_title("Fig. 12: cosine of the estimate to the true gradient", fontsize=9)
   axes[2].set_xlabel("step")
   axes[2].legend(fontsize=7)
