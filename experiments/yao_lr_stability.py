@@ -78,18 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   out = []
   for label in schemes:
     est = yao.estimator_config(label)
-    one = jax.jit(
-      lambda lr, s, est=est: yao.sgd_run(
-        problem, est, lr=lr, seed=s, steps=args.steps, batch_size=args.batch_size
-      )
-    )
-    if est.tangents == "input":
-      # The QR scheme vmapped over seeds hung here (every thread waiting on a futex, in
-      # the batched LAPACK QR call): its seeds run one after the other.
-      def fn(lr, seeds_, one=one):
-        return {"loss": jnp.stack([one(lr, s)["loss"] for s in seeds_])}
-    else:
-      fn = jax.jit(jax.vmap(one, in_axes=(None, 0)))
+    fn = _runner(problem, est, args)
     runs, streak = [], 0
     for lr in lrs:
       if streak >= args.stop_after:
@@ -116,6 +105,47 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ),
     schemes=out,
   )
+
+
+def _runner(problem, est, args):
+  """``fn(lr, seeds) -> {"loss": (seeds, steps)}`` for one scheme.
+
+  The MLP runs as one jitted ``lax.scan`` vmapped over the seeds; the CNN is stepped
+  from the host (convolutions inside an XLA:CPU loop run ~20x slower, jax-ml/jax#12868).
+  The QR scheme vmapped over seeds hung here (every thread waiting on a futex, in the
+  batched LAPACK QR call): its seeds run one after the other.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from fwdgrad_jax import yao
+
+  kw = dict(batch_size=args.batch_size)
+  seq = est.tangents == "input"
+  if args.model == "mlp":
+    one = jax.jit(lambda lr, s: yao.sgd_run(problem, est, lr=lr, seed=s, steps=args.steps, **kw))
+    if seq:
+      return lambda lr, seeds: {"loss": jnp.stack([one(lr, s)["loss"] for s in seeds])}
+    return jax.jit(jax.vmap(one, in_axes=(None, 0)))
+
+  init = jax.jit(lambda s: yao.sgd_init(problem, est, seed=s))
+  step = jax.jit(lambda c, lr, t: yao.sgd_step(problem, est, c, t, lr=lr, **kw), donate_argnums=0)
+  if not seq:
+    init, step = jax.jit(jax.vmap(init)), jax.jit(
+      jax.vmap(lambda c, lr, t: yao.sgd_step(problem, est, c, t, lr=lr, **kw), in_axes=(0, None, None)),
+      donate_argnums=0,
+    )
+
+  def hosted(seeds_, lr):
+    carry, losses = init(seeds_), []
+    for t in range(args.steps):
+      carry, out = step(carry, lr, jnp.int32(t))
+      losses.append(out["loss"])
+    return jnp.stack(losses, axis=-1)
+
+  if seq:
+    return lambda lr, seeds: {"loss": jnp.stack([hosted(s, lr) for s in seeds])}
+  return lambda lr, seeds: {"loss": hosted(seeds, lr)}
 
 
 def _assess(runs: list[dict[str, Any]], seeds: list[int], steps: int) -> dict[str, Any]:
