@@ -507,5 +507,6 @@ class DeepMLP(nnx.Module):
     return self.head(h)
 
 
-# ResNet18 and ViT (Flügel et al. 2024) register themselves here.
-from fwdgrad_jax import models_flugel as _models_flugel  # noqa: E402, F401
+# Models kept in their own modules register themselves on import.
+from fwdgrad_jax import models_flugel as _models_flugel  # noqa: E402, F401  (resnet18, vit)
+from fwdgrad_jax import models_yao as _models_yao  # noqa: E402, F401  (Yao's CNN, "yao_cnn")

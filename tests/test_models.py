@@ -104,6 +104,7 @@ _SMALL = {
   "cnn": {"channels": 8, "hidden": 32},
   "vgg": {"channels": (8, 8, 8), "hidden": 32},
   "deep_mlp": {"depth": 2, "width": 32},
+  "yao_cnn": {"channels": (4, 4, 4), "hidden": 16},
 }
 
 
