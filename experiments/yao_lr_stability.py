@@ -63,10 +63,9 @@ def _result_file(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-  import jax
   import jax.numpy as jnp
 
-  from fwdgrad_jax import data, lr_search, yao
+  from fwdgrad_jax import data, yao
 
   lrs = sorted(float(x) for x in args.lrs.split(","))
   seeds = [int(s) for s in args.seeds.split(",")]

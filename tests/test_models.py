@@ -105,6 +105,8 @@ _SMALL = {
   "vgg": {"channels": (8, 8, 8), "hidden": 32},
   "deep_mlp": {"depth": 2, "width": 32},
   "yao_cnn": {"channels": (4, 4, 4), "hidden": 16},
+  "resnet18": {"width": 4},
+  "vit": {"hidden": 16, "heads": 2, "mlp": 16, "layers": 2},
 }
 
 
@@ -115,7 +117,11 @@ def _abstract(name, input_shape=MNIST, **kw):
 def _abstract_logits(model, input_shape, batch=2):
   graphdef, params, rest = split(model)
   x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
-  return jax.eval_shape(apply_fn(graphdef, rest), params, x)
+  # rest as an argument: stateful models (BatchNorm) write it, which abstract values
+  # closed over cannot take.
+  return jax.eval_shape(
+    lambda p, r, x: apply_with_state_fn(graphdef)(p, r, x)[0], params, rest, x
+  )
 
 
 # Every registered model, whoever registered it: a new model without a small config here
