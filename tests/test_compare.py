@@ -27,13 +27,14 @@ def _rows(tmp_path, budget=1.0):
 def test_the_demo_rows_are_tuned_and_compose():
   compare = _scripts.load("compare")
   demo = compare.load_rows(compare.ROOT / "configs" / "demo.yaml")
-  assert {"backprop", "forward k=1", "forward k=16 orthogonal"} <= set(demo["rows"])
+  assert {"backprop", "forward k=1", "activity k=16 orthogonal"} <= set(demo["rows"])
   for label, row in demo["rows"].items():
     cfg = compare._compose(["+experiment=demo", *row])
     assert cfg.data.name == "fashion_mnist" and cfg.model.name == "mlp", label
     assert any(o.startswith("optimizer.lr=") for o in row), f"{label}: no tuned lr"
-  k16 = compare._compose(["+experiment=demo", *demo["rows"]["forward k=16 orthogonal"]])
+  k16 = compare._compose(["+experiment=demo", *demo["rows"]["activity k=16 orthogonal"]])
   assert (k16.estimator.num_tangents, k16.estimator.aggregation) == (16, "orthogonal")
+  assert k16.estimator.perturbation == "activity"
   # Every lr in the file names the command that found it.
   text = (compare.ROOT / "configs" / "demo.yaml").read_text()
   for label in demo["rows"]:
@@ -75,7 +76,7 @@ def test_the_demo_rows_run_twice_into_the_same_directory_fresh(tiny_data, tmp_pa
   for _ in range(2):  # the second run starts fresh instead of resuming finished runs
     assert compare.main(argv) == 0
     rows = json.loads((tmp_path / "comparison.json").read_text())["rows"]
-    assert {"backprop", "forward k=1", "forward k=16 orthogonal"} <= set(rows)
+    assert {"backprop", "forward k=1", "activity k=16 orthogonal"} <= set(rows)
     assert all(r["steps"] == 10 and r["step_time_ms"] > 0 for r in rows.values())
 
 
