@@ -25,8 +25,8 @@ $(FASHION_MNIST):
 
 data: $(FASHION_MNIST)
 
-# The main job: Fashion-MNIST MLP, backprop vs forward gradients (k = 1; k = 16 orthogonal),
-# each at its tuned lr (configs/demo.yaml), 25 s of training each; ~2.5 min on 2 cores.
+# The main job: Fashion-MNIST MLP, backprop vs forward gradients (weights k = 1; activity k = 1, k = 16 orthogonal),
+# each at its tuned lr (configs/demo.yaml), 20 s of training each; ~2.6 min on 2 cores.
 demo: install data
 	$(PY) experiments/compare.py
 

@@ -1,7 +1,8 @@
 """The main job: forward gradients vs backprop, each at its own tuned lr, same time budget.
 
 Trains every row of configs/demo.yaml — backprop and the best forward-gradient variants
-the library has (k = 1; k = 16 with orthogonal aggregation), each at the learning rate
+the library has (weight tangents, k = 1; activity perturbation, k = 1 and k = 16 with the
+per-example orthogonal projection), each at the learning rate
 an lr search found for it — on offline Fashion-MNIST (MLP 784-1024-1024-10, batch 64,
 SGD) for the same training time (compile and evaluation excluded), then prints a table
 (test accuracy and loss, steps run, step time, R = step time / forward+loss time, cosine
