@@ -85,10 +85,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       se = lambda a: float(a.std(ddof=1) / math.sqrt(a.size))
       rows.append(
         dict(
-          k=k, variant=label, cos_mean=float(cos.mean()), cos_se=se(cos),
-          cos_min=float(cos.min()), exact_fraction=float(np.mean(cos > 0.9999)), cos2_mean=float((cos**2).mean()), cos2_se=se(cos**2),
-          ratio_mean=float(ratio.mean()), ratio_se=se(ratio),
-          ratio2_mean=float((ratio**2).mean()), ratio2_se=se(ratio**2),
+          k=k,
+          variant=label,
+          cos_mean=float(cos.mean()),
+          cos_se=se(cos),
+          cos_min=float(cos.min()),
+          exact_fraction=float(np.mean(cos > 0.9999)),
+          cos2_mean=float((cos**2).mean()),
+          cos2_se=se(cos**2),
+          ratio_mean=float(ratio.mean()),
+          ratio_se=se(ratio),
+          ratio2_mean=float((ratio**2).mean()),
+          ratio2_se=se(ratio**2),
         )
       )
     print(f"k={k} done", flush=True)
@@ -110,18 +118,42 @@ def _checks(result: dict[str, Any]) -> list[dict[str, Any]]:
   rows = {(r["k"], r["variant"]): r for r in result["rows"]}
   out = []
   one = rows[(1, "mean")]
-  out.append(dict(what="E|cos|, one tangent", closed=cf["abs_cos_one_tangent"],
-                  measured=one["cos_mean"], se=one["cos_se"]))
-  out.append(dict(what="E[(‖ĝ‖/‖g‖)²] = n+2, one tangent", closed=cf["ratio2_one_tangent"],
-                  measured=one["ratio2_mean"], se=one["ratio2_se"]))
+  out.append(
+    dict(
+      what="E|cos|, one tangent",
+      closed=cf["abs_cos_one_tangent"],
+      measured=one["cos_mean"],
+      se=one["cos_se"],
+    )
+  )
+  out.append(
+    dict(
+      what="E[(‖ĝ‖/‖g‖)²] = n+2, one tangent",
+      closed=cf["ratio2_one_tangent"],
+      measured=one["ratio2_mean"],
+      se=one["ratio2_se"],
+    )
+  )
   for k in result["settings"]["ks"]:
     r = rows[(k, "orthogonal")]
     if k < n:
-      out.append(dict(what=f"orthogonal E[cos²] = k/n, k={k}", closed=k / n,
-                      measured=r["cos2_mean"], se=r["cos2_se"]))
+      out.append(
+        dict(
+          what=f"orthogonal E[cos²] = k/n, k={k}",
+          closed=k / n,
+          measured=r["cos2_mean"],
+          se=r["cos2_se"],
+        )
+      )
     else:
-      out.append(dict(what=f"orthogonal exact: fraction of seeds with cos > 0.9999, k={k}",
-                      closed=1.0, measured=r["exact_fraction"], se=0.0))
+      out.append(
+        dict(
+          what=f"orthogonal exact: fraction of seeds with cos > 0.9999, k={k}",
+          closed=1.0,
+          measured=r["exact_fraction"],
+          se=0.0,
+        )
+      )
   for c in out:
     c["z"] = (c["measured"] - c["closed"]) / c["se"] if c["se"] > 0 else None
     c["ok"] = abs(c["z"]) < 4 if c["z"] is not None else c["measured"] >= 0.99
@@ -134,8 +166,13 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   rows = {(r["k"], r["variant"]): r for r in result["rows"]}
   plt = experiment.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  styles = {"sum": "-", "mean": "--", "normalized sum": "-.", "normalized mean": ":",
-            "orthogonal": "-"}
+  styles = {
+    "sum": "-",
+    "mean": "--",
+    "normalized sum": "-.",
+    "normalized mean": ":",
+    "orthogonal": "-",
+  }
   for label in VARIANTS:
     cos = [rows[(k, label)]["cos_mean"] for k in ks]
     ratio = [rows[(k, label)]["ratio_mean"] for k in ks]
@@ -172,16 +209,32 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   ]
   for c in checks:
     z = "–" if c["z"] is None else f"{c['z']:+.2f}"
-    lines.append(f"| {c['what']} | {c['closed']:.4f} | {c['measured']:.4f} ± {c['se']:.4f} | "
-                 f"{z} | {'yes' if c['ok'] else '**no**'} |")
-  lines += ["", "## Cosine similarity (mean over seeds)", "",
-            "| k | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
+    lines.append(
+      f"| {c['what']} | {c['closed']:.4f} | {c['measured']:.4f} ± {c['se']:.4f} | "
+      f"{z} | {'yes' if c['ok'] else '**no**'} |"
+    )
+  lines += [
+    "",
+    "## Cosine similarity (mean over seeds)",
+    "",
+    "| k | " + " | ".join(VARIANTS) + " |",
+    "|---" * (len(VARIANTS) + 1) + "|",
+  ]
   for k in ks:
-    lines.append(f"| {k} | " + " | ".join(f"{rows[(k, v)]['cos_mean']:.3f}" for v in VARIANTS) + " |")
-  lines += ["", "## Norm ratio ‖ĝ‖/‖∇f‖ (mean over seeds)", "",
-            "| k | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
+    lines.append(
+      f"| {k} | " + " | ".join(f"{rows[(k, v)]['cos_mean']:.3f}" for v in VARIANTS) + " |"
+    )
+  lines += [
+    "",
+    "## Norm ratio ‖ĝ‖/‖∇f‖ (mean over seeds)",
+    "",
+    "| k | " + " | ".join(VARIANTS) + " |",
+    "|---" * (len(VARIANTS) + 1) + "|",
+  ]
   for k in ks:
-    lines.append(f"| {k} | " + " | ".join(f"{rows[(k, v)]['ratio_mean']:.3g}" for v in VARIANTS) + " |")
+    lines.append(
+      f"| {k} | " + " | ".join(f"{rows[(k, v)]['ratio_mean']:.3g}" for v in VARIANTS) + " |"
+    )
   lines += ["", "![cosine and norm ratio against k](fig3_approximation.png)", ""]
   md = out / "fig3.md"
   md.write_text("\n".join(lines))
@@ -190,6 +243,10 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 if __name__ == "__main__":
   experiment.script_main(
-    __file__, run, report, result_file="fig3.json", description=__doc__,
+    __file__,
+    run,
+    report,
+    result_file="fig3.json",
+    description=__doc__,
     add_arguments=_add_arguments,
   )

@@ -34,7 +34,10 @@ KS = (2, 4, 16)
 
 
 def _variants(ks=KS) -> list[tuple[str, dict[str, Any] | None]]:
-  out: list[tuple[str, dict[str, Any] | None]] = [("true gradient", None), ("forward k=1", dict(num_tangents=1))]
+  out: list[tuple[str, dict[str, Any] | None]] = [
+    ("true gradient", None),
+    ("forward k=1", dict(num_tangents=1)),
+  ]
   for k in ks:
     out.append((f"mean k={k}", dict(num_tangents=k, aggregation="mean")))
     out.append((f"orthogonal k={k}", dict(num_tangents=k, aggregation="orthogonal")))
@@ -42,8 +45,13 @@ def _variants(ks=KS) -> list[tuple[str, dict[str, Any] | None]]:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--dims", type=int, nargs="+", default=[2**i for i in range(11)],
-                 help="the dimensions n (paper: 1, 2, 4, …, 1024)")
+  p.add_argument(
+    "--dims",
+    type=int,
+    nargs="+",
+    default=[2**i for i in range(11)],
+    help="the dimensions n (paper: 1, 2, 4, …, 1024)",
+  )
   p.add_argument("--ks", type=int, nargs="+", default=list(KS), help="k > 1 (k = 1 always runs)")
   p.add_argument("--steps", type=int, default=1000, help="gradient-descent iterations")
   p.add_argument("--seeds", type=int, default=5)
@@ -87,18 +95,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Rosenbrock starts at n = 2.
     for n in sorted({max(n, tf.min_dim) for n in args.dims}):
       for label, options in _variants(args.ks):
-        res = lr_search.search(_objective(tf.fn, n, args.steps, options), lrs, seeds,
-                               objective_name="best value")
+        res = lr_search.search(
+          _objective(tf.fn, n, args.steps, options), lrs, seeds, objective_name="best value"
+        )
         vals = None
         if res.best_index is not None:
           vals = res.values[res.best_index]
-        rows.append(dict(function=name, n=n, variant=label, best_lr=res.best_lr,
-                         best_mean=res.best_loss, values=vals, at_grid_edge=res.at_grid_edge,
-                         minimum=float(tf.minimum(n))))
+        rows.append(
+          dict(
+            function=name,
+            n=n,
+            variant=label,
+            best_lr=res.best_lr,
+            best_mean=res.best_loss,
+            values=vals,
+            at_grid_edge=res.at_grid_edge,
+            minimum=float(tf.minimum(n)),
+          )
+        )
       print(f"{name} n={n} done", flush=True)
   return dict(
-    settings=dict(dims=list(args.dims), steps=args.steps, seeds=list(seeds), lrs=list(lrs), x0="U(-2, 2)^n per seed",
-                  tangents="normal", estimator="raw (rescale=False)", ks=[1, *args.ks]),
+    settings=dict(
+      dims=list(args.dims),
+      steps=args.steps,
+      seeds=list(seeds),
+      lrs=list(lrs),
+      x0="U(-2, 2)^n per seed",
+      tangents="normal",
+      estimator="raw (rescale=False)",
+      ks=[1, *args.ks],
+    ),
     rows=rows,
   )
 
@@ -128,7 +154,8 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     by = {(r["n"], r["variant"]): r for r in rows}
     for label in labels:
       gap = [
-        np.nan if by[(n, label)]["best_mean"] is None
+        np.nan
+        if by[(n, label)]["best_mean"] is None
         else (by[(n, label)]["best_mean"] - by[(n, label)]["minimum"]) / n
         for n in ns
       ]
@@ -143,8 +170,13 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     ax.set_xlabel("dimension n")
     ax.set_title(name)
     ax.grid(alpha=0.3)
-    lines += ["", f"## {name}", "", "| n | " + " | ".join(labels) + " |",
-              "|---" * (len(labels) + 1) + "|"]
+    lines += [
+      "",
+      f"## {name}",
+      "",
+      "| n | " + " | ".join(labels) + " |",
+      "|---" * (len(labels) + 1) + "|",
+    ]
     for n in ns:
       cells = []
       for label in labels:
@@ -152,7 +184,9 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
         if r["best_mean"] is None:
           cells.append("diverged")
         else:
-          cells.append(f"{(r['best_mean'] - r['minimum']) / n:.3g}" + ("*" if r["at_grid_edge"] else ""))
+          cells.append(
+            f"{(r['best_mean'] - r['minimum']) / n:.3g}" + ("*" if r["at_grid_edge"] else "")
+          )
       lines.append(f"| {n} | " + " | ".join(cells) + " |")
   axes[0][0].set_ylabel("(best value − minimum) / n (floored at 1e-12)")
   axes[0][-1].legend(fontsize=7)
@@ -168,6 +202,10 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 if __name__ == "__main__":
   experiment.script_main(
-    __file__, run, report, result_file="fig4.json", description=__doc__,
+    __file__,
+    run,
+    report,
+    result_file="fig4.json",
+    description=__doc__,
     add_arguments=_add_arguments,
   )

@@ -95,17 +95,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for agg in AGGREGATIONS:
       for angle in (*args.angles, None):
         cos, cos_se = _cosine(args.n, args.cos_seeds, k, agg, angle)
-        res = lr_search.search(_st_objective(args.n, args.steps, k, agg, angle), lrs, seeds,
-                               objective_name="best value")
-        rows.append(dict(k=k, aggregation=agg, angle_deg=angle, cos_mean=cos, cos_se=cos_se,
-                         st_best=res.best_loss, st_best_lr=res.best_lr,
-                         st_values=None if res.best_index is None else res.values[res.best_index],
-                         at_grid_edge=res.at_grid_edge))
+        res = lr_search.search(
+          _st_objective(args.n, args.steps, k, agg, angle), lrs, seeds, objective_name="best value"
+        )
+        rows.append(
+          dict(
+            k=k,
+            aggregation=agg,
+            angle_deg=angle,
+            cos_mean=cos,
+            cos_se=cos_se,
+            st_best=res.best_loss,
+            st_best_lr=res.best_lr,
+            st_values=None if res.best_index is None else res.values[res.best_index],
+            at_grid_edge=res.at_grid_edge,
+          )
+        )
         print(f"k={k} {agg} angle={angle}: cos {cos:.3f}, ST {res.best_loss}", flush=True)
   return dict(
-    settings=dict(n=args.n, cos_seeds=args.cos_seeds, steps=args.steps, seeds=list(seeds),
-                  lrs=list(lrs), angles_deg=list(args.angles), ks=list(args.ks),
-                  st_minimum=float(functions.FUNCTIONS["styblinski_tang"].minimum(args.n))),
+    settings=dict(
+      n=args.n,
+      cos_seeds=args.cos_seeds,
+      steps=args.steps,
+      seeds=list(seeds),
+      lrs=list(lrs),
+      angles_deg=list(args.angles),
+      ks=list(args.ks),
+      st_minimum=float(functions.FUNCTIONS["styblinski_tang"].minimum(args.n)),
+    ),
     rows=rows,
   )
 
@@ -121,8 +138,10 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     for agg in AGGREGATIONS:
       ls = "-" if agg == "orthogonal" else "--"
       cos = [by[(k, agg, a)]["cos_mean"] for a in angles]
-      st = [np.nan if by[(k, agg, a)]["st_best"] is None else by[(k, agg, a)]["st_best"] / s["n"]
-            for a in angles]
+      st = [
+        np.nan if by[(k, agg, a)]["st_best"] is None else by[(k, agg, a)]["st_best"] / s["n"]
+        for a in angles
+      ]
       axes[0].plot(angles, cos, ls=ls, marker="o", ms=3, color=colors[k], label=f"{agg} k={k}")
       axes[1].plot(angles, st, ls=ls, marker="o", ms=3, color=colors[k], label=f"{agg} k={k}")
       ref = by[(k, agg, None)]
@@ -134,7 +153,9 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     ax.set_xlabel("cone angle α (degrees)")
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
-  fig.suptitle(f"Fig. 5: tangents at angle α to v₁, n = {s['n']} (thin lines: independent Gaussian tangents)")
+  fig.suptitle(
+    f"Fig. 5: tangents at angle α to v₁, n = {s['n']} (thin lines: independent Gaussian tangents)"
+  )
   fig.tight_layout()
   png = out / "fig5_cone.png"
   fig.savefig(png, dpi=100)
@@ -154,15 +175,24 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     f"{len(s['seeds'])} seeds at the best lr of a {len(s['lrs'])}-point grid. "
     f"{experiment.hardware_line(result.get('provenance'))}",
     "",
-    "## Cosine similarity to ∇f", "", head, sep,
+    "## Cosine similarity to ∇f",
+    "",
+    head,
+    sep,
   ]
   for a in (*angles, None):
-    lines.append(f"| {'Gaussian (no cone)' if a is None else f'{a}°'} | "
-                 + " | ".join(cell(by[(k, agg, a)], "cos_mean", ".3f") for k, agg in cols) + " |")
+    lines.append(
+      f"| {'Gaussian (no cone)' if a is None else f'{a}°'} | "
+      + " | ".join(cell(by[(k, agg, a)], "cos_mean", ".3f") for k, agg in cols)
+      + " |"
+    )
   lines += ["", "## Best Styblinski–Tang value / n", "", head, sep]
   for a in (*angles, None):
-    lines.append(f"| {'Gaussian (no cone)' if a is None else f'{a}°'} | "
-                 + " | ".join(cell(by[(k, agg, a)], "st_best", ".3f") for k, agg in cols) + " |")
+    lines.append(
+      f"| {'Gaussian (no cone)' if a is None else f'{a}°'} | "
+      + " | ".join(cell(by[(k, agg, a)], "st_best", ".3f") for k, agg in cols)
+      + " |"
+    )
   lines += ["", "![cosine and Styblinski–Tang against α](fig5_cone.png)", ""]
   md = out / "fig5.md"
   md.write_text("\n".join(lines))
@@ -171,6 +201,10 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 if __name__ == "__main__":
   experiment.script_main(
-    __file__, run, report, result_file="fig5.json", description=__doc__,
+    __file__,
+    run,
+    report,
+    result_file="fig5.json",
+    description=__doc__,
     add_arguments=_add_arguments,
   )

@@ -71,14 +71,23 @@ def _variants(ks, weights: bool) -> list[tuple[str, str, dict[str, Any] | None]]
 def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--widths", type=int, nargs="+", default=[256, 1024])
   p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 16])
-  p.add_argument("--weights-widths", type=int, nargs="*", default=[256],
-                 help="widths that also run weight perturbation")
+  p.add_argument(
+    "--weights-widths",
+    type=int,
+    nargs="*",
+    default=[256],
+    help="widths that also run weight perturbation",
+  )
   p.add_argument("--steps", type=int, default=600)
   p.add_argument("--eval-every", type=int, default=100)
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--val-examples", type=int, default=5000)
-  p.add_argument("--eval-examples", type=int, default=2000,
-                 help="validation examples evaluated at each eval (of the held-out split)")
+  p.add_argument(
+    "--eval-examples",
+    type=int,
+    default=2000,
+    help="validation examples evaluated at each eval (of the held-out split)",
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--quick", action="store_true", help="width 32, k ∈ {1, 4}, 20 steps")
 
@@ -124,8 +133,15 @@ def _train_all_lrs(per_example_loss, loss, apply, params, ds, lrs, args, options
   fn = jax.jit(jax.vmap(run, in_axes=(0, *[None] * 8)))
   t0 = time.perf_counter()
   out = fn(
-    jnp.asarray(lrs, jnp.float32), args.seed, params, ds.x_train, ds.y_train,
-    ds.x_val[: args.eval_examples], ds.y_val[: args.eval_examples], ds.x_test, ds.y_test,
+    jnp.asarray(lrs, jnp.float32),
+    args.seed,
+    params,
+    ds.x_train,
+    ds.y_train,
+    ds.x_val[: args.eval_examples],
+    ds.y_val[: args.eval_examples],
+    ds.x_test,
+    ds.y_test,
   )
   vl, tl, te = (np.asarray(a, np.float64) for a in out)
   return vl, tl, te, time.perf_counter() - t0
@@ -133,12 +149,23 @@ def _train_all_lrs(per_example_loss, loss, apply, params, ds, lrs, args, options
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
-    args.widths, args.ks, args.weights_widths, args.steps, args.eval_every = [32], [1, 4], [32], 20, 10
+    args.widths, args.ks, args.weights_widths, args.steps, args.eval_every = (
+      [32],
+      [1, 4],
+      [32],
+      20,
+      10,
+    )
   ds = data.load("fashion_mnist", val_size=args.val_examples, seed=args.seed)
   rows = []
   for width in args.widths:
-    model = models.create("mlp", input_shape=ds.input_shape, num_classes=10,
-                          rngs=nnx.Rngs(args.seed), hidden=[width, width])
+    model = models.create(
+      "mlp",
+      input_shape=ds.input_shape,
+      num_classes=10,
+      rngs=nnx.Rngs(args.seed),
+      hidden=[width, width],
+    )
     graphdef, params, rest = models.split(model)
     params = jax.tree.map(jnp.asarray, params)
     num_params = models.count_params(params)
@@ -149,29 +176,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       lrs = _grid(fam, options)
       vl, tl, te, secs = _train_all_lrs(per_example, loss, apply, params, ds, lrs, args, options)
       best_val = np.where(np.isfinite(vl), vl, np.inf).min(axis=1)  # early stopping on val loss
-      search = lr_search.summarize(lrs, [args.seed], [[v] if np.isfinite(v) else [None] for v in best_val],
-                                   objective="best val loss")
+      search = lr_search.summarize(
+        lrs,
+        [args.seed],
+        [[v] if np.isfinite(v) else [None] for v in best_val],
+        objective="best val loss",
+      )
       i = None if search.best_lr is None else list(lrs).index(search.best_lr)
       if i is not None:
         j = int(np.argmin(np.where(np.isfinite(vl[i]), vl[i], np.inf)))
         test_error, test_loss_curve = float(te[i, j]), tl[i].tolist()
       else:
         test_error, test_loss_curve = None, None
-      rows.append(dict(width=width, num_params=num_params, variant=label, family=fam,
-                       k=0 if options is None else options["num_tangents"],
-                       aggregation=None if options is None else options["aggregation"],
-                       best_lr=search.best_lr, at_grid_edge=search.at_grid_edge,
-                       best_val_loss=search.best_loss, test_error=test_error,
-                       test_loss_curve=test_loss_curve, seconds_all_lrs=secs,
-                       search=search.as_dict()))
-      print(f"w={width} {label}: lr {search.best_lr} test err {test_error} ({secs:.0f}s)", flush=True)
+      rows.append(
+        dict(
+          width=width,
+          num_params=num_params,
+          variant=label,
+          family=fam,
+          k=0 if options is None else options["num_tangents"],
+          aggregation=None if options is None else options["aggregation"],
+          best_lr=search.best_lr,
+          at_grid_edge=search.at_grid_edge,
+          best_val_loss=search.best_loss,
+          test_error=test_error,
+          test_loss_curve=test_loss_curve,
+          seconds_all_lrs=secs,
+          search=search.as_dict(),
+        )
+      )
+      print(
+        f"w={width} {label}: lr {search.best_lr} test err {test_error} ({secs:.0f}s)", flush=True
+      )
   return dict(
-    settings=dict(data="fashion_mnist", widths=args.widths, ks=args.ks,
-                  weights_widths=args.weights_widths, steps=args.steps,
-                  eval_every=args.eval_every, batch_size=args.batch_size,
-                  val_examples=args.val_examples, eval_examples=args.eval_examples,
-                  seed=args.seed, lrs=LRS, optimizer="sgd, constant lr",
-                  estimator="raw (rescale=False), Gaussian tangents"),
+    settings=dict(
+      data="fashion_mnist",
+      widths=args.widths,
+      ks=args.ks,
+      weights_widths=args.weights_widths,
+      steps=args.steps,
+      eval_every=args.eval_every,
+      batch_size=args.batch_size,
+      val_examples=args.val_examples,
+      eval_examples=args.eval_examples,
+      seed=args.seed,
+      lrs=LRS,
+      optimizer="sgd, constant lr",
+      estimator="raw (rescale=False), Gaussian tangents",
+    ),
     rows=rows,
   )
 
@@ -208,8 +260,13 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     rows = [r for r in result["rows"] if r["width"] == width]
     bp = [r for r in rows if r["family"] == "backprop"][0]
     for agg, ls in (("mean", "--"), ("orthogonal", "-")):
-      pts = sorted((r["k"], r["test_error"]) for r in rows if r["family"] == "activity"
-                   and (r["aggregation"] == agg or r["k"] == 1) and r["test_error"] is not None)
+      pts = sorted(
+        (r["k"], r["test_error"])
+        for r in rows
+        if r["family"] == "activity"
+        and (r["aggregation"] == agg or r["k"] == 1)
+        and r["test_error"] is not None
+      )
       if pts:
         ax.plot(*zip(*pts), ls=ls, marker=marker, label=f"w={width} activity {agg}")
     if bp["test_error"] is not None:
@@ -228,7 +285,10 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
       if r["family"] == "backprop":
         kw = dict(color="k", lw=2)
       else:
-        kw = dict(color=palette.get(r["k"], "tab:red"), ls="-" if r["aggregation"] == "orthogonal" and r["k"] > 1 else "--")
+        kw = dict(
+          color=palette.get(r["k"], "tab:red"),
+          ls="-" if r["aggregation"] == "orthogonal" and r["k"] > 1 else "--",
+        )
       ax.plot(steps, r["test_loss_curve"], label=r["variant"], **kw)
     ax.set_title(f"width {width}: test loss at the best lr")
     ax.set_xlabel("SGD step")
@@ -247,6 +307,10 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 if __name__ == "__main__":
   experiment.script_main(
-    __file__, run, report, result_file="fig6.json", description=__doc__,
+    __file__,
+    run,
+    report,
+    result_file="fig6.json",
+    description=__doc__,
     add_arguments=_add_arguments,
   )

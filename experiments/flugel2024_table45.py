@@ -58,22 +58,35 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--part", choices=("timing", "training"), default="timing")
   p.add_argument("--models", nargs="+", default=["resnet18", "vit"])
   p.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 16])
-  p.add_argument("--timing-batch", type=int, nargs="+", default=[8],
-                 help="batch size of the timed steps, one per model or one for all")
+  p.add_argument(
+    "--timing-batch",
+    type=int,
+    nargs="+",
+    default=[8],
+    help="batch size of the timed steps, one per model or one for all",
+  )
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--train-steps", type=int, default=100)
   p.add_argument("--train-batch", type=int, default=32)
   p.add_argument("--train-ks", type=int, nargs="+", default=[1, 4, 16])
   p.add_argument("--train-resnet-width", type=int, default=16)
   p.add_argument("--train-variants", nargs="*", default=None, help="labels to train (default: all)")
-  p.add_argument("--test-examples", type=int, default=2000, help="test images evaluated after training")
-  p.add_argument("--lr", type=float, default=0.05, help="SGD lr of every variant (rescaled estimates)")
-  p.add_argument("--quick", action="store_true", help="tiny models, k ∈ {1, 4}, 2 rounds / 10 steps")
+  p.add_argument(
+    "--test-examples", type=int, default=2000, help="test images evaluated after training"
+  )
+  p.add_argument(
+    "--lr", type=float, default=0.05, help="SGD lr of every variant (rescaled estimates)"
+  )
+  p.add_argument(
+    "--quick", action="store_true", help="tiny models, k ∈ {1, 4}, 2 rounds / 10 steps"
+  )
 
 
 def _model_options(name: str, args: argparse.Namespace, training: bool) -> dict[str, Any]:
   if args.quick:
-    return {"width": 4} if name == "resnet18" else {"hidden": 16, "heads": 4, "mlp": 32, "layers": 2}
+    return (
+      {"width": 4} if name == "resnet18" else {"hidden": 16, "heads": 4, "mlp": 32, "layers": 2}
+    )
   if name == "resnet18" and training:
     return {"width": args.train_resnet_width}
   return {}
@@ -90,10 +103,14 @@ def _timing(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
   loss = train_lib.make_loss(graphdef, rest)
   per_example = train_lib.make_loss(graphdef, rest, per_example=True)
   key = jax.random.key(0)
-  fns: dict[str, Any] = {"base": (jax.jit(loss), (params, x, y)),
-                         "backprop": (jax.jit(jax.value_and_grad(loss)), (params, x, y))}
+  fns: dict[str, Any] = {
+    "base": (jax.jit(loss), (params, x, y)),
+    "backprop": (jax.jit(jax.value_and_grad(loss)), (params, x, y)),
+  }
   for label, k, agg in _forward_variants(args.ks):
-    est = fg.value_and_forward_grad(per_example, num_tangents=k, aggregation=agg, perturbation="activity")
+    est = fg.value_and_forward_grad(
+      per_example, num_tangents=k, aggregation=agg, perturbation="activity"
+    )
     fns[label] = (jax.jit(est), (key, params, x, y))
   compile_s = {}
   compiled = {}
@@ -113,11 +130,26 @@ def _timing(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
   rows = []
   for label in fns:
     t = timings[label].as_dict(1e3)
-    rows.append(dict(variant=label, ms_median=t["median"], ms_q25=t["q25"], ms_q75=t["q75"],
-                     times_ms=t["times"], compile_s=compile_s[label],
-                     R=med[label] / med["base"], vs_backprop=med[label] / med["backprop"]))
-  return dict(model=name, model_options=opts, num_params=models.count_params(params),
-              batch=batch, rounds=args.rounds, rows=rows)
+    rows.append(
+      dict(
+        variant=label,
+        ms_median=t["median"],
+        ms_q25=t["q25"],
+        ms_q75=t["q75"],
+        times_ms=t["times"],
+        compile_s=compile_s[label],
+        R=med[label] / med["base"],
+        vs_backprop=med[label] / med["backprop"],
+      )
+    )
+  return dict(
+    model=name,
+    model_options=opts,
+    num_params=models.count_params(params),
+    batch=batch,
+    rounds=args.rounds,
+    rows=rows,
+  )
 
 
 def _training(name: str, ds: data.Dataset, args: argparse.Namespace) -> dict[str, Any]:
@@ -146,8 +178,9 @@ def _training(name: str, ds: data.Dataset, args: argparse.Namespace) -> dict[str
     if k is None:
       est = fg.value_and_exact_grad(loss)
     else:
-      est = fg.value_and_forward_grad(per_example, num_tangents=k, aggregation=agg,
-                                      perturbation="activity", rescale=True)
+      est = fg.value_and_forward_grad(
+        per_example, num_tangents=k, aggregation=agg, perturbation="activity", rescale=True
+      )
 
     def train_and_test(p, x, y, xt, yt):
       n = x.shape[0]
@@ -160,36 +193,62 @@ def _training(name: str, ds: data.Dataset, args: argparse.Namespace) -> dict[str
 
       p, losses = jax.lax.scan(step, p, jax.random.split(jax.random.key(1), steps))
       # Cosine of one more estimate to the true minibatch gradient, at the end.
-      xb, yb = x[:args.train_batch], y[:args.train_batch]
+      xb, yb = x[: args.train_batch], y[: args.train_batch]
       _, g = est(jax.random.key(2), p, xb, yb)
       cos = fg.cosine_similarity(g, jax.grad(loss)(p, xb, yb))
       logits = apply(p, xt)
-      return (losses, cos, train_lib.cross_entropy(logits, yt),
-              jnp.mean(jnp.argmax(logits, -1) != yt))
+      return (
+        losses,
+        cos,
+        train_lib.cross_entropy(logits, yt),
+        jnp.mean(jnp.argmax(logits, -1) != yt),
+      )
 
     t0 = time.perf_counter()
-    losses, cos, test_loss, test_err = jax.jit(train_and_test)(params, ds.x_train, ds.y_train, xt, yt)
+    losses, cos, test_loss, test_err = jax.jit(train_and_test)(
+      params, ds.x_train, ds.y_train, xt, yt
+    )
     wall = time.perf_counter() - t0
     losses = np.asarray(losses, np.float64)
-    rows.append(dict(
-      variant=label, test_error=float(test_err), test_loss=float(test_loss),
-      diverged=not bool(np.all(np.isfinite(losses))), train_loss_first=float(losses[0]),
-      train_loss_last10=float(np.mean(losses[-10:])), grad_check_cosine=float(cos),
-      wall_s=wall,
-    ))
+    rows.append(
+      dict(
+        variant=label,
+        test_error=float(test_err),
+        test_loss=float(test_loss),
+        diverged=not bool(np.all(np.isfinite(losses))),
+        train_loss_first=float(losses[0]),
+        train_loss_last10=float(np.mean(losses[-10:])),
+        grad_check_cosine=float(cos),
+        wall_s=wall,
+      )
+    )
     print(f"{name} {label}: test error {rows[-1]['test_error']:.3f} ({wall:.0f}s)", flush=True)
-  return dict(model=name, model_options=opts, num_params=models.count_params(params), steps=steps,
-              batch=args.train_batch, lr=args.lr, test_examples=int(xt.shape[0]), rows=rows)
+  return dict(
+    model=name,
+    model_options=opts,
+    num_params=models.count_params(params),
+    steps=steps,
+    batch=args.train_batch,
+    lr=args.lr,
+    test_examples=int(xt.shape[0]),
+    rows=rows,
+  )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
     args.ks, args.rounds = [1, 4], 2
-  out: dict[str, Any] = dict(settings=dict(part=args.part, models=args.models, ks=args.ks,
-                                           data="fashion_mnist", input_shape=SHAPE),
-                             timing=[], training=[])
+  out: dict[str, Any] = dict(
+    settings=dict(
+      part=args.part, models=args.models, ks=args.ks, data="fashion_mnist", input_shape=SHAPE
+    ),
+    timing=[],
+    training=[],
+  )
   if args.part == "timing":
-    batches = args.timing_batch * len(args.models) if len(args.timing_batch) == 1 else args.timing_batch
+    batches = (
+      args.timing_batch * len(args.models) if len(args.timing_batch) == 1 else args.timing_batch
+    )
     for name, batch in zip(args.models, batches):
       out["timing"].append(_timing(name, batch, args))
   else:
@@ -211,28 +270,47 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
 def report(result: dict[str, Any], out: Path) -> list[Path]:
   provs = result.get("provenances") or [result.get("provenance")]
   lines = ["# §4.5: ResNet18 and ViT on Fashion-MNIST, true forward mode", ""]
-  lines += [f"- {experiment.hardware_line(p)}; command: `{(p or {}).get('command', '?')}`" for p in provs]
+  lines += [
+    f"- {experiment.hardware_line(p)}; command: `{(p or {}).get('command', '?')}`" for p in provs
+  ]
   paths = []
   if result["timing"]:
-    lines += ["", "## Step time and R_f / R_b (true forward mode, activity perturbation at the sites)", "",
-              "One jitted call per step on one batch of random 28×28×1 images; medians of the "
-              "interleaved rounds. R = step / base (forward pass + loss). The machine was shared "
-              "(see load averages above): absolute times are noisy, ratios are paired by round.", ""]
+    lines += [
+      "",
+      "## Step time and R_f / R_b (true forward mode, activity perturbation at the sites)",
+      "",
+      "One jitted call per step on one batch of random 28×28×1 images; medians of the "
+      "interleaved rounds. R = step / base (forward pass + loss). The machine was shared "
+      "(see load averages above): absolute times are noisy, ratios are paired by round.",
+      "",
+    ]
     for t in result["timing"]:
-      lines += [f"### {t['model']} ({t['num_params']:,} params, options {t['model_options'] or 'default'}, "
-                f"batch {t['batch']}, {t['rounds']} rounds)", "",
-                "| variant | ms / step (median) | IQR | R | × backprop | compile s |", "|---|---|---|---|---|---|"]
+      lines += [
+        f"### {t['model']} ({t['num_params']:,} params, options {t['model_options'] or 'default'}, "
+        f"batch {t['batch']}, {t['rounds']} rounds)",
+        "",
+        "| variant | ms / step (median) | IQR | R | × backprop | compile s |",
+        "|---|---|---|---|---|---|",
+      ]
       for r in t["rows"]:
-        lines.append(f"| {r['variant']} | {r['ms_median']:.1f} | {r['ms_q25']:.1f}–{r['ms_q75']:.1f} | "
-                     f"{r['R']:.2f} | {r['vs_backprop']:.2f} | {r['compile_s']:.0f} |")
+        lines.append(
+          f"| {r['variant']} | {r['ms_median']:.1f} | {r['ms_q25']:.1f}–{r['ms_q75']:.1f} | "
+          f"{r['R']:.2f} | {r['vs_backprop']:.2f} | {r['compile_s']:.0f} |"
+        )
       lines.append("")
     plt = experiment.pyplot()
-    fig, axes = plt.subplots(1, len(result["timing"]), figsize=(5.5 * len(result["timing"]), 4), squeeze=False)
+    fig, axes = plt.subplots(
+      1, len(result["timing"]), figsize=(5.5 * len(result["timing"]), 4), squeeze=False
+    )
     for ax, t in zip(axes[0], result["timing"]):
       rb = [r["R"] for r in t["rows"] if r["variant"] == "backprop"][0]
       for agg, ls in (("mean", "--"), ("orthogonal", "-")):
-        pts = sorted((int(r["variant"].split("=")[1].split()[0]), r["R"]) for r in t["rows"]
-                     if r["variant"].startswith("forward") and (agg in r["variant"] or r["variant"] == "forward k=1"))
+        pts = sorted(
+          (int(r["variant"].split("=")[1].split()[0]), r["R"])
+          for r in t["rows"]
+          if r["variant"].startswith("forward")
+          and (agg in r["variant"] or r["variant"] == "forward k=1")
+        )
         ax.plot(*zip(*pts), ls=ls, marker="o", label=f"forward (activity) {agg}")
       ax.axhline(rb, color="k", ls=":", label=f"backprop R_b = {rb:.2f}")
       ax.set_xscale("log", base=2)
@@ -250,16 +328,21 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   if result["training"]:
     lines += ["", "## Very short training (REDUCED)", ""]
     for t in result["training"]:
-      lines += [f"### {t['model']} ({t['num_params']:,} params, options {t['model_options'] or 'default'}): "
-                f"{t['steps']} SGD steps of batch {t['batch']} from the same initialisation, lr {t['lr']} for "
-                f"every variant (forward: activity perturbation, rescaled estimates); test error on the "
-                f"first {t['test_examples']} test images", "",
-                "| variant | test error | test loss | train loss (first → mean of last 10) | cos to ∇f at the end | wall s |",
-                "|---|---|---|---|---|---|"]
+      lines += [
+        f"### {t['model']} ({t['num_params']:,} params, options {t['model_options'] or 'default'}): "
+        f"{t['steps']} SGD steps of batch {t['batch']} from the same initialisation, lr {t['lr']} for "
+        f"every variant (forward: activity perturbation, rescaled estimates); test error on the "
+        f"first {t['test_examples']} test images",
+        "",
+        "| variant | test error | test loss | train loss (first → mean of last 10) | cos to ∇f at the end | wall s |",
+        "|---|---|---|---|---|---|",
+      ]
       for r in t["rows"]:
-        lines.append(f"| {r['variant']} | {100 * r['test_error']:.1f}% | {r['test_loss']:.3f} | "
-                     f"{r['train_loss_first']:.3f} → {r['train_loss_last10']:.3f} | "
-                     f"{r['grad_check_cosine']:.3f} | {r['wall_s']:.0f} |")
+        lines.append(
+          f"| {r['variant']} | {100 * r['test_error']:.1f}% | {r['test_loss']:.3f} | "
+          f"{r['train_loss_first']:.3f} → {r['train_loss_last10']:.3f} | "
+          f"{r['grad_check_cosine']:.3f} | {r['wall_s']:.0f} |"
+        )
       lines.append("")
   md = out / "table45.md"
   md.write_text("\n".join(lines))
@@ -268,6 +351,11 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 if __name__ == "__main__":
   experiment.script_main(
-    __file__, run, report, result_file="table45.json", description=__doc__,
-    add_arguments=_add_arguments, merge=merge,
+    __file__,
+    run,
+    report,
+    result_file="table45.json",
+    description=__doc__,
+    add_arguments=_add_arguments,
+    merge=merge,
   )

@@ -17,6 +17,7 @@ loss); the report compares the variants at their own best lr, against steps and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -174,19 +175,6 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   return [md, png]
 
 
-def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-  """Several runs' variants in one report (a later run's variant replaces an earlier one)."""
-  variants: dict[str, Any] = {}
-  for r in results:
-    for v in r["variants"]:
-      variants[v["label"]] = v
-  return {
-    **results[-1],
-    "variants": list(variants.values()),
-    "merged_from": [r["provenance"]["command"] for r in results],
-  }
-
-
 def _f(x, spec=".3f"):
   return "–" if x is None else format(x, spec)
 
@@ -203,5 +191,5 @@ if __name__ == "__main__":
     result_file="training.json",
     description=__doc__,
     add_arguments=_add_arguments,
-    merge=_merge,
+    merge=functools.partial(experiment.merge_by_label, key="variants"),
   )

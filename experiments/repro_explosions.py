@@ -41,20 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESET = "repro_nn_mnist_sgd_fwd"
 
 
-def _floats(text: str) -> tuple[float, ...]:
-  try:
-    values = tuple(float(v) for v in text.split(",") if v.strip())
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text}: expected comma-separated numbers") from None
-  if not values or any(v <= 0 for v in values):
-    raise argparse.ArgumentTypeError(f"{text}: expected positive numbers")
-  return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """The script's options."""
   parser.add_argument("--preset", default=PRESET, help="a forward-gradient Table I row")
-  parser.add_argument("--lrs", type=_floats, default=None, help="lrs (default: the preset's)")
+  parser.add_argument(
+    "--lrs", type=experiment.positive_floats, default=None, help="lrs (default: the preset's)"
+  )
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=1500)
   parser.add_argument("--log-every", type=int, default=25)

@@ -76,16 +76,6 @@ METHODS: dict[str, dict[str, Any]] = {
 COLORS = {"bp": "k", "fwd": "tab:blue", "activity": "tab:green", "activity_k16_orth": "tab:red"}
 
 
-def _floats(text: str) -> tuple[float, ...]:
-  try:
-    values = tuple(float(v) for v in text.split(",") if v.strip())
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text}: expected comma-separated numbers") from None
-  if not values or any(v <= 0 for v in values):
-    raise argparse.ArgumentTypeError(f"{text}: expected positive numbers")
-  return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """The comparison's options."""
   parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
@@ -93,7 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--steps", type=int, default=600, help="iterations of every run")
   parser.add_argument("--evals", type=int, default=12, help="evaluations per run")
   parser.add_argument(
-    "--factors", type=_floats, default=(1 / 3, 1.0, 3.0), help="lr grid: centre × these"
+    "--factors",
+    type=experiment.positive_floats,
+    default=(1 / 3, 1.0, 3.0),
+    help="lr grid: centre × these",
   )
   parser.add_argument(
     "--beyond-lr", type=float, default=0.03, help="grid centre of the rescaled variants (SGD)"

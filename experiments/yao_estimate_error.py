@@ -125,7 +125,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       layers[layer] = dict(
         size=n,
         rms_error=float(np.sqrt(mse)),
-        rms_error_closed_form=None if var_cf is None else float(np.sqrt(np.mean(var_cf[lo : lo + n]))),
+        rms_error_closed_form=None
+        if var_cf is None
+        else float(np.sqrt(np.mean(var_cf[lo : lo + n]))),
         rms_true_grad=float(np.sqrt(np.mean(g_np[lo : lo + n] ** 2))),
       )
       if layer != "all":
@@ -144,8 +146,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         layers=layers,
       )
     )
-    print(f"{label}: rms error {layers['all']['rms_error']:.3g}, projection "
-          f"{np.mean(projections):.3f}, cosine {np.mean(cosines):.4f}", flush=True)
+    print(
+      f"{label}: rms error {layers['all']['rms_error']:.3g}, projection "
+      f"{np.mean(projections):.3f}, cosine {np.mean(cosines):.4f}",
+      flush=True,
+    )
   # Histograms on common bins per layer (range from the naive errors) keep the JSON small.
   for layer in LAYERS:
     ref = max(s["layers"][layer]["rms_error"] for s in out)
@@ -212,9 +217,10 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _short(layer: str) -> str:
-  return {"['hidden'][0]['kernel']": "hidden[0].kernel", "['hidden'][1]['kernel']": "hidden[1].kernel"}.get(
-    layer, layer
-  )
+  return {
+    "['hidden'][0]['kernel']": "hidden[0].kernel",
+    "['hidden'][1]['kernel']": "hidden[1].kernel",
+  }.get(layer, layer)
 
 
 def _plot(result: dict[str, Any], png: Path) -> None:
@@ -243,6 +249,10 @@ def _plot(result: dict[str, Any], png: Path) -> None:
 
 if __name__ == "__main__":
   experiment.script_main(
-    __file__, run, report, result_file="estimate_error.json", description=__doc__,
+    __file__,
+    run,
+    report,
+    result_file="estimate_error.json",
+    description=__doc__,
     add_arguments=_add_arguments,
   )

@@ -75,7 +75,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   groups.append(("naive", yao.estimator_config("naive"), [{"lr": args.lr}]))
   for shuffle in sorted({s for _, s in grid}):
     est = yao.estimator_config(
-      "guided", fix_gap=args.fix_gap, decrease_gap=args.decrease_gap, decay_rate=1.0,
+      "guided",
+      fix_gap=args.fix_gap,
+      decrease_gap=args.decrease_gap,
+      decay_rate=1.0,
       shuffle_ratio=shuffle,
     )
     members = [
@@ -93,8 +96,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       out = jax.jit(
         jax.vmap(
           lambda lr, d, est=est, changes=changes: yao.sgd_run(
-            problem, est, lr=lr, seed=args.seed, steps=args.steps,
-            batch_size=args.batch_size, cosine=True, state_changes=changes(d),
+            problem,
+            est,
+            lr=lr,
+            seed=args.seed,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            cosine=True,
+            state_changes=changes(d),
           )
         )
       )(lrs, decays)
@@ -243,14 +252,22 @@ def _plot(result: dict[str, Any], png: Path) -> None:
     axes[0].plot(_smooth(np.asarray(r["loss"], np.float64)), label=_label(r), lw=1.5, ls="--")
   cmap = plt.get_cmap("viridis")
   for i, r in enumerate(guided):
-    axes[0].plot(_smooth(np.asarray(r["loss"], np.float64)), label=_label(r), lw=0.8,
-                 color=cmap(i / max(1, len(guided) - 1)))
+    axes[0].plot(
+      _smooth(np.asarray(r["loss"], np.float64)),
+      label=_label(r),
+      lw=0.8,
+      color=cmap(i / max(1, len(guided) - 1)),
+    )
   axes[0].set_title("minibatch loss (moving mean of 10)", fontsize=9)
   axes[0].set_xlabel("step")
   axes[0].legend(fontsize=5, ncol=2)
   # Fig. 10: the two slices of the grid the paper shows.
   for r in guided:
-    if r["shuffle_ratio"] == 0.5 or r["decay_rate"] == 0.9 or (r["decay_rate"], r["shuffle_ratio"]) == (1.0, 0.0):
+    if (
+      r["shuffle_ratio"] == 0.5
+      or r["decay_rate"] == 0.9
+      or (r["decay_rate"], r["shuffle_ratio"]) == (1.0, 0.0)
+    ):
       axes[1].plot(_smooth(np.asarray(r["loss"], np.float64)), label=_label(r), lw=1)
   for r in base:
     axes[1].plot(_smooth(np.asarray(r["loss"], np.float64)), label=_label(r), lw=1.5, ls="--")
@@ -274,6 +291,10 @@ def _plot(result: dict[str, Any], png: Path) -> None:
 
 if __name__ == "__main__":
   experiment.script_main(
-    __file__, run, report, result_file=_result_file, description=__doc__,
+    __file__,
+    run,
+    report,
+    result_file=_result_file,
+    description=__doc__,
     add_arguments=_add_arguments,
   )

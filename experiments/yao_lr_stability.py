@@ -27,6 +27,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -54,7 +55,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seeds", default="0,1")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--stop-after", type=int, default=2, help="diverged lrs in a row that end a scheme")
+  p.add_argument(
+    "--stop-after", type=int, default=2, help="diverged lrs in a row that end a scheme"
+  )
   p.add_argument("--quick", action="store_true", help="10 steps, 3 lrs, 2 schemes")
 
 
@@ -130,9 +133,14 @@ def _runner(problem, est, args):
   init = jax.jit(lambda s: yao.sgd_init(problem, est, seed=s))
   step = jax.jit(lambda c, lr, t: yao.sgd_step(problem, est, c, t, lr=lr, **kw), donate_argnums=0)
   if not seq:
-    init, step = jax.jit(jax.vmap(init)), jax.jit(
-      jax.vmap(lambda c, lr, t: yao.sgd_step(problem, est, c, t, lr=lr, **kw), in_axes=(0, None, None)),
-      donate_argnums=0,
+    init, step = (
+      jax.jit(jax.vmap(init)),
+      jax.jit(
+        jax.vmap(
+          lambda c, lr, t: yao.sgd_step(problem, est, c, t, lr=lr, **kw), in_axes=(0, None, None)
+        ),
+        donate_argnums=0,
+      ),
     )
 
   def hosted(seeds_, lr):
@@ -168,7 +176,11 @@ def _assess(runs: list[dict[str, Any]], seeds: list[int], steps: int) -> dict[st
     bad = [int(np.argmax(~np.isfinite(row))) for row, ok in zip(c, fin) if not ok]
     first_nan.append(min(bad) if bad else None)
   search = lr_search.summarize(
-    [r["lr"] for r in runs], seeds, values, diverged, objective=f"mean loss of the last {tail} steps"
+    [r["lr"] for r in runs],
+    seeds,
+    values,
+    diverged,
+    objective=f"mean loss of the last {tail} steps",
   )
   no_nan = [r["lr"] for r, d in zip(runs, diverged) if not any(d)]
   # The largest lr below which no lr diverged (a stable prefix of the grid).
@@ -256,26 +268,13 @@ def _plot(result: dict[str, Any], png: Path) -> None:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, title="lr (seed 0)", title_fontsize=6)
-  for ax in list(axes.flat)[len(schemes):]:
+  for ax in list(axes.flat)[len(schemes) :]:
     ax.axis("off")
   axes[0, 0].set_ylabel("minibatch loss")
   fig.suptitle(f"{result['settings']['model']}: SGD at a constant lr, raw estimates", fontsize=10)
   fig.tight_layout()
   fig.savefig(png, dpi=90)
   plt.close(fig)
-
-
-def _merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-  """Schemes run by several commands (same model and settings) in one report."""
-  schemes: dict[str, Any] = {}
-  for r in results:
-    for sc in r["schemes"]:
-      schemes[sc["label"]] = sc
-  return {
-    **results[-1],
-    "schemes": list(schemes.values()),
-    "merged_from": [r["provenance"]["command"] for r in results],
-  }
 
 
 def _f(x, spec=".3f"):
@@ -294,5 +293,5 @@ if __name__ == "__main__":
     result_file=_result_file,
     description=__doc__,
     add_arguments=_add_arguments,
-    merge=_merge,
+    merge=functools.partial(experiment.merge_by_label, key="schemes"),
   )

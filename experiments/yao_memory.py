@@ -24,7 +24,15 @@ from typing import Any
 from fwdgrad_jax import experiment
 
 METHODS = {
-  "mlp": ("backprop", "naive", "average k=3", "partition k=3", "input (QR)", "input approx", "guided"),
+  "mlp": (
+    "backprop",
+    "naive",
+    "average k=3",
+    "partition k=3",
+    "input (QR)",
+    "input approx",
+    "guided",
+  ),
   "yao_cnn": ("backprop", "naive", "input approx", "guided"),
 }
 
@@ -46,8 +54,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
       batches, methods = [16, 64], methods[:2]
     problem = benchmark.make_problem(
-      model, model_options=yao.MODEL_OPTIONS[model], input_shape=(28, 28, 1), num_classes=10,
-      examples=max(batches), seed=0,
+      model,
+      model_options=yao.MODEL_OPTIONS[model],
+      input_shape=(28, 28, 1),
+      num_classes=10,
+      examples=max(batches),
+      seed=0,
     )
     jobs = []
     for b in batches:
@@ -100,8 +112,13 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
         ratio = "" if bp in (None, 0) or m == "backprop" else f" ({p / bp:.2f})"
         cells.append(f"{p / 2**20:.1f}{ratio}")
       lines.append(f"| {m} | " + " | ".join(cells) + " |")
-      ax.plot(r["batches"], [peak[(m, b)] / 2**20 for b in r["batches"]], marker="o", label=m,
-              ls="--" if m in ("backprop", "forward pass") else "-")
+      ax.plot(
+        r["batches"],
+        [peak[(m, b)] / 2**20 for b in r["batches"]],
+        marker="o",
+        label=m,
+        ls="--" if m in ("backprop", "forward pass") else "-",
+      )
     lines.append("")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -122,6 +139,10 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 if __name__ == "__main__":
   experiment.script_main(
-    __file__, run, report, result_file="memory.json", description=__doc__,
+    __file__,
+    run,
+    report,
+    result_file="memory.json",
+    description=__doc__,
     add_arguments=_add_arguments,
   )

@@ -30,7 +30,15 @@ import numpy as np  # noqa: E402
 
 from fwdgrad_jax import experiment  # noqa: E402
 
-TABLE_MLP = ("backprop", "naive", "average k=3", "partition k=3", "input (QR)", "input approx", "guided")
+TABLE_MLP = (
+  "backprop",
+  "naive",
+  "average k=3",
+  "partition k=3",
+  "input (QR)",
+  "input approx",
+  "guided",
+)
 TABLE_CNN = ("backprop", "naive", "guided")
 PAPER = {  # Table I (RTX 3080, PyTorch from scratch), seconds per iteration
   ("mlp", "backprop"): "0.0009–0.0011",
@@ -59,7 +67,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def _time_group(model: str, labels: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
   from fwdgrad_jax import benchmark, yao
 
-  cfgs = {name: yao.train_config(model, est, batch_size=args.batch_size) for name, est in labels.items()}
+  cfgs = {
+    name: yao.train_config(model, est, batch_size=args.batch_size) for name, est in labels.items()
+  }
   problem = benchmark.make_problem(
     model,
     model_options=yao.MODEL_OPTIONS[model],
@@ -80,7 +90,11 @@ def _time_group(model: str, labels: dict[str, Any], args: argparse.Namespace) ->
     functions, exes = _host_stepped(cfgs, problem, args)
     call_args = {n: tuple for n in functions}
   timings, _ = benchmark.time_variants(
-    functions, call_args, rounds=args.rounds, steps=args.steps, seed=0,
+    functions,
+    call_args,
+    rounds=args.rounds,
+    steps=args.steps,
+    seed=0,
     log=lambda m: print(f"{model}: {m}", flush=True),
   )
   base = timings["backprop"].median if "backprop" in timings else None
@@ -109,7 +123,9 @@ def _host_stepped(cfgs, problem, args):
   from fwdgrad_jax import train as train_lib
 
   b = args.batch_size
-  batches = [(problem.x[i * b : (i + 1) * b], problem.y[i * b : (i + 1) * b]) for i in range(args.steps)]
+  batches = [
+    (problem.x[i * b : (i + 1) * b], problem.y[i * b : (i + 1) * b]) for i in range(args.steps)
+  ]
   functions, exes = {}, []
   for name, cfg in cfgs.items():
     tx = train_lib.make_tx(cfg, problem.est_key)
@@ -213,7 +229,14 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
       med = [t[f"{kind} k={k}"]["ms"]["median"] for k in sw["ks"]]
       lo = [t[f"{kind} k={k}"]["ms"]["q25"] for k in sw["ks"]]
       hi = [t[f"{kind} k={k}"]["ms"]["q75"] for k in sw["ks"]]
-      ax.errorbar(sw["ks"], med, yerr=[np.subtract(med, lo), np.subtract(hi, med)], marker="o", label=kind, capsize=2)
+      ax.errorbar(
+        sw["ks"],
+        med,
+        yerr=[np.subtract(med, lo), np.subtract(hi, med)],
+        marker="o",
+        label=kind,
+        capsize=2,
+      )
     ax.axhline(t["backprop"]["ms"]["median"], color="k", ls="--", lw=1, label="backprop")
     ax.set_xlabel("number of directions / partitions k")
     ax.set_ylabel("ms per step (median, IQR)")
@@ -236,6 +259,10 @@ def _f(x, spec=".2f"):
 
 if __name__ == "__main__":
   experiment.script_main(
-    __file__, run, report, result_file="time.json", description=__doc__,
+    __file__,
+    run,
+    report,
+    result_file="time.json",
+    description=__doc__,
     add_arguments=_add_arguments,
   )

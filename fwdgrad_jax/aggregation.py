@@ -172,9 +172,7 @@ def _orthogonal_in_parameter_space(tangents: PyTree, jvps: jax.Array, rcond) -> 
     g = solve(flat, jvps.astype(dt))
   sizes = [math.prod(v.shape[len(lead) :]) for v in dense]
   parts = jnp.split(g, list(itertools.accumulate(sizes))[:-1], axis=-1)
-  out = [
-    p.reshape(*lead[1:], *v.shape[len(lead) :]).astype(v.dtype) for p, v in zip(parts, dense)
-  ]
+  out = [p.reshape(*lead[1:], *v.shape[len(lead) :]).astype(v.dtype) for p, v in zip(parts, dense)]
   return jax.tree.unflatten(treedef, out)
 
 

@@ -292,7 +292,9 @@ def _on_mesh(problem: Problem, mesh: Any) -> Problem:
     return problem
   params, x, y = parallel.replicate((problem.params, problem.x, problem.y), mesh)
   return problem._replace(
-    params=params, x=x, y=y,
+    params=params,
+    x=x,
+    y=y,
     loss=parallel.data_parallel(problem.loss, mesh),
     losses=parallel.data_parallel(problem.losses, mesh),
   )

@@ -252,11 +252,15 @@ def validate(cfg: Config) -> Config:
   _positive_int("estimator.decrease_gap", est.decrease_gap)
   _require(
     _is_real(est.decay_rate) and 0 < est.decay_rate <= 1,
-    "estimator.decay_rate", est.decay_rate, "must be in (0, 1]",
+    "estimator.decay_rate",
+    est.decay_rate,
+    "must be in (0, 1]",
   )
   _require(
     _is_real(est.shuffle_ratio) and 0 <= est.shuffle_ratio <= 1,
-    "estimator.shuffle_ratio", est.shuffle_ratio, "must be in [0, 1]",
+    "estimator.shuffle_ratio",
+    est.shuffle_ratio,
+    "must be in [0, 1]",
   )
   opt = cfg.optimizer
   _choice("optimizer.name", opt.name, OPTIMIZERS)
@@ -285,20 +289,30 @@ def _validate_mesh(cfg: Config) -> None:
   mesh, est = cfg.mesh, cfg.estimator
   _positive_int("mesh.data", mesh.data)
   _positive_int("mesh.tangents", mesh.tangents)
-  _require(isinstance(mesh.distributed, bool), "mesh.distributed", mesh.distributed, "must be a boolean")
   _require(
-    cfg.train.batch_size % mesh.data == 0, "train.batch_size", cfg.train.batch_size,
+    isinstance(mesh.distributed, bool), "mesh.distributed", mesh.distributed, "must be a boolean"
+  )
+  _require(
+    cfg.train.batch_size % mesh.data == 0,
+    "train.batch_size",
+    cfg.train.batch_size,
     f"must be a multiple of mesh.data={mesh.data}",
   )
   if mesh.tangents > 1:
-    dense = est.name == "forward" and est.perturbation == "weights" and est.tangents in tangents.SAMPLERS
+    dense = (
+      est.name == "forward" and est.perturbation == "weights" and est.tangents in tangents.SAMPLERS
+    )
     _require(
-      dense, "mesh.tangents", mesh.tangents,
+      dense,
+      "mesh.tangents",
+      mesh.tangents,
       "tangent parallelism needs estimator.name=forward with dense weight tangents "
       f"({', '.join(sorted(tangents.SAMPLERS))}); use mesh.tangents=1",
     )
     _require(
-      est.num_tangents % mesh.tangents == 0, "estimator.num_tangents", est.num_tangents,
+      est.num_tangents % mesh.tangents == 0,
+      "estimator.num_tangents",
+      est.num_tangents,
       f"must be a multiple of mesh.tangents={mesh.tangents}",
     )
 

@@ -108,7 +108,12 @@ def _check_key(key: Any, who: str) -> None:
 
 
 def _check_output(
-  fun: Callable[..., Any], params: PyTree, args: tuple, kwargs: dict, has_aux: bool, who: str,
+  fun: Callable[..., Any],
+  params: PyTree,
+  args: tuple,
+  kwargs: dict,
+  has_aux: bool,
+  who: str,
   per_example: bool = False,
 ) -> None:
   """Checks what ``fun`` returns (shapes only: abstract evaluation, no computation)."""
@@ -203,7 +208,9 @@ def _normalize(batch: PyTree, d: jax.Array) -> tuple[PyTree, jax.Array]:
   for v in leaves:
     if perturbation_lib.is_rank1(v):
       k = v.num_tangents
-      sq = sq + jnp.sum(jnp.square(v.a.reshape(k, -1)), 1) * jnp.sum(jnp.square(v.b.reshape(k, -1)), 1)
+      sq = sq + jnp.sum(jnp.square(v.a.reshape(k, -1)), 1) * jnp.sum(
+        jnp.square(v.b.reshape(k, -1)), 1
+      )
     else:
       sq = sq + jnp.sum(jnp.square(v.reshape(v.shape[0], -1).astype(jnp.float32)), 1)
   inv = jax.lax.rsqrt(jnp.maximum(sq, jnp.finfo(jnp.float32).tiny))
@@ -331,8 +338,13 @@ def value_and_forward_grad(
     Flügel et al., 2024. Multi-Tangent Forward Gradients.
   """
   check_options(
-    num_tangents, tangents, aggregation, max_jvp_norm,
-    perturbation=perturbation, normalize=normalize, jvp_hook=jvp_hook,
+    num_tangents,
+    tangents,
+    aggregation,
+    max_jvp_norm,
+    perturbation=perturbation,
+    normalize=normalize,
+    jvp_hook=jvp_hook,
   )
   aggregate = aggregation_lib.get_aggregation(aggregation)
   hook = _hooks(jvp_hook, max_jvp_norm)
@@ -358,8 +370,15 @@ def value_and_forward_grad(
     _check_output(fun, params, args, kwargs, has_aux, who, per_example=perturbation == "activity")
     if perturbation == "activity":
       out, grad, n = perturbation_lib.activity_estimate(
-        fun, params, args, kwargs, key=key, num_tangents=num_tangents, tangents=tangents,
-        aggregate=aggregate, jvp_hook=hook,
+        fun,
+        params,
+        args,
+        kwargs,
+        key=key,
+        num_tangents=num_tangents,
+        tangents=tangents,
+        aggregate=aggregate,
+        jvp_hook=hook,
       )
       return out, finish(grad, params, n)
     if structured:
@@ -371,7 +390,11 @@ def value_and_forward_grad(
     else:
       # Drawn once, laid out for the jvp's matmuls, split over the mesh's tangent axis.
       batch = tangents_lib.draw(
-        key, params, num_tangents, tangents, normalized=normalize,
+        key,
+        params,
+        num_tangents,
+        tangents,
+        normalized=normalize,
         constrain=parallel.tangent_constraint(mesh),
         jvp_layout=aggregation in ("mean", "sum"),  # the Gram matrix flattens tangents
       )

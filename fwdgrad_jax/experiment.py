@@ -405,6 +405,31 @@ def fresh_dir(parent: str | os.PathLike[str], name: str) -> Path:
   raise FileExistsError(f"no fresh directory under {base} for {stamp}")
 
 
+def positive_floats(text: str) -> tuple[float, ...]:
+  """An argparse ``type`` for a comma-separated list of positive numbers (an lr grid)."""
+  try:
+    values = tuple(float(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text}: expected comma-separated numbers") from None
+  if not values or any(v <= 0 for v in values):
+    raise argparse.ArgumentTypeError(f"{text}: expected positive numbers")
+  return values
+
+
+def merge_by_label(results: list[dict[str, Any]], key: str, label: str = "label") -> dict[str, Any]:
+  """Several runs' ``result[key]`` entries in one result (a later run's entry replaces an
+  earlier one with the same ``label``); a ``merge`` for :func:`script_main`."""
+  entries: dict[str, Any] = {}
+  for r in results:
+    for e in r[key]:
+      entries[e[label]] = e
+  return {
+    **results[-1],
+    key: list(entries.values()),
+    "merged_from": [r["provenance"]["command"] for r in results],
+  }
+
+
 def script_main(
   file: str | os.PathLike[str],
   run: Callable[[argparse.Namespace], Mapping[str, Any]],

@@ -65,8 +65,14 @@ def _conv(cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.
   if kernel == 3 and stride > 1:
     pad = ((1, 1), (1, 1))  # PyTorch padding=1 with stride 2 (SAME would pad (0, 1))
   return nnx.Conv(
-    cin, cout, kernel_size=(kernel, kernel), strides=(stride, stride), padding=pad,
-    use_bias=False, kernel_init=_CONV_INIT, rngs=rngs,
+    cin,
+    cout,
+    kernel_size=(kernel, kernel),
+    strides=(stride, stride),
+    padding=pad,
+    use_bias=False,
+    kernel_init=_CONV_INIT,
+    rngs=rngs,
   )
 
 
@@ -141,7 +147,9 @@ class ResNet18(nnx.Module):
     for i, stride in enumerate((1, 2, 2, 2)):
       cout = width * 2**i
       stages.append(
-        nnx.List([_BasicBlock(cin, cout, stride, norm, rngs), _BasicBlock(cout, cout, 1, norm, rngs)])
+        nnx.List(
+          [_BasicBlock(cin, cout, stride, norm, rngs), _BasicBlock(cout, cout, 1, norm, rngs)]
+        )
       )
       cin = cout
     self.stages = nnx.List(stages)
@@ -168,8 +176,12 @@ class _EncoderLayer(nnx.Module):
   def __init__(self, hidden: int, heads: int, mlp: int, rngs: nnx.Rngs):
     self.ln1 = nnx.LayerNorm(hidden, rngs=rngs)
     self.attn = nnx.MultiHeadAttention(
-      num_heads=heads, in_features=hidden, qkv_features=hidden, out_features=hidden,
-      decode=False, rngs=rngs,
+      num_heads=heads,
+      in_features=hidden,
+      qkv_features=hidden,
+      out_features=hidden,
+      decode=False,
+      rngs=rngs,
     )
     self.ln2 = nnx.LayerNorm(hidden, rngs=rngs)
     self.fc1 = nnx.Linear(hidden, mlp, rngs=rngs)

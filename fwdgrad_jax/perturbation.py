@@ -477,8 +477,12 @@ def _conv_rows(op: _Op, x: jax.Array, view_shape: Sequence[int]) -> jax.Array:
   in_w, spatial_w = dn.rhs_spec[1], dn.rhs_spec[2:]
   ksize = tuple(view_shape[d] for d in spatial_w)
   patches = lax.conv_general_dilated_patches(
-    x, ksize, op.params["window_strides"], op.params["padding"],
-    lhs_dilation=op.params["lhs_dilation"], rhs_dilation=op.params["rhs_dilation"],
+    x,
+    ksize,
+    op.params["window_strides"],
+    op.params["padding"],
+    lhs_dilation=op.params["lhs_dilation"],
+    rhs_dilation=op.params["rhs_dilation"],
     dimension_numbers=dn,
   )
   # Patch features are ordered (in-channel, *window in rhs_spec order).
@@ -499,8 +503,11 @@ def _dot_factored(op: _Op, x, t: Rank1, w_is_rhs: bool, perm: tuple[int, ...]) -
   # a's axes follow t.a_dims = perm[wc] in pairing order, so a contracts with xc in order.
   out_dtype = op.params.get("preferred_element_type") or jnp.result_type(x, t.a)
   xa = lax.dot_general(
-    t.a, x, ((tuple(range(1, 1 + len(xc))), tuple(xc)), ((), ())),
-    precision=op.params.get("precision"), preferred_element_type=out_dtype,
+    t.a,
+    x,
+    ((tuple(range(1, 1 + len(xc))), tuple(xc)), ((), ())),
+    precision=op.params.get("precision"),
+    preferred_element_type=out_dtype,
   )  # (k, *x free axes)
   view_free = [d for d in range(len(perm)) if d not in wc]
   b = t.b.transpose((0, *(1 + t.b_dims.index(perm[d]) for d in view_free)))
@@ -553,7 +560,9 @@ def _weights_pass(prog: _Program, values: list[Any], n_leaves: int, store: _Weig
     if not any(t is not None for t in ins_t):
       out_p = _bind(op, ins_p)
       out_t = [None] * len(op.outs)
-    elif view[0] and len(op.ins) == 1 and name in ("convert_element_type", "copy", "copy_p", "site"):
+    elif (
+      view[0] and len(op.ins) == 1 and name in ("convert_element_type", "copy", "copy_p", "site")
+    ):
       out_p = _bind(op, ins_p)
       v = ins_t[0]
       out_t = [_View(v.leaf, v.perm, jnp.result_type(out_p[0]))]
@@ -594,9 +603,7 @@ def _eval_consumer(op, name, ins_p, ins_t, view, store, k):
     wc = tuple(d for d in range(len(v.perm)) if d != dn.rhs_spec[0])
     x = ins_p[0]
     view_shape = [store.leaves[v.leaf].shape[v.perm[d]] for d in range(len(v.perm))]
-    t = store.rank1(
-      v.leaf, tuple(v.perm[d] for d in wc), lambda: _conv_rows(op, x, view_shape)
-    )
+    t = store.rank1(v.leaf, tuple(v.perm[d] for d in wc), lambda: _conv_rows(op, x, view_shape))
     if t is not None:
       factored_part = _conv_factored(op, ins_p[0], t, v.perm)
   if factored_part is not None:
@@ -663,7 +670,9 @@ def _find_sites(prog: _Program, dep, uses) -> list[int]:
   if marked:
     return marked
   linear = ("dot_general", "conv_general_dilated")
-  consumers = [j for j, op in enumerate(prog.ops) if op.prim != "site" and _is_param_consumer(op, dep)]
+  consumers = [
+    j for j, op in enumerate(prog.ops) if op.prim != "site" and _is_param_consumer(op, dep)
+  ]
   if not any(prog.ops[j].prim.name in linear for j in consumers):
     raise ValueError(
       "perturbation='activity': fun has no parameter-consuming linear op (dot_general / "
@@ -747,9 +756,7 @@ def _blocks(prog: _Program, n_leaves: int, dep, uses, sites: list[int]) -> list[
   for b, (op_ids, site_j) in enumerate(groups):
     ops = [prog.ops[j] for j in op_ids]
     made = {o for op in ops for o in op.outs}
-    act_ins = sorted(
-      {i for op in ops for i in op.ins if dep[i] & _DATA and i not in made}
-    )
+    act_ins = sorted({i for op in ops for i in op.ins if dep[i] & _DATA and i not in made})
     recipe, leaves = recipe_of(op_ids)
     site_id = prog.ops[site_j].outs[0] if site_j is not None else None
     outs = [] if site_id is None else [site_id]
@@ -777,7 +784,12 @@ def _blocks(prog: _Program, n_leaves: int, dep, uses, sites: list[int]) -> list[
 
 
 def _run_block(
-  block: _Block, P: dict[int, Any], T: dict[int, Any], leaf_ids: list[int], cot_index: int | None, k: int
+  block: _Block,
+  P: dict[int, Any],
+  T: dict[int, Any],
+  leaf_ids: list[int],
+  cot_index: int | None,
+  k: int,
 ):
   """Evaluates a block once: primal, the tangents from earlier sites, and the VJP closure.
 

@@ -127,9 +127,16 @@ def forward_gradient(
     Flügel et al., 2024. Multi-Tangent Forward Gradients.
   """
   options = dict(
-    num_tangents=num_tangents, tangents=tangents, aggregation=aggregation, has_aux=has_aux,
-    normalize=normalize, max_jvp_norm=max_jvp_norm, jvp_hook=jvp_hook,
-    perturbation=perturbation, rescale=rescale, mesh=mesh,
+    num_tangents=num_tangents,
+    tangents=tangents,
+    aggregation=aggregation,
+    has_aux=has_aux,
+    normalize=normalize,
+    max_jvp_norm=max_jvp_norm,
+    jvp_hook=jvp_hook,
+    perturbation=perturbation,
+    rescale=rescale,
+    mesh=mesh,
   )
   # Builds once to check every option now, with a name, rather than inside a jit trace.
   estimators.value_and_forward_grad(lambda p: p, **options)

@@ -110,14 +110,10 @@ def make_problem(
 ) -> Problem:
   """Builds ``model`` (default options from :data:`MODEL_OPTIONS`) for the data ``x, y``."""
   opts = dict(MODEL_OPTIONS.get(model, {}) if options is None else options)
-  net = models.create(
-    model, input_shape=x.shape[1:], num_classes=10, rngs=nnx.Rngs(seed), **opts
-  )
+  net = models.create(model, input_shape=x.shape[1:], num_classes=10, rngs=nnx.Rngs(seed), **opts)
   graphdef, params, rest = models.split(net)
   params = jax.tree.map(jnp.asarray, params)
-  return Problem(
-    train_lib.make_loss(graphdef, rest), params, x, y, models.count_params(params)
-  )
+  return Problem(train_lib.make_loss(graphdef, rest), params, x, y, models.count_params(params))
 
 
 class SgdCarry(NamedTuple):
@@ -230,9 +226,13 @@ def summary_stats(values: np.ndarray) -> dict[str, float]:
   v = np.asarray(values, np.float64)
   v = v[np.isfinite(v)]
   if v.size == 0:
-    return dict(mean=float("nan"), std=float("nan"), q05=float("nan"), q50=float("nan"), q95=float("nan"))
+    return dict(
+      mean=float("nan"), std=float("nan"), q05=float("nan"), q50=float("nan"), q95=float("nan")
+    )
   q05, q50, q95 = np.quantile(v, [0.05, 0.5, 0.95])
-  return dict(mean=float(v.mean()), std=float(v.std()), q05=float(q05), q50=float(q50), q95=float(q95))
+  return dict(
+    mean=float(v.mean()), std=float(v.std()), q05=float(q05), q50=float(q50), q95=float(q95)
+  )
 
 
 def train_config(

@@ -377,12 +377,18 @@ _RESCALE_CASES = [
 
 @pytest.mark.parametrize("n, tangents, aggregation, normalize", _RESCALE_CASES)
 @pytest.mark.parametrize("k", [1, 4, 16])
-def test_rescaled_estimates_have_the_length_of_the_true_gradient(n, tangents, aggregation, normalize, k):
+def test_rescaled_estimates_have_the_length_of_the_true_gradient(
+  n, tangents, aggregation, normalize, k
+):
   """E‖ĝ‖²/‖∇f‖² = 1 after rescaling, for every k, aggregation and scheme."""
   c = jnp.asarray(np.random.default_rng(1).normal(size=n), jnp.float32)
   f = lambda p: jnp.dot(c, p)  # ∇f = c everywhere
   vg = fg.value_and_forward_grad(
-    f, num_tangents=k, tangents=tangents, aggregation=aggregation, normalize=normalize,
+    f,
+    num_tangents=k,
+    tangents=tangents,
+    aggregation=aggregation,
+    normalize=normalize,
     rescale=True,
   )
   num = 20_000
@@ -415,5 +421,7 @@ def test_cone_angle_degrades_the_mean_but_not_the_orthogonal_projection():
   mean = {a: cosines(fg.tangents.cone(a), "mean") for a in (np.pi / 2, np.pi / 8, 0.05)}
   se = {a: m.std(ddof=1) / np.sqrt(num) for a, m in mean.items()}
   # Narrower cones: worse directions, each step beyond Z standard errors.
-  assert mean[np.pi / 2].mean() - mean[np.pi / 8].mean() > Z * np.hypot(se[np.pi / 2], se[np.pi / 8])
+  assert mean[np.pi / 2].mean() - mean[np.pi / 8].mean() > Z * np.hypot(
+    se[np.pi / 2], se[np.pi / 8]
+  )
   assert mean[np.pi / 8].mean() - mean[0.05].mean() > Z * np.hypot(se[np.pi / 8], se[0.05])

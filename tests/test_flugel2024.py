@@ -13,7 +13,9 @@ def test_one_tangent_abs_cosine_closed_form_matches_known_cases_and_monte_carlo(
   assert fig3.expected_abs_cos_one_tangent(1) == pytest.approx(1.0)
   assert fig3.expected_abs_cos_one_tangent(2) == pytest.approx(2 / math.pi)
   # Large n: √(2/(πn)) (Flügel et al. §3).
-  assert fig3.expected_abs_cos_one_tangent(10_000) == pytest.approx(math.sqrt(2 / (math.pi * 1e4)), rel=1e-3)
+  assert fig3.expected_abs_cos_one_tangent(10_000) == pytest.approx(
+    math.sqrt(2 / (math.pi * 1e4)), rel=1e-3
+  )
   # n = 7 against 200k numpy draws (s.e. ≈ 6e-4).
   v = np.random.default_rng(0).standard_normal((200_000, 7))
   mc = np.mean(np.abs(v[:, 0]) / np.linalg.norm(v, axis=1))

@@ -119,9 +119,7 @@ def _abstract_logits(model, input_shape, batch=2):
   x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
   # rest as an argument: stateful models (BatchNorm) write it, which abstract values
   # closed over cannot take.
-  return jax.eval_shape(
-    lambda p, r, x: apply_with_state_fn(graphdef)(p, r, x)[0], params, rest, x
-  )
+  return jax.eval_shape(lambda p, r, x: apply_with_state_fn(graphdef)(p, r, x)[0], params, rest, x)
 
 
 # Every registered model, whoever registered it: a new model without a small config here

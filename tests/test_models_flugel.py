@@ -78,7 +78,9 @@ def test_jvp_through_the_stateful_apply_matches_the_gradient(name, options):
   expected = ravel_pytree(grad)[0] @ ravel_pytree(v)[0]
   np.testing.assert_allclose(dval, expected, rtol=1e-4, atol=1e-6)
   # BatchNorm statistics come back updated (the ViT has no state to update).
-  changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_rest), jax.tree.leaves(rest))]
+  changed = [
+    not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_rest), jax.tree.leaves(rest))
+  ]
   assert any(changed) == (name == "resnet18")
 
 
@@ -106,7 +108,11 @@ def test_activity_perturbation_enters_at_the_papers_layers():
   # ResNet18 (BatchNorm): four stage outputs (8, 4, 2, 1 px; width·1, 2, 4, 8 channels)
   # and the logits.
   assert _site_shapes("resnet18", (8, 8, 1), TINY_RESNET) == [
-    (3, 2, 8, 8, 2), (3, 2, 4, 4, 4), (3, 2, 2, 2, 8), (3, 2, 1, 1, 16), (3, 2, 10),
+    (3, 2, 8, 8, 2),
+    (3, 2, 4, 4, 4),
+    (3, 2, 2, 2, 8),
+    (3, 2, 1, 1, 16),
+    (3, 2, 10),
   ]
   # ViT: encoder layers 1..L-1 (4 patches + class token) and the logits.
   vit = dict(TINY_VIT, layers=3)
@@ -156,8 +162,17 @@ def test_model_configs_compose_and_validate():
 @pytest.mark.parametrize(
   "name, options, estimator, lr",
   [
-    ("resnet18", {"width": 4}, {"name": "forward", "perturbation": "activity", "num_tangents": 2,
-                                "aggregation": "orthogonal"}, 0.05),
+    (
+      "resnet18",
+      {"width": 4},
+      {
+        "name": "forward",
+        "perturbation": "activity",
+        "num_tangents": 2,
+        "aggregation": "orthogonal",
+      },
+      0.05,
+    ),
     ("vit", {"hidden": 16, "heads": 4, "mlp": 32, "layers": 2}, {"name": "backprop"}, 0.05),
   ],
   ids=["resnet18-forward-activity", "vit-backprop"],
@@ -170,7 +185,12 @@ def test_trains_through_the_app(tiny_data, tmp_path, name, options, estimator, l
   cfg.estimator = config_lib.EstimatorConfig(**estimator)
   cfg.optimizer.lr = lr
   cfg.train = config_lib.TrainConfig(
-    steps=10, batch_size=8, log_every=5, eval_every=10, grad_check_every=10, progress=False,
+    steps=10,
+    batch_size=8,
+    log_every=5,
+    eval_every=10,
+    grad_check_every=10,
+    progress=False,
     eval_batch_size=64,
   )
   summary = train_lib.train(cfg, tmp_path, dataset=ds)

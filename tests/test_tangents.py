@@ -97,7 +97,11 @@ def test_cone_tangents_sit_at_the_angle_to_the_first(angle):
   batch = T.cone(angle)(jax.random.key(0), _cone_params(), 8)
   flat = np.concatenate([np.asarray(v).reshape(8, -1) for v in jax.tree.leaves(batch)], 1)
   base = np.concatenate(
-    [np.asarray(v).reshape(8, -1) for v in jax.tree.leaves(T.normal(jax.random.key(0), _cone_params(), 8))], 1
+    [
+      np.asarray(v).reshape(8, -1)
+      for v in jax.tree.leaves(T.normal(jax.random.key(0), _cone_params(), 8))
+    ],
+    1,
   )
   cos = flat[1:] @ flat[0] / (np.linalg.norm(flat[1:], axis=1) * np.linalg.norm(flat[0]))
   np.testing.assert_allclose(cos, np.cos(angle), atol=1e-5)

@@ -709,7 +709,11 @@ def test_auto_loop_is_host_for_convolutions_on_cpu():
   assert train_lib.host_loop(cfg, has_convolutions=True) == (jax.default_backend() == "cpu")
   assert not train_lib.host_loop(cfg, has_convolutions=False)
   assert not train_lib.host_loop(cfg, has_convolutions=True, reverse=False)
-  model = models.create("cnn", input_shape=(8, 8, 1), num_classes=3, rngs=nnx.Rngs(0), channels=2, hidden=4)
+  model = models.create(
+    "cnn", input_shape=(8, 8, 1), num_classes=3, rngs=nnx.Rngs(0), channels=2, hidden=4
+  )
   graphdef, params, rest = models.split(model)
   loss = train_lib.make_loss(graphdef, rest)
-  assert train_lib.uses_convolutions(loss, params, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))
+  assert train_lib.uses_convolutions(
+    loss, params, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+  )

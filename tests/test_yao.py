@@ -41,9 +41,9 @@ def test_guided_decay_rate_through_the_state_equals_the_constructor(problem):
   built = yao.estimator_config("guided", decay_rate=d, shuffle_ratio=0.2)
   one = jax.jit(lambda: yao.sgd_run(problem, built, **kw))()
   swapped = yao.estimator_config("guided", decay_rate=0.5, shuffle_ratio=0.2)
-  two = jax.jit(
-    lambda d: yao.sgd_run(problem, swapped, state_changes={"decay_rate": d}, **kw)
-  )(jnp.float32(d))
+  two = jax.jit(lambda d: yao.sgd_run(problem, swapped, state_changes={"decay_rate": d}, **kw))(
+    jnp.float32(d)
+  )
   np.testing.assert_allclose(one["loss"], two["loss"], rtol=1e-6)
   np.testing.assert_allclose(one["cosine"], two["cosine"], rtol=1e-5, atol=1e-7)
   assert int(one["true_grads"]) == int(two["true_grads"]) == 2  # steps 0 and 10
