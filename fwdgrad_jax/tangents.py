@@ -340,11 +340,13 @@ def materialize(tree: PyTree, key: jax.Array) -> PyTree:
     tree: freshly drawn arrays.
     key: the key they were drawn from (a raw key or its uint32 words, or a typed key).
   """
+  return jax.lax.cond(_always(key), lambda t: t, lambda t: jax.tree.map(jnp.zeros_like, t), tree)
+
+
+def _always(key: jax.Array) -> jax.Array:
+  """``(w | 1) != 0`` for the key's first word: true always, but not provably to XLA."""
   data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
-  word = data.reshape(-1)[0]
-  return jax.lax.cond(
-    (word | jnp.uint32(1)) != 0, lambda t: t, lambda t: jax.tree.map(jnp.zeros_like, t), tree
-  )
+  return (data.reshape(-1)[0] | jnp.uint32(1)) != 0
 
 
 # --- Drawing for the estimator: once, in the layout the jvp's matmuls read -----------
@@ -393,12 +395,8 @@ _DRAW_AT = {"normal": _normal_at, "gaussian": _normal_at, "rademacher": _rademac
 
 def _materialized(make: Callable[[], list[jax.Array]], key: jax.Array) -> list[jax.Array]:
   """``make()`` computed inside a conditional (see :func:`materialize`), no copy out."""
-  data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
-  word = data.reshape(-1)[0]
   shapes = jax.eval_shape(make)
-  return jax.lax.cond(
-    (word | jnp.uint32(1)) != 0, make, lambda: [jnp.zeros(a.shape, a.dtype) for a in shapes]
-  )
+  return jax.lax.cond(_always(key), make, lambda: [jnp.zeros(a.shape, a.dtype) for a in shapes])
 
 
 def draw(
