@@ -72,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--tangent-scheme", default="normal", help="normal, rademacher, partition")
   p.add_argument("--no-backprop", action="store_true", help="leave out the backprop step")
   p.add_argument(
+    "--regenerate",
+    choices=["off", "on", "both"],
+    default="off",
+    help="forward variants with tangents stored (off), regenerated from the key (on), or both",
+  )
+  p.add_argument(
     "--calls",
     choices=["loop", "single"],
     default="loop",
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     aggregations=args.aggregations,
     tangent_scheme=args.tangent_scheme,
     backprop=not args.no_backprop,
+    regenerate={"off": (False,), "on": (True,), "both": (False, True)}[args.regenerate],
     calls=args.calls,
     rounds=args.rounds,
     steps=args.steps,

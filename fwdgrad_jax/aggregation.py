@@ -199,6 +199,30 @@ def orthogonal(tangents: PyTree, jvps: jax.Array, *, rcond: float | None = None)
   return combine(tangents, coef)
 
 
+def coefficients(aggregation: str, jvps: jax.Array, gram_matrix: jax.Array | None = None):
+  """c with estimate = Σ_i c_i v_i, for tangents that are not kept (regenerated).
+
+  Args:
+    aggregation: ``"sum"``, ``"mean"`` or ``"orthogonal"`` (which needs the Gram matrix).
+    jvps: the directional derivatives d, shape (k,).
+    gram_matrix: VᵀV, (k, k), for ``"orthogonal"``.
+
+  Returns:
+    (k,) coefficients: d, d / k, or (VᵀV)⁺ d.
+  """
+  if aggregation == "sum":
+    return jvps
+  if aggregation == "mean":
+    return jvps / jvps.shape[0]
+  if aggregation == "orthogonal" and gram_matrix is not None:
+    return _pinv_solve(gram_matrix, jvps, None).astype(jvps.dtype)
+  raise ValueError(f"coefficients: no coefficient form for aggregation={aggregation!r}.")
+
+
+#: Aggregations that are Σ_i c_i v_i with c from d (and VᵀV): they work on regenerated tangents.
+LINEAR = ("sum", "mean", "orthogonal")
+
+
 AGGREGATIONS: dict[str, Aggregation] = {
   "sum": sum_,
   "mean": mean,

@@ -92,12 +92,14 @@ class Variant:
     kind: ``"base"``, ``"backprop"`` or ``"forward"``.
     num_tangents: k (forward only).
     aggregation: ``mean``, ``sum`` or ``orthogonal`` (forward only).
+    regenerate: tangents redrawn from the key where used, not stored (forward only).
   """
 
   name: str
   kind: str
   num_tangents: int | None = None
   aggregation: str | None = None
+  regenerate: bool = False
 
 
 def make_variants(
@@ -105,8 +107,11 @@ def make_variants(
   aggregations: Sequence[str] = DEFAULT_AGGREGATIONS,
   *,
   backprop: bool = True,
+  regenerate: Sequence[bool] = (False,),
 ) -> list[Variant]:
   """``base``, ``backprop`` (optional) and ``forward k=K agg`` for every K × agg.
+
+  With ``True`` in ``regenerate``, also ``forward k=K agg regen`` (``regenerate=True``).
 
   Returns:
     The variants, base first; aggregations vary slowest, so each block of k shares one.
@@ -116,7 +121,9 @@ def make_variants(
     out.append(Variant("backprop", "backprop"))
   for agg in aggregations:
     for k in tangents:
-      out.append(Variant(f"forward k={int(k)} {agg}", "forward", int(k), agg))
+      for regen in regenerate:
+        name = f"forward k={int(k)} {agg}" + (" regen" if regen else "")
+        out.append(Variant(name, "forward", int(k), agg, bool(regen)))
   return out
 
 
@@ -255,6 +262,7 @@ def variant_config(
       num_tangents=variant.num_tangents,
       tangents=tangent_scheme,
       aggregation=variant.aggregation,
+      regenerate=variant.regenerate,
     )
   cfg = config_lib.Config(
     model=config_lib.ModelConfig(name=model, options=dict(model_options)),
@@ -557,6 +565,7 @@ def benchmark(
   aggregations: Sequence[str] = DEFAULT_AGGREGATIONS,
   tangent_scheme: str = "normal",
   backprop: bool = True,
+  regenerate: Sequence[bool] = (False,),
   calls: str = "loop",
   rounds: int = 20,
   steps: int = 10,
@@ -578,6 +587,7 @@ def benchmark(
     aggregations: aggregations of the forward variants.
     tangent_scheme: tangent sampler of the forward variants (``normal``, ...).
     backprop: include the backprop variant.
+    regenerate: forward variants with stored (False) and/or regenerated (True) tangents.
     calls: ``"loop"`` (training-loop chunks) or ``"single"`` (one jitted estimator call
       per step from Python); see the module docstring.
     rounds: timed rounds; each calls every variant once, in a shuffled order.
@@ -616,7 +626,7 @@ def benchmark(
   steps = steps if calls == "loop" else 1
   model_options = dict(model_options or {})
   shape = tuple(int(d) for d in (input_shape or default_input_shape(model)))
-  variants = make_variants(tangents, aggregations, backprop=backprop)
+  variants = make_variants(tangents, aggregations, backprop=backprop, regenerate=regenerate)
   mesh_cfg = config_lib.MeshConfig(*(int(n) for n in mesh))
   device_mesh = train_lib.make_run_mesh(mesh_cfg)
   parallel.check_divisible(device_mesh, batch_size=batch_size)
@@ -684,6 +694,7 @@ def benchmark(
     "tangent_scheme": tangent_scheme,
     "prng_impl": str(jax.config.jax_default_prng_impl),
     "backprop": backprop,
+    "regenerate": list(regenerate),
     "mesh": parallel.describe(device_mesh),
     "calls": calls,
     "optimizer": f"sgd(lr={lr:g})" if calls == "loop" else None,

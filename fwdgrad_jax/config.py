@@ -75,6 +75,8 @@ class EstimatorConfig:
       the raw estimates' best lrs spread 10⁵×). The papers' presets turn it off, since
       their learning rates are for the raw estimates.
     max_jvp_norm: cap on the norm of the directional derivatives (reproduction study).
+    regenerate: keep the key, not the tangents: each layer's tangents are redrawn where
+      they are used (dense ``normal``/``rademacher`` weight tangents; MeZO-style memory).
     fix_gap, decay_rate, shuffle_ratio, decrease_gap: ``guided`` only, Yao's
       Algorithm 1 (see ``fwdgrad_jax.guided_forward_gradient``).
   """
@@ -87,6 +89,7 @@ class EstimatorConfig:
   normalize: bool = False
   rescale: bool = True
   max_jvp_norm: float | None = None
+  regenerate: bool = False
   fix_gap: int = 10
   decay_rate: float = 0.9
   shuffle_ratio: float = 0.0

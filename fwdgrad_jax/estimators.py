@@ -286,6 +286,7 @@ def value_and_forward_grad(
   perturbation: str = "weights",
   rescale: bool = False,
   mesh: jax.sharding.Mesh | None = None,
+  regenerate: bool = False,
 ) -> ValueAndGradFn:
   """Forward-gradient twin of ``jax.value_and_grad(fun)``, with a PRNG key first.
 
@@ -323,6 +324,12 @@ def value_and_forward_grad(
       jvp; the aggregation is combined across devices). Shard the batch along
       ``"data"`` yourself (:func:`fwdgrad_jax.parallel.data_parallel`). The estimate is
       the one computed without a mesh, up to the order of floating-point sums.
+    regenerate: keep only the key, not the k weight-sized tangents (MeZO-style memory):
+      each leaf's tangents are drawn where the forward pass consumes the leaf and again
+      where the aggregation combines them, one layer at a time, so a step holds params,
+      the estimate and one layer's tangents. The same estimate as without (same draws,
+      up to float rounding). Dense ``"normal"``/``"rademacher"`` weight tangents,
+      aggregations sum, mean, orthogonal (its Gram matrix accumulated in the pass).
 
   Returns:
     ``f(key, params, *args, **kwargs)`` → ``(value, grad)``, or
@@ -357,6 +364,8 @@ def value_and_forward_grad(
         f"tangents={tangents!r} with perturbation={perturbation!r}; use mesh.tangents=1."
       )
     parallel.check_divisible(mesh, num_tangents=num_tangents)
+  if regenerate:
+    _check_regenerate(tangents, aggregation, normalize, perturbation, mesh)
 
   def finish(grad, params, n):
     if rescale:
@@ -381,6 +390,12 @@ def value_and_forward_grad(
         jvp_hook=hook,
       )
       return out, finish(grad, params, n)
+    if regenerate and not (
+      aggregation == "orthogonal" and num_tangents >= _size(params)
+    ):  # (k ≥ n: the projection is the SVD of V, and nothing is saved anyway)
+      return _regenerated(
+        fun, key, params, args, kwargs, num_tangents, tangents, aggregation, hook, finish
+      )
     if structured:
       out, d, batch = perturbation_lib.weight_tangents_and_jvps(
         fun, params, args, kwargs, key=key, num_tangents=num_tangents, tangents=tangents
@@ -409,6 +424,59 @@ def value_and_forward_grad(
     return out, finish(aggregate(batch, d), params, _size(params))
 
   return value_and_grad_fn
+
+
+# Up to this many regenerated tangents, Σ c_i v_i is one elementwise fusion (see _regenerated).
+_UNROLLED_COMBINE = 64
+
+
+def _check_regenerate(tangents, aggregation, normalize, perturbation, mesh) -> None:
+  problem = None
+  if perturbation != "weights":
+    problem = f"perturbation={perturbation!r} (regenerate applies to weight tangents)"
+  elif not (isinstance(tangents, str) and tangents in tangents_lib.REGENERABLE):
+    problem = f"tangents={tangents!r} (use one of {list(tangents_lib.REGENERABLE)})"
+  elif not (isinstance(aggregation, str) and aggregation in aggregation_lib.LINEAR):
+    problem = f"aggregation={aggregation!r} (use one of {list(aggregation_lib.LINEAR)})"
+  elif normalize:
+    problem = "normalize=True (the tangents' norms would need them all at once)"
+  elif parallel.axis_size(mesh, parallel.TANGENTS) > 1:
+    problem = "a mesh with mesh.tangents > 1"
+  if problem:
+    raise ValueError(f"regenerate=True does not work with {problem}.")
+
+
+def _regenerated(fun, key, params, args, kwargs, k, tangents, aggregation, hook, finish):
+  """The estimate with tangents redrawn from the key, never stored (``regenerate=True``)."""
+  out, d, gram = perturbation_lib.regenerated_jvps(
+    fun, params, args, kwargs, key=key, num_tangents=k, tangents=tangents,
+    gram=aggregation == "orthogonal",
+  )  # fmt: skip
+  d = d.astype(jnp.promote_types(d.dtype, jnp.float32))
+  if hook is not None:
+    d = hook(d)
+  c = aggregation_lib.coefficients(aggregation, d, gram)
+  leaves, treedef = jax.tree.flatten(params)
+  seeds = tangents_lib.leaf_seeds(key, params)
+
+  def combine(i, p):
+    # Redrawn after c exists. Written as a sum of k elementwise terms (unrolled at trace
+    # time, one fused kernel at run time), XLA fuses the draw into Σ c_i v_i and that into
+    # the optimizer's update: no leaf's tangents are ever a buffer. As a reduction over
+    # the k axis, XLA:CPU's reduce kernel takes no fused producer and every leaf's
+    # (k, …) draw became a buffer, all scheduled before the first reduction.
+    if k > _UNROLLED_COMBINE:
+      v = tangents_lib.regenerate_leaf(seeds[i], p, k, tangents, (c,))
+      return aggregation_lib.combine([v], c)[0]
+    cv = c.astype(jnp.result_type(p))
+    # Each term its own draw: XLA would materialise one (k, …) draw read by k slices.
+    return sum(
+      cv[j] * tangents_lib.regenerate_leaf(seeds[i], p, k, tangents, (c,), index=j)
+      for j in range(k)
+    )
+
+  grad = [combine(i, p) for i, p in enumerate(leaves)]
+  return out, finish(jax.tree.unflatten(treedef, grad), params, _size(params))
 
 
 def forward_grad(fun: Callable[..., Any], **options: Any) -> Callable[..., Any]:

@@ -400,7 +400,8 @@ class _WeightTangents:
     self.tangents: dict[int, Any] = {}
     self._dense: dict[int, jax.Array] = {}
 
-  def dense_leaf(self, leaf: int) -> jax.Array:
+  def dense_leaf(self, leaf: int, deps: Sequence[Any] = ()) -> jax.Array:
+    del deps  # drawn once, kept for every consumer
     if leaf not in self.tangents:
       p = self.leaves[leaf]
       shape = (self.k, *jnp.shape(p))
@@ -411,9 +412,9 @@ class _WeightTangents:
       self._dense[leaf] = t.dense() if is_rank1(t) else t
     return self._dense[leaf]
 
-  def view(self, v: _View) -> jax.Array:
-    """The dense (k, *view shape) tangent of a view (the fallback)."""
-    t = self.dense_leaf(v.leaf)
+  def view(self, v: _View, deps: Sequence[Any] = ()) -> jax.Array:
+    """The dense (k, *view shape) tangent of a view (the fallback), for a consumer of ``deps``."""
+    t = self.dense_leaf(v.leaf, deps)
     return t.transpose((0, *(1 + p for p in v.perm))).astype(v.dtype)
 
   def rank1(self, leaf: int, a_dims: tuple[int, ...], rows: Callable[[], jax.Array]):
@@ -447,6 +448,67 @@ class _WeightTangents:
       self.tangents[i] if i in self.tangents else self.dense_leaf(i)
       for i in range(len(self.leaves))
     ]
+
+
+class _RegeneratedTangents(_WeightTangents):
+  """Dense hash tangents drawn at each consumer, after its other inputs, never kept.
+
+  A layer's tangents then live only while its jvp runs (see ``tangents.after``); with
+  ``gram`` the Gram matrix VᵀV is accumulated leaf by leaf as they pass.
+  """
+
+  def __init__(self, key, leaves, k, scheme, gram: bool):
+    super().__init__(_key_words(key), leaves, k, scheme, factored=False)
+    self.seeds = tangents_lib._leaf_seeds(key, len(leaves))
+    dt = jnp.float32
+    for p in leaves:
+      dt = jnp.promote_types(dt, jnp.result_type(p))
+    self.gram = jnp.zeros((k, k), dt) if gram else None
+    self.seen: set[int] = set()
+
+  def dense_leaf(self, leaf: int, deps: Sequence[Any] = ()) -> jax.Array:
+    v = tangents_lib.regenerate_leaf(self.seeds[leaf], self.leaves[leaf], self.k, self.scheme, deps)
+    if self.gram is not None and leaf not in self.seen:
+      m = v.reshape(self.k, -1).astype(self.gram.dtype)
+      self.gram = self.gram + jnp.matmul(m, m.T, precision=lax.Precision.HIGHEST)
+    self.seen.add(leaf)
+    return v
+
+  def finish_gram(self, deps: Sequence[Any]) -> jax.Array | None:
+    """The Gram matrix, with the leaves no op consumed (drawn after ``deps``) added."""
+    for leaf in range(len(self.leaves)):
+      if leaf not in self.seen:
+        self.dense_leaf(leaf, deps)
+    return self.gram
+
+
+def regenerated_jvps(
+  fun: Callable[..., Any],
+  params: PyTree,
+  args: tuple,
+  kwargs: dict,
+  *,
+  key: jax.Array,
+  num_tangents: int,
+  tangents: str,
+  gram: bool = False,
+):
+  """Dense weight tangents regenerated from the key: (outputs, d (k,), VᵀV or None).
+
+  The tangents are those of ``tangents_lib.sample(key, params, k, tangents)``; each
+  leaf's are drawn where it is consumed and dropped after its jvp, so the pass holds
+  one layer's tangents at a time. The caller redraws them for the aggregation
+  (``tangents_lib.regenerate_leaf`` after the coefficients).
+  """
+  leaves = jax.tree.leaves(params)
+  prog, flat_args, out_tree = _trace(fun, params, args, kwargs)
+  store = _RegeneratedTangents(key, leaves, num_tangents, tangents, gram)
+  outs_p, outs_t = _weights_pass(prog, leaves + flat_args, len(leaves), store)
+  d = outs_t[0]
+  if d is None:  # the value does not depend on params
+    d = jnp.zeros((num_tangents,), jnp.result_type(outs_p[0]))
+  g = store.finish_gram([d]) if gram else None
+  return jax.tree.unflatten(out_tree, outs_p), d, g
 
 
 def _input_generated(words, leaf, k, u, scheme) -> jax.Array:
@@ -611,8 +673,32 @@ def _eval_consumer(op, name, ins_p, ins_t, view, store, k):
     out_p, out_t = _jvp_op(op, ins_p, rest_t, k)
     total = factored_part if out_t[0] is None else out_t[0] + factored_part
     return out_p, [total.astype(jnp.result_type(out_p[0]))]
-  dense_t = [store.view(t) if isinstance(t, _View) else t for t in ins_t]
+  live = []
+  if isinstance(store, _RegeneratedTangents):
+    # A regenerated draw must follow the op's other inputs AND their tangents (tied to the
+    # primal only, the draws ran ahead of the lagging tangent chain, all alive at once),
+    # and the primal must wait for the tangents too (else the primal chain runs ahead and
+    # every layer's activations wait, alive, for the tangent chain: 75 of them at batch 4096).
+    tangents_in = [t for t in ins_t if not isinstance(t, _View) and not _is_zero(t)]
+    ins_p = [
+      p if isinstance(t, _View) or not tangents_in else _tie(p, tangents_in)
+      for p, t in zip(ins_p, ins_t)
+    ]
+    live = [p for p, t in zip(ins_p, ins_t) if not isinstance(t, _View)] + tangents_in
+  dense_t = [store.view(t, live) if isinstance(t, _View) else t for t in ins_t]
   return _jvp_op(op, ins_p, dense_t, k)
+
+
+def _tie(x: Any, deps: Sequence[Any]) -> Any:
+  """``x`` (a floating array) made to depend on ``deps``: x + 0, the 0 not provable by XLA.
+
+  The value is unchanged except that −0.0 becomes +0.0 (in a parameter consumer's input,
+  e.g. a matmul's activations, that changes nothing but the sign of exact-zero results).
+  """
+  if not (hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)):
+    return x
+  zero = tangents_lib.after(jnp.zeros((), jnp.uint32), *deps)
+  return x + zero.astype(x.dtype)
 
 
 # --------------------------------------------------------------------------------------

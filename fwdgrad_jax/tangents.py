@@ -448,6 +448,76 @@ def draw(
   return jax.tree.unflatten(treedef, out)
 
 
+# --- Seed-regenerated tangents (MeZO-style memory) -----------------------------------
+# A step that keeps V holds k weight-sized buffers. A hash tangent is a pure function of
+# (seed, counter), so each leaf's tangents can instead be drawn where they are used —
+# once in the forward pass, once more in the aggregation — and never stored. XLA would
+# undo that: the draws depend on the key only, so it hoists them all to the start of the
+# step (every leaf alive at once) and merges the two draws of a leaf into one buffer.
+# :func:`after` ties a draw's seed to the values it must follow by a data dependency
+# that XLA cannot prove void (an ``optimization_barrier`` is not enough: XLA:CPU expands
+# it before scheduling, and the draws moved to the start again).
+
+#: Schemes that can be regenerated (a pure function of seed and counter).
+REGENERABLE = tuple(_DRAW_AT)
+
+
+def after(seed: jax.Array, *deps: Any) -> jax.Array:
+  """``seed`` (uint32), made (for XLA) to depend on ``deps``: what uses it runs after them.
+
+  Adds ``(w | 1) == 0`` — always 0, as in :func:`_always` — for the first word w of
+  every dependency: the value is unchanged, but no compiler pass can prove it, so the
+  draw cannot be hoisted above ``deps`` and draws tied to different values are never
+  merged into one buffer.
+  """
+  zero = jnp.zeros((), jnp.uint32)
+  for d in jax.tree.leaves(deps):
+    first = jnp.ravel(d)[:1].astype(jnp.float32) if jnp.size(d) else jnp.zeros((1,), jnp.float32)
+    word = jax.lax.bitcast_convert_type(first, jnp.uint32)[0]
+    zero = zero | ((word | jnp.uint32(1)) == 0).astype(jnp.uint32)
+  return seed + zero
+
+
+def leaf_seeds(key: jax.Array, params: PyTree) -> jax.Array:
+  """(leaves, 2) hash seeds, one per leaf of ``params``: those of :func:`sample`."""
+  return _leaf_seeds(key, len(jax.tree.leaves(params)))
+
+
+def regenerate_leaf(
+  seed: jax.Array,
+  leaf: jax.Array,
+  num_tangents: int,
+  tangents: str,
+  deps: Any = (),
+  *,
+  index: int | None = None,
+) -> jax.Array:
+  """The (k, *leaf.shape) tangents of one leaf, drawn after ``deps`` (see :func:`after`).
+
+  Args:
+    seed: the leaf's row of :func:`leaf_seeds`.
+    leaf: the parameter (its shape and dtype).
+    num_tangents: k.
+    tangents: a name in :data:`REGENERABLE`.
+    deps: values the draw must follow (e.g. the layer's input, or the coefficients of
+      the aggregation).
+    index: only tangent ``index`` (shape ``leaf.shape``), a computation of its own.
+
+  Returns:
+    The values ``sample(key, params, k, tangents)`` has for that leaf, bit for bit.
+  """
+  if tangents not in REGENERABLE:
+    raise ValueError(
+      f"tangents={tangents!r} cannot be regenerated from a seed; use one of {list(REGENERABLE)}."
+    )
+  seed = after(seed, *jax.tree.leaves(deps))
+  shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
+  if index is None:
+    return _DRAW_AT[tangents](seed, _counters(shape, num_tangents, 0), dtype)
+  offset = jnp.uint32(index * int(np.prod(shape)))
+  return _DRAW_AT[tangents](seed, _counters(shape, 1, 0)[0] + offset, dtype)
+
+
 def sample(
   key: jax.Array,
   params: PyTree,

@@ -160,6 +160,7 @@ def estimator_options(cfg: config_lib.EstimatorConfig) -> dict[str, Any]:
     normalize=cfg.normalize,
     rescale=cfg.rescale,
     max_jvp_norm=cfg.max_jvp_norm,
+    regenerate=cfg.regenerate,
   )
 
 

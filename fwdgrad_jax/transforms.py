@@ -89,6 +89,7 @@ def forward_gradient(
   perturbation: str = "weights",
   rescale: bool = False,
   mesh: jax.sharding.Mesh | None = None,
+  regenerate: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Replaces the updates by a forward-gradient estimate of ``value_fn``.
 
@@ -111,7 +112,7 @@ def forward_gradient(
       BatchNorm statistics) is stored in ``state.aux`` for the caller to thread back in.
       It is None until the first update: to carry the state through ``lax.scan`` or
       ``fori_loop``, set it first, ``optax.tree_utils.tree_set(state, aux=initial)``.
-    normalize, max_jvp_norm, jvp_hook, perturbation, rescale, mesh: as for
+    normalize, max_jvp_norm, jvp_hook, perturbation, rescale, mesh, regenerate: as for
       :func:`fwdgrad_jax.value_and_forward_grad`.
 
   Returns:
@@ -137,6 +138,7 @@ def forward_gradient(
     perturbation=perturbation,
     rescale=rescale,
     mesh=mesh,
+    regenerate=regenerate,
   )
   # Builds once to check every option now, with a name, rather than inside a jit trace.
   estimators.value_and_forward_grad(lambda p: p, **options)

@@ -18,15 +18,16 @@ def test_table1_runs_the_rows_reuses_them_and_lists_cifar_as_not_run(tiny_data, 
   table1 = _scripts.load("repro_table1")
   rows = "repro_nn_mnist_sgd_bp,repro_nn_mnist_sgd_fwd,repro_vgg_cifar10_sgd_fwd"
   argv = ["--rows", rows, "--nn-epochs", "0.02", "--evals", "2", "--out", str(tmp_path)]
+  argv += ["--fwd-variants", "preset,clip 1"]
   doc = table1.main([*argv, f"data.data_dir={data_dir}", *SMALL])
   by_row = {e["row"]: e for e in doc["rows"]}
   # MNIST cannot be prepared in the tiny data dir: the MNIST rows ran on Fashion-MNIST.
   assert doc["data_note"] and by_row["repro_nn_mnist_sgd_bp"]["data_run"] == "fashion_mnist"
   bp, fwd = by_row["repro_nn_mnist_sgd_bp"], by_row["repro_nn_mnist_sgd_fwd"]
-  assert set(bp["runs"]) == {"preset"} and set(fwd["runs"]) == {"preset", "cap only"}
-  # The paper's settings come from the presets: the forward row clips and caps at 1.
+  assert set(bp["runs"]) == {"preset"} and set(fwd["runs"]) == {"preset", "clip 1"}
+  # The paper's settings come from the presets: the forward row caps at 1, no clipping.
   assert (fwd["lr"], fwd["decay"], fwd["clip_norm"], fwd["max_jvp_norm"]) == (
-    4.64e-4, 1e-5, 1.0, 1.0,
+    4.64e-4, 1e-5, None, 1.0,
   )  # fmt: skip
   assert bp["clip_norm"] is None and bp["paper_test_loss"] == 0.0
   for entry in (bp, fwd):
@@ -35,15 +36,14 @@ def test_table1_runs_the_rows_reuses_them_and_lists_cifar_as_not_run(tiny_data, 
       assert s["steps"] == round(0.02 * 859) and not s["diverged"]
       assert s["test_loss"] > 0 and any(p["val_loss"] is not None for p in r["curve"])
       assert r["command"].startswith("python experiments/train.py +experiment=repro_nn_mnist_sgd")
-  capped = json.loads(
-    (tmp_path / "runs" / "repro_nn_mnist_sgd_fwd-cap_only" / "config.json").read_text()
+  clipped = json.loads(
+    (tmp_path / "runs" / "repro_nn_mnist_sgd_fwd-clip_1" / "config.json").read_text()
   )
-  assert capped["optimizer"]["clip_norm"] is None and capped["estimator"]["max_jvp_norm"] == 1.0
+  assert clipped["optimizer"]["clip_norm"] == 1.0 and clipped["estimator"]["max_jvp_norm"] == 1.0
   assert "not prepared" in by_row["repro_vgg_cifar10_sgd_fwd"]["not_run"]
   md = (tmp_path / "table1.md").read_text()
   assert (
-    "| repro_nn_mnist_sgd_fwd | fwd | nn | sgd | 0.000464 | 1e-05 | – | 50 | 0.332 | cap only |"
-    in md
+    "| repro_nn_mnist_sgd_fwd | fwd | nn | sgd | 0.000464 | 1e-05 | – | 50 | 0.332 | clip 1 |" in md
   )
   assert "not run: CIFAR-10" in md and (tmp_path / "table1_curves.png").stat().st_size > 10_000
   # A second call reuses the finished runs (same numbers, nothing retrained).
@@ -61,6 +61,10 @@ def test_table1_merge_orders_rows_as_the_paper_and_keeps_every_command():
   merged = table1.merge([a, b])
   assert [e["row"] for e in merged["rows"]] == ["repro_nn_mnist_sgd_fwd", "repro_nn_mnist_sgd_bp"]
   assert merged["data_note"] == "n" and [p["command"] for p in merged["parts"]] == ["A", "B"]
+  # A later file's run of a variant replaces the earlier one; the other variants stay.
+  old = {"rows": [{"row": "repro_nn_mnist_sgd_fwd", "runs": {"preset": 5, "clip 1": 5}}]}
+  new = {"rows": [{"row": "repro_nn_mnist_sgd_fwd", "runs": {"preset": 50}}]}
+  assert table1.merge([old, new])["rows"][0]["runs"] == {"preset": 50, "clip 1": 5}
 
 
 def _run(curve, step_ms=1.0):

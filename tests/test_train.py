@@ -122,8 +122,9 @@ def test_a_run_writes_metrics_summary_and_checkpoint(tiny_data, tmp_path, estima
     {"name": "forward", "tangents": "rank1", "num_tangents": 4, "aggregation": "orthogonal"},
     {"name": "forward", "perturbation": "activity", "num_tangents": 2, "rescale": True},
     {"name": "guided", "fix_gap": 5, "decrease_gap": 5, "decay_rate": 1.0},
+    {"name": "forward", "num_tangents": 2, "regenerate": True},
   ],
-  ids=["rank1", "activity", "guided"],
+  ids=["rank1", "activity", "guided", "regenerate"],
 )
 def test_where_tangents_enter_and_guided_train_through_the_loop(tiny_data, tmp_path, estimator):
   data_dir, ds = tiny_data
