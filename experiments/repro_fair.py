@@ -12,8 +12,8 @@ Methods (``--methods``):
 
 * ``bp``: the ``repro_nn_mnist_<opt>_bp`` preset; centre = the paper's lr.
 * ``fwd``: the ``repro_nn_mnist_<opt>_fwd`` preset (one Gaussian tangent, raw estimate,
-  directional derivative capped at 1) *without* the global-norm clipping at 1, which
-  freezes training with raw estimates (see ``repro_table1.py``); centre = the paper's lr.
+  directional derivative capped at 1, no global-norm clipping — clipping the raw estimate
+  at 1 freezes training, see ``repro_table1.py``); centre = the paper's lr.
 * ``activity`` / ``activity_k16_orth`` ("beyond the study"): the fwd preset's optimizer
   settings, activity perturbation with k = 1, or k = 16 tangents with the orthogonal
   aggregation, ``estimator.rescale=true`` (one lr scale for every k), no capping or

@@ -315,7 +315,7 @@ def plot(path: Path, doc: dict[str, Any]) -> None:
         if not pts:
           continue
         epochs = r["summary"]["steps"] / STEPS_PER_EPOCH
-        label = f"{'backprop' if e['grad'] == 'bp' else 'forward, ' + variant} ({epochs:g} ep.)"
+        label = f"{'backprop' if e['grad'] == 'bp' else 'forward, ' + variant} ({epochs:.3g} ep.)"
         ax.plot(
           [p["step"] for p in pts],
           [p["val_loss"] for p in pts],
