@@ -22,12 +22,13 @@ CIFAR-10 is prepared. Budgets below the paper's are stated per row (epochs, step
 Runs are kept under ``--runs-dir`` (default ``<out>/runs``); a rerun with more epochs
 resumes each run from its checkpoint, a finished run is reused.
 
-  # results/reproduction_study/table1.* (2 shared CPU cores):
-  python experiments/repro_table1.py --nn-epochs 10 --cnn-steps 300 \\
-      --out results/reproduction_study --runs-dir outputs/reproduction_study/table1
+  # results/reproduction_study/table1.* (commands of every part: its README):
+  python experiments/repro_table1.py --nn-epochs 50 --cnn-steps 500 \\
+      --out outputs/repro_table1 --runs-dir outputs/reproduction_study/table1
   python experiments/repro_table1.py --rows repro_nn_mnist_sgd_bp --nn-epochs 1   # one row
-  python experiments/repro_table1.py --report-only results/reproduction_study/table1_nn.json \\
-      results/reproduction_study/table1_cnn.json --out results/reproduction_study   # merged
+  python experiments/repro_table1.py --report-only results/reproduction_study/table1_nn_5ep.json \\
+      results/reproduction_study/table1_nn50.json results/reproduction_study/table1_cnn.json \\
+      --out results/reproduction_study   # merged (a later file's run of a variant wins)
 """
 
 from __future__ import annotations
