@@ -459,7 +459,7 @@ class _RegeneratedTangents(_WeightTangents):
 
   def __init__(self, key, leaves, k, scheme, gram: bool):
     super().__init__(_key_words(key), leaves, k, scheme, factored=False)
-    self.seeds = tangents_lib._leaf_seeds(key, len(leaves))
+    self.seeds = tangents_lib.leaf_seeds(key, leaves)
     dt = jnp.float32
     for p in leaves:
       dt = jnp.promote_types(dt, jnp.result_type(p))
@@ -473,6 +473,10 @@ class _RegeneratedTangents(_WeightTangents):
       self.gram = self.gram + jnp.matmul(m, m.T, precision=lax.Precision.HIGHEST)
     self.seen.add(leaf)
     return v
+
+  def rank1(self, leaf, a_dims, rows):
+    del leaf, a_dims, rows  # dense tangents only: never factored, nothing to draw here
+    return None
 
   def finish_gram(self, deps: Sequence[Any]) -> jax.Array | None:
     """The Gram matrix, with the leaves no op consumed (drawn after ``deps``) added."""
