@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import fwdgrad_jax as fg
-from fwdgrad_jax import experiment
 from fwdgrad_jax.functions import FUNCTIONS
+from fwdgrad_jax.training import records
 
 POINT = (1.5, -0.1)  # the paper's evaluation point
 NUM_SAMPLES = 5
@@ -52,7 +52,7 @@ def plot(path, fn, x, minimizer, tangents, grads, mean, true_grad):
   import matplotlib.colors as mcolors
   import matplotlib.ticker as mticker
 
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   # Gradients reach ~10 at this point while tangents are ~1, so the gradient-like arrows
   # (samples, mean, true) share one scale that keeps the longest of them readable, and the
   # tangents keep their own length; the JSON has the unscaled numbers.
@@ -175,7 +175,7 @@ def report(record: dict[str, Any], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Draws the figure (or only its report); returns the result written to the JSON."""
-  return experiment.script_main(
+  return records.script_main(
     __file__,
     run,
     report,

@@ -17,7 +17,7 @@ iterations, as in the paper.
 
 The time axis is iteration × the per-iteration time of that method, measured in this
 process on a single un-vmapped jitted run of each method (compile excluded) with the
-shared interleaved timer (fwdgrad_jax.experiment.time_interleaved: rounds of both
+shared interleaved timer (fwdgrad_jax.records.time_interleaved: rounds of both
 methods in a shuffled order, so background load hits both alike; medians).
 It is logarithmic: in two dimensions a step is a handful of flops, and drawing the
 random tangent (the per-step key split and the threefry bits that seed the tangent
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from fwdgrad_jax import experiment
+from fwdgrad_jax.training import records
 
 # (function, start, learning rate, iterations, iterations with --quick)
 SETUPS = [
@@ -98,7 +98,7 @@ def _one_function(i, setup, args) -> dict[str, Any]:
   keys = jax.random.split(key, args.runs)
   single = {m: make_run(tf.fn, start, lr, steps, m) for m in METHODS}
   reps = args.timing_reps or (5 if args.quick else 30)
-  timing = experiment.time_interleaved(
+  timing = records.time_interleaved(
     single, rounds=reps, args={m: lambda: (key,) for m in METHODS}, steps=steps, seed=args.seed
   )
   keep = sample_iterations(steps)
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     "prng_impl": args.prng_impl,
     "quick": args.quick,
     "timing": (
-      "experiment.time_interleaved: a single jitted run per method, one untimed call, then "
+      "records.time_interleaved: a single jitted run per method, one untimed call, then "
       "interleaved rounds in a shuffled order, compile excluded; median / iterations"
     ),
     "functions": functions,
@@ -196,7 +196,7 @@ def plot(path: Path, functions: dict[str, Any]) -> None:
   """The 2 × 3 figure: loss per iteration, loss per time, trajectories."""
   from fwdgrad_jax.functions import FUNCTIONS
 
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   fig, axes = plt.subplots(len(functions), 3, figsize=(15, 4.4 * len(functions)), squeeze=False)
   for row, (name, res) in zip(axes, functions.items()):
     it = np.asarray(res["curve_iterations"], np.float64)
@@ -277,7 +277,7 @@ def report(doc: dict[str, Any], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the figure (or only its report); returns the result written to the JSON."""
-  return experiment.script_main(
+  return records.script_main(
     __file__,
     run,
     report,

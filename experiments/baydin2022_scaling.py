@@ -2,7 +2,7 @@
 
 A bias-free ReLU MLP (``deep_mlp``: L hidden Linear layers of width 1024 plus a Linear
 head, batch 64, random 28×28×1 inputs) for L ∈ {1, 2, 5, 10, 20, 50, 100}. For every L,
-:func:`fwdgrad_jax.benchmark.benchmark` times the base pass (forward + loss), one
+:func:`fwdgrad_jax.training.benchmark.benchmark` times the base pass (forward + loss), one
 forward-gradient SGD step (k = 1, Gaussian tangent) and one backprop SGD step,
 interleaved, and gives R_f = forward / base, R_b = backprop / base, R_f/R_b, and the
 compiled memory of one step of each. Then, at the deepest L, the compiled memory of
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fwdgrad_jax import experiment
+from fwdgrad_jax.training import records
 
 DEPTHS = (1, 2, 5, 10, 20, 50, 100)
 BATCHES = (64, 256, 1024, 4096)
@@ -115,7 +115,7 @@ def render(doc: dict[str, Any]) -> str:
     "",
     f"`{prov.get('command', '(command not recorded)')}`",
     "",
-    f"{experiment.hardware_line(prov)} "
+    f"{records.hardware_line(prov)} "
     f"Model: deep_mlp, width {s['width']}, no bias, ReLU, "
     f"input {tuple(s['input_shape'])}, batch {s['batch_size']}, SGD; forward = k = 1 "
     f"'{s['tangent_scheme']}' tangent (fwdgrad_jax.tangents; jax PRNG keys: "
@@ -159,7 +159,7 @@ def render(doc: dict[str, Any]) -> str:
 
 def plot(doc: dict[str, Any], out: Path) -> list[Path]:
   """The three PNGs: R vs L, memory vs L, memory vs batch size."""
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   rows, batches = doc["depths"], doc["batches"]
   L = [r["depth"] for r in rows]
   paths = []
@@ -195,7 +195,7 @@ def plot(doc: dict[str, Any], out: Path) -> list[Path]:
   fig.savefig(paths[-1], dpi=120)
   plt.close(fig)
 
-  for key, xs, records, xlabel, name in (
+  for key, xs, rows_of, xlabel, name in (
     ("depth", L, rows, "depth L (hidden layers)", "scaling_memory_depth.png"),
     (
       "batch",
@@ -207,11 +207,11 @@ def plot(doc: dict[str, Any], out: Path) -> list[Path]:
   ):
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for est, color, marker in (("forward", "tab:blue", "o"), ("backprop", "tab:orange", "s")):
-      peak = [r["memory"][est]["peak"] / _MIB for r in records]
-      temp = [max(r["memory"][est]["temp"], 1) / _MIB for r in records]
+      peak = [r["memory"][est]["peak"] / _MIB for r in rows_of]
+      temp = [max(r["memory"][est]["temp"], 1) / _MIB for r in rows_of]
       ax.plot(xs, peak, marker + "-", color=color, label=f"{est} step: peak")
       ax.plot(xs, temp, marker + "--", color=color, alpha=0.6, label=f"{est} step: temp")
-    base = [r["memory"]["base"]["peak"] / _MIB for r in records]
+    base = [r["memory"]["base"]["peak"] / _MIB for r in rows_of]
     ax.plot(xs, base, "^:", color="0.4", label="base (forward + loss): peak")
     where = f"L = {doc['settings']['memory_depth']}" if key == "batch" else "batch "
     where += "" if key == "batch" else str(doc["settings"]["batch_size"])
@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   if args.prng_impl:
     jax.config.update("jax_default_prng_impl", args.prng_impl)
-  from fwdgrad_jax import benchmark as bench
+  from fwdgrad_jax.training import benchmark as bench
 
   depths = args.depths or (QUICK_DEPTHS if args.quick else DEPTHS)
   batches = args.batches or (QUICK_BATCHES if args.quick else BATCHES)
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   Returns:
     The document written to ``scaling.json``.
   """
-  return experiment.script_main(
+  return records.script_main(
     __file__,
     run,
     report,

@@ -6,7 +6,7 @@ Gaussian tangent) and backprop with plain SGD at the *same* lr, decay
 η_i = η_0·exp(−i·1e-4), batch 64, the same number of iterations, several seeds. From the
 runs (fwdgrad_jax.analysis):
 
-* R_f, R_b: ``runtime_ratio`` of :func:`fwdgrad_jax.train.train` (step time / time of one
+* R_f, R_b: ``runtime_ratio`` of :func:`fwdgrad_jax.training.run.train` (step time / time of one
   forward pass + loss), median over seeds; R_f/R_b is the ratio of those medians.
 * T_f/T_b: T_b = training time at backprop's lowest validation loss, T_f = training time
   at which forward gradient first reaches that loss, per seed pair and on the curves
@@ -16,7 +16,7 @@ runs (fwdgrad_jax.analysis):
 The fair comparison (each method at its own tuned lr) is experiments/baydin2022_fair.py.
 
 Data: MNIST when it can be loaded, else Fashion-MNIST (recorded). The data set is loaded
-once and passed to ``train.train``; its validation split is fixed (seed 0), the model and
+once and passed to ``run.train``; its validation split is fixed (seed 0), the model and
 tangent seeds vary. Writes ``training.json``, then ``training.md`` (paper vs ours) and
 ``training_<model>.png`` (validation loss vs iterations and vs time); the run
 directories (metrics, checkpoints) go under ``--runs-dir`` (default ``<out>/runs``).
@@ -46,7 +46,8 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from fwdgrad_jax import analysis, experiment
+from fwdgrad_jax import analysis
+from fwdgrad_jax.training import records as records_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("forward", "backprop")
@@ -101,8 +102,8 @@ _SUMMARY_KEYS = (
 
 
 def compose_config(preset: str, overrides: list[str]):
-  """A validated :class:`fwdgrad_jax.config.Config` from a preset plus Hydra overrides."""
-  from fwdgrad_jax import config as config_lib
+  """A validated :class:`fwdgrad_jax.training.config.Config` from a preset plus Hydra overrides."""
+  from fwdgrad_jax.training import config as config_lib
 
   return config_lib.compose([f"+experiment={preset}", *overrides], config_dir=ROOT / "configs")
 
@@ -123,7 +124,7 @@ def load_dataset(choice: str, data_dir: str | None, val_size: int):
 
 def train_run(preset, method, *, seed, steps, eval_every, dataset, data_dir, run_dir):
   """Trains one run of a preset into a fresh ``run_dir``; returns (summary, records)."""
-  from fwdgrad_jax import train
+  from fwdgrad_jax.training import run as run_lib
 
   overrides = [
     f"data={dataset.name}",
@@ -140,7 +141,7 @@ def train_run(preset, method, *, seed, steps, eval_every, dataset, data_dir, run
   cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
   # train() resumes from a checkpoint in run_dir; a rerun must start over.
   shutil.rmtree(run_dir, ignore_errors=True)
-  summary = train.train(cfg, run_dir, dataset=dataset)
+  summary = run_lib.train(cfg, run_dir, dataset=dataset)
   records = [
     json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
   ]
@@ -336,7 +337,7 @@ def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def plot_model(path: Path, entry: dict[str, Any]) -> None:
   """Validation loss vs iterations and vs training time; every seed thin, median thick."""
-  plt = experiment.pyplot()
+  plt = records_lib.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   for method in METHODS:
     curves = [r["curve"] for r in entry["methods"][method]["runs"]]
@@ -523,7 +524,7 @@ def render(doc: dict[str, Any]) -> str:
     prov = e.get("provenance") or doc.get("provenance") or {}
     lines.append(
       f"- {e['title']}: `{prov.get('command', '(not recorded)')}` — "
-      f"{experiment.hardware_line(prov)} Validation examples {e['val_examples']}, eval every "
+      f"{records_lib.hardware_line(prov)} Validation examples {e['val_examples']}, eval every "
       f"{e['eval_every']} iterations."
     )
   if doc.get("data_notes"):
@@ -555,7 +556,7 @@ def report(doc: dict[str, Any], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the study (or only its report); returns the result written to the JSON."""
-  return experiment.script_main(
+  return records_lib.script_main(
     __file__,
     run,
     report,

@@ -1,6 +1,6 @@
 """Runtime and memory benchmark: base vs backprop vs forward-gradient steps.
 
-Times the jitted functions of fwdgrad_jax.benchmark (base = forward + loss, backprop,
+Times the jitted functions of fwdgrad_jax.training.benchmark (base = forward + loss, backprop,
 forward gradients for every k and aggregation) on random data of the model's input
 shape, interleaved over rounds, and records the compiled memory of one step. Two ways
 to call them: --calls loop (default: the training loop's chunk of SGD steps, on device)
@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import experiment
+from fwdgrad_jax.training import records
 
 
 def _ints(text: str) -> list[int]:
@@ -115,13 +115,13 @@ def _name(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-  """Runs :func:`fwdgrad_jax.benchmark.benchmark` with the command line's settings."""
+  """Runs :func:`fwdgrad_jax.training.benchmark.benchmark` with the command line's settings."""
   import jax
 
   if args.prng_impl:
     # Before any key exists: make_tx's PRNGKey then uses this implementation.
     jax.config.update("jax_default_prng_impl", args.prng_impl)
-  from fwdgrad_jax import benchmark as bench
+  from fwdgrad_jax.training import benchmark as bench
 
   options = json.loads(args.model_options) if args.model_options else {}
   options.update(dict(args.model_option))
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(result: dict[str, Any], out: Path) -> list[Path]:
   """``<name>.md``: the command and the table; the table is printed too."""
-  from fwdgrad_jax import benchmark as bench
+  from fwdgrad_jax.training import benchmark as bench
 
   s = result["settings"]
   table = bench.render_markdown(result)
@@ -165,7 +165,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the benchmark (or only its report) and writes ``<name>.json`` and ``<name>.md``."""
-  return experiment.script_main(
+  return records.script_main(
     __file__,
     run,
     report,

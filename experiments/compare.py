@@ -10,7 +10,7 @@ of the estimate to the true gradient) and draws validation loss against steps an
 against seconds. Fair in both ways the papers argue about: tuned per method, equal time.
 
 The budget is the loop's ``train.time_budget_s`` (checked between chunks). Every row is
-timed first (fwdgrad_jax.benchmark.time_configs) to size its evaluation interval, so each
+timed first (fwdgrad_jax.training.benchmark.time_configs) to size its evaluation interval, so each
 curve gets about ``evals`` points whatever its step time.
 
   python experiments/compare.py                          # the demo (~2.5 min on 2 cores)
@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import analysis, experiment
+from fwdgrad_jax import analysis
+from fwdgrad_jax.training import records as records_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = ("tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -62,7 +63,7 @@ def load_rows(path: Path) -> dict[str, Any]:
 
 
 def _compose(overrides: list[str]):
-  from fwdgrad_jax import config as config_lib
+  from fwdgrad_jax.training import config as config_lib
 
   return config_lib.compose(overrides, config_dir=ROOT / "configs")
 
@@ -81,7 +82,8 @@ def plan(
   Returns:
     ``(label → overrides, label → seconds per step)``.
   """
-  from fwdgrad_jax import benchmark, data
+  from fwdgrad_jax import data
+  from fwdgrad_jax.training import benchmark
 
   base = {label: ["+experiment=demo", *row, *extra] for label, row in rows.items()}
   cfgs = {label: _compose(o) for label, o in base.items()}
@@ -132,7 +134,8 @@ def run_rows(args: argparse.Namespace, demo: dict[str, Any]) -> dict[str, Any]:
   """Trains every row for the budget; returns the comparison."""
   import json
 
-  from fwdgrad_jax import data, train
+  from fwdgrad_jax import data
+  from fwdgrad_jax.training import run as run_lib
 
   t0 = time.perf_counter()
   budget = args.budget or demo["budget_s"]
@@ -152,7 +155,7 @@ def run_rows(args: argparse.Namespace, demo: dict[str, Any]) -> dict[str, Any]:
       f"(at {time.perf_counter() - t0:.0f} s)",
       flush=True,
     )
-    summary = train.train(cfg, run_dir, dataset=dataset)
+    summary = run_lib.train(cfg, run_dir, dataset=dataset)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows[label] = {
       **_row_result(summary, records),
@@ -171,7 +174,7 @@ def run_rows(args: argparse.Namespace, demo: dict[str, Any]) -> dict[str, Any]:
 
 def tune(args: argparse.Namespace, demo: dict[str, Any]) -> dict[str, Any]:
   """The lr grid search of one row at the demo's budget and settings."""
-  from fwdgrad_jax import lr_search
+  from fwdgrad_jax.training import lr_search
 
   if args.tune not in demo["rows"]:
     raise SystemExit(
@@ -199,7 +202,7 @@ def tune(args: argparse.Namespace, demo: dict[str, Any]) -> dict[str, Any]:
     "row": args.tune,
     "budget_s": budget,
     "search": res.as_dict(),
-    "sweep_command": experiment.command_line(cmd[1], cmd[2:]),
+    "sweep_command": records_lib.command_line(cmd[1], cmd[2:]),
   }
 
 
@@ -267,7 +270,7 @@ def table(result: dict[str, Any]) -> str:
 
 def plot(path: Path, result: dict[str, Any]) -> None:
   """Validation loss against steps and against training seconds, one line per row."""
-  plt = experiment.pyplot()
+  plt = records_lib.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
   for color, (label, r) in zip(COLORS, result["rows"].items()):
     c = r["curve"]
@@ -295,10 +298,10 @@ def plot(path: Path, result: dict[str, Any]) -> None:
 
 
 def _report_search(result: dict[str, Any], out: Path) -> list[Path]:
-  from fwdgrad_jax import lr_search
+  from fwdgrad_jax.training import lr_search
 
   s = result["search"]
-  plt = experiment.pyplot()
+  plt = records_lib.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   lr_search.draw(ax, s)
   ax.set(xlabel="learning rate", ylabel=f"{s['objective']} (mean over seeds)")
@@ -334,11 +337,11 @@ def main(argv: list[str] | None = None) -> int:
   Returns:
     0, or 2 for a bad config value or a missing data set (one line on stderr).
   """
-  from fwdgrad_jax import config as config_lib
   from fwdgrad_jax import data
+  from fwdgrad_jax.training import config as config_lib
 
   try:
-    experiment.script_main(
+    records_lib.script_main(
       __file__,
       run,
       report,

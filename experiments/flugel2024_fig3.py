@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fwdgrad_jax as fg
-from fwdgrad_jax import experiment
+from fwdgrad_jax.training import records
 
 #: label -> (aggregation, normalize)
 VARIANTS = {
@@ -164,7 +164,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   s = result["settings"]
   n, ks = s["n"], s["ks"]
   rows = {(r["k"], r["variant"]): r for r in result["rows"]}
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   styles = {
     "sum": "-",
@@ -200,7 +200,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "# Fig. 3: approximation quality of a fixed gradient against k",
     "",
     f"n = {n}, Gaussian tangents, {s['seeds']} seeds per point, f(x) = g·x. "
-    f"{experiment.hardware_line(result.get('provenance'))}",
+    f"{records.hardware_line(result.get('provenance'))}",
     "",
     "## Closed forms",
     "",
@@ -242,7 +242,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-  experiment.script_main(
+  records.script_main(
     __file__,
     run,
     report,

@@ -6,7 +6,7 @@ orthogonal projection of k ∈ {2, 4, 16} Gaussian tangents — plain gradient d
 x ← x − η ĝ(x) runs for ``--steps`` iterations from x₀ ~ U(−2, 2)ⁿ (one x₀ per seed).
 The score of a run is the best value reached (what early stopping on the objective keeps;
 a run that diverges keeps its best finite value). Each variant's lr is searched by the
-shared vmapped search ``fwdgrad_jax.lr_search.search`` (every lr × seed of a variant in one
+shared vmapped search ``fwdgrad_jax.training.lr_search.search`` (every lr × seed of a variant in one
 jitted call) on a log grid, best = lowest mean over the five seeds; reported is that mean.
 The raw estimators are used (no ``rescale``): the lr search absorbs their different
 lengths, as in the paper.
@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import fwdgrad_jax as fg
-from fwdgrad_jax import experiment, functions, lr_search
+from fwdgrad_jax import functions
+from fwdgrad_jax.training import lr_search, records
 
 FUNCTIONS = ("sphere", "rosenbrock", "styblinski_tang")
 KS = (2, 4, 16)
@@ -133,7 +134,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   s = result["settings"]
   funcs = list(dict.fromkeys(r["function"] for r in result["rows"]))
   labels = list(dict.fromkeys(r["variant"] for r in result["rows"]))
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   fig, axes = plt.subplots(1, len(funcs), figsize=(5 * len(funcs), 4), squeeze=False)
   colors = {"true gradient": "k", "forward k=1": "tab:gray"}
   palette = {2: "tab:blue", 4: "tab:orange", 16: "tab:green"}
@@ -143,7 +144,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     f"{s['steps']} GD steps, x₀ ~ U(−2, 2)ⁿ, Gaussian tangents, raw estimators; lr per "
     f"variant from a log grid of {len(s['lrs'])} values in [{s['lrs'][0]:g}, {s['lrs'][-1]:g}] "
     f"(`lr_search.search`, vmapped); value = mean over {len(s['seeds'])} seeds of the best value "
-    f"reached, at the variant's best lr. {experiment.hardware_line(result.get('provenance'))}",
+    f"reached, at the variant's best lr. {records.hardware_line(result.get('provenance'))}",
     "",
     "Values are given as (f_best − f*)/n, the gap to the global minimum per dimension. "
     "`*`: best lr at the edge of the grid.",
@@ -201,7 +202,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-  experiment.script_main(
+  records.script_main(
     __file__,
     run,
     report,

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import fwdgrad_jax as fg
-from fwdgrad_jax import experiment, functions, lr_search
+from fwdgrad_jax import functions
+from fwdgrad_jax.training import lr_search, records
 
 ANGLES_DEG = (5, 15, 30, 45, 60, 90)
 KS = (4, 16)
@@ -131,7 +132,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   s = result["settings"]
   by = {(r["k"], r["aggregation"], r["angle_deg"]): r for r in result["rows"]}
   angles = s["angles_deg"]
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   colors = {2: "tab:orange", 4: "tab:blue", 16: "tab:green"}
   for k in s["ks"]:
@@ -173,7 +174,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     f"n = {s['n']}; cosine: mean over {s['cos_seeds']} seeds; Styblinski–Tang: {s['steps']} GD "
     f"steps, best value reached / n (minimum {s['st_minimum'] / s['n']:.3f}), mean over "
     f"{len(s['seeds'])} seeds at the best lr of a {len(s['lrs'])}-point grid. "
-    f"{experiment.hardware_line(result.get('provenance'))}",
+    f"{records.hardware_line(result.get('provenance'))}",
     "",
     "## Cosine similarity to ∇f",
     "",
@@ -200,7 +201,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-  experiment.script_main(
+  records.script_main(
     __file__,
     run,
     report,

@@ -9,7 +9,7 @@ by the local VJP; ``perturbation="activity"``) for k ∈ {1, 2, 4, 16}, mean and
 the parameters) for the same k. The raw estimators (no ``rescale``), as the paper: every
 variant's lr is chosen from a log grid by the best validation loss (5,000 examples held out
 of the training set), all lrs of a variant trained in one jitted, vmapped call and summarised
-by ``fwdgrad_jax.lr_search.summarize``. Early stopping is read off the evaluations: the
+by ``fwdgrad_jax.training.lr_search.summarize``. Early stopping is read off the evaluations: the
 reported test error is the one at the evaluation with the best validation loss.
 
 REDUCED budget (2 shared CPU cores): ``--steps`` SGD steps (default 600, ≈0.7 epoch of
@@ -33,8 +33,9 @@ import numpy as np
 from flax import nnx
 
 import fwdgrad_jax as fg
-from fwdgrad_jax import data, experiment, lr_search, models
-from fwdgrad_jax import train as train_lib
+from fwdgrad_jax import data, models
+from fwdgrad_jax.training import lr_search, records
+from fwdgrad_jax.training import steps as steps_lib
 
 #: Log grids per family and aggregation. The raw estimates' lengths differ by orders of
 #: magnitude (mean: about √(n/k) × ‖∇f‖; orthogonal projection: about √(k/n) × ‖∇f‖, with n
@@ -106,7 +107,7 @@ def _train_all_lrs(per_example_loss, loss, apply, params, ds, lrs, args, options
   def evaluate(p, xv, yv, xt, yt):
     def chunk(xs, ys):
       logits = apply(p, xs)
-      return train_lib.cross_entropy(logits, ys), jnp.mean(jnp.argmax(logits, -1) != ys)
+      return steps_lib.cross_entropy(logits, ys), jnp.mean(jnp.argmax(logits, -1) != ys)
 
     vl, _ = chunk(xv, yv)
     tl, te = chunk(xt, yt)
@@ -169,8 +170,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     graphdef, params, rest = models.split(model)
     params = jax.tree.map(jnp.asarray, params)
     num_params = models.count_params(params)
-    loss = train_lib.make_loss(graphdef, rest)
-    per_example = train_lib.make_loss(graphdef, rest, per_example=True)
+    loss = steps_lib.make_loss(graphdef, rest)
+    per_example = steps_lib.make_loss(graphdef, rest, per_example=True)
     apply = models.apply_fn(graphdef, rest)
     for label, fam, options in _variants(args.ks, width in args.weights_widths):
       lrs = _grid(fam, options)
@@ -231,7 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(result: dict[str, Any], out: Path) -> list[Path]:
   s = result["settings"]
   widths = s["widths"]
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   fig, axes = plt.subplots(1, 1 + len(widths), figsize=(5 * (1 + len(widths)), 4))
   palette = {1: "tab:gray", 2: "tab:blue", 4: "tab:orange", 16: "tab:green"}
   lines = [
@@ -242,7 +243,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     f"lr per variant = best validation loss ({s['eval_examples']} of {s['val_examples']} held-out "
     f"examples, evaluated every {s['eval_every']} steps); test error (10,000 test images) at "
     f"the evaluation with the best validation loss. Raw estimators, Gaussian tangents. "
-    f"{experiment.hardware_line(result.get('provenance'))}",
+    f"{records.hardware_line(result.get('provenance'))}",
     "",
     "| width | params | variant | best lr | best val loss | test error |",
     "|---|---|---|---|---|---|",
@@ -306,7 +307,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-  experiment.script_main(
+  records.script_main(
     __file__,
     run,
     report,

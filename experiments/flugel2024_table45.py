@@ -5,7 +5,7 @@ Two parts, each for every model in ``--models``:
 * ``timing`` — what the paper could not measure (its forward gradients were simulated
   with backprop): seconds per step of the real thing, one jitted call per step on one
   batch, timed against each other with the shared interleaved timer
-  (``fwdgrad_jax.experiment.time_interleaved``): ``base`` (forward pass + loss),
+  (``fwdgrad_jax.records.time_interleaved``): ``base`` (forward pass + loss),
   ``backprop`` (``jax.value_and_grad``) and forward gradients with activity perturbation
   at Flügel's layers (``fwdgrad_jax.site`` markers of ``models_flugel``; true forward
   mode, per-example directional derivatives, local VJPs inside each block) for
@@ -40,8 +40,9 @@ import numpy as np
 from flax import nnx
 
 import fwdgrad_jax as fg
-from fwdgrad_jax import data, experiment, models
-from fwdgrad_jax import train as train_lib
+from fwdgrad_jax import data, models
+from fwdgrad_jax.training import records
+from fwdgrad_jax.training import steps as steps_lib
 
 SHAPE = (28, 28, 1)  # Fashion-MNIST
 
@@ -100,8 +101,8 @@ def _timing(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, *SHAPE), dtype=np.float32))
   y = jnp.asarray(rng.integers(0, 10, (batch,), dtype=np.int32))
-  loss = train_lib.make_loss(graphdef, rest)
-  per_example = train_lib.make_loss(graphdef, rest, per_example=True)
+  loss = steps_lib.make_loss(graphdef, rest)
+  per_example = steps_lib.make_loss(graphdef, rest, per_example=True)
   key = jax.random.key(0)
   fns: dict[str, Any] = {
     "base": (jax.jit(loss), (params, x, y)),
@@ -119,7 +120,7 @@ def _timing(name: str, batch: int, args: argparse.Namespace) -> dict[str, Any]:
     compiled[label] = fn.lower(*a).compile()
     compile_s[label] = time.perf_counter() - t0
     print(f"{name}: compiled {label} in {compile_s[label]:.0f}s", flush=True)
-  timings = experiment.time_interleaved(
+  timings = records.time_interleaved(
     {label: compiled[label] for label in fns},
     rounds=args.rounds,
     args={label: (lambda a=a: a) for label, (_, a) in fns.items()},
@@ -166,8 +167,8 @@ def _training(name: str, ds: data.Dataset, args: argparse.Namespace) -> dict[str
   if jax.tree.leaves(rest):
     raise ValueError(f"--part training runs stateless models only; {name} has state {rest}")
   params = jax.tree.map(jnp.asarray, params)
-  loss = train_lib.make_loss(graphdef, rest)
-  per_example = train_lib.make_loss(graphdef, rest, per_example=True)
+  loss = steps_lib.make_loss(graphdef, rest)
+  per_example = steps_lib.make_loss(graphdef, rest, per_example=True)
   apply = models.apply_fn(graphdef, rest)
   variants = [("backprop", None, None), *_forward_variants([1, 4] if args.quick else args.train_ks)]
   if args.train_variants:
@@ -200,7 +201,7 @@ def _training(name: str, ds: data.Dataset, args: argparse.Namespace) -> dict[str
       return (
         losses,
         cos,
-        train_lib.cross_entropy(logits, yt),
+        steps_lib.cross_entropy(logits, yt),
         jnp.mean(jnp.argmax(logits, -1) != yt),
       )
 
@@ -271,7 +272,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   provs = result.get("provenances") or [result.get("provenance")]
   lines = ["# §4.5: ResNet18 and ViT on Fashion-MNIST, true forward mode", ""]
   lines += [
-    f"- {experiment.hardware_line(p)}; command: `{(p or {}).get('command', '?')}`" for p in provs
+    f"- {records.hardware_line(p)}; command: `{(p or {}).get('command', '?')}`" for p in provs
   ]
   paths = []
   if result["timing"]:
@@ -298,7 +299,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
           f"{r['R']:.2f} | {r['vs_backprop']:.2f} | {r['compile_s']:.0f} |"
         )
       lines.append("")
-    plt = experiment.pyplot()
+    plt = records.pyplot()
     fig, axes = plt.subplots(
       1, len(result["timing"]), figsize=(5.5 * len(result["timing"]), 4), squeeze=False
     )
@@ -350,7 +351,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-  experiment.script_main(
+  records.script_main(
     __file__,
     run,
     report,

@@ -1,7 +1,7 @@
 """Does one learning rate transfer across k and aggregations? With and without ``rescale``.
 
 For every k ∈ {1, 4, 16} and aggregation (mean, sum, orthogonal), the shared vmapped lr
-search (``fwdgrad_jax.lr_search.search``: the whole lr × seed grid in one jitted call)
+search (``fwdgrad_jax.training.lr_search.search``: the whole lr × seed grid in one jitted call)
 trains a small MLP on Fashion-MNIST with SGD and forward gradients, once with the raw
 estimate and once with ``rescale=True`` (the estimate divided by its expected length
 ratio to ∇f, ``fwdgrad_jax.expected_norm_ratio``). The objective is the validation loss at
@@ -26,8 +26,9 @@ import numpy as np
 from flax import nnx
 
 import fwdgrad_jax as fg
-from fwdgrad_jax import data, experiment, lr_search, models
-from fwdgrad_jax import train as train_lib
+from fwdgrad_jax import data, models
+from fwdgrad_jax.training import lr_search, records
+from fwdgrad_jax.training import steps as steps_lib
 
 KS = (1, 4, 16)
 AGGREGATIONS = ("mean", "sum", "orthogonal")
@@ -52,7 +53,7 @@ def _problem(args: argparse.Namespace):
   )
   graphdef, params, rest = models.split(model)
   params = jax.tree.map(jnp.asarray, params)
-  loss = train_lib.make_loss(graphdef, rest)
+  loss = steps_lib.make_loss(graphdef, rest)
   x, y = ds.x_train[: args.train_examples], ds.y_train[: args.train_examples]
   return loss, params, (x, y), (ds.x_val, ds.y_val)
 
@@ -145,7 +146,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     f"{s['steps']} steps of batch {s['batch_size']}, Gaussian tangents; best lr = the lowest "
     f"final validation loss, mean of {len(s['seeds'])} seeds, on a log grid of "
     f"{len(s['lrs'])} lrs from {s['lrs'][0]:g} to {s['lrs'][-1]:g} "
-    "(`fwdgrad_jax.lr_search.search`: the whole grid in one jitted call).",
+    "(`fwdgrad_jax.training.lr_search.search`: the whole grid in one jitted call).",
     "",
     "| k | aggregation | best lr, raw | best lr, rescale=True | val loss, raw | val loss, rescaled |",
     "|---|---|---|---|---|---|",
@@ -169,7 +170,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "",
     "![best loss against lr](lr_transfer.png)",
   ]
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
   for ax, rescale in zip(axes, (False, True)):
     for r in result["searches"]:
@@ -203,7 +204,7 @@ def _num(x, spec=".3f"):
 
 
 if __name__ == "__main__":
-  experiment.script_main(
+  records.script_main(
     __file__,
     run,
     report,

@@ -6,7 +6,7 @@ tangents, k = 1, 4, 16, one SGD step per call from Python): fwdgrad_jax's
 ``experiments/peers/torch_fwdgrad.py`` (``torch.func.jvp`` + ``functional_call``, a
 Python loop over k — the orobix/fwdgrad approach). The peer runs in its own process
 (torch may live in another venv: ``--peer-python``) and answers over a pipe, so both are
-timed in ONE interleaved timer (:func:`fwdgrad_jax.experiment.time_interleaved`: rounds
+timed in ONE interleaved timer (:func:`fwdgrad_jax.records.time_interleaved`: rounds
 in a shuffled order, medians), under the same load. Without a peer the fwdgrad_jax times
 are recorded alone; ``--peer-json`` reads a standalone run of the peer instead.
 
@@ -26,7 +26,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import experiment
+from fwdgrad_jax.training import records
 
 PEER = Path(__file__).resolve().parent / "peers" / "torch_fwdgrad.py"
 
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
 
-  from fwdgrad_jax import benchmark as bench
+  from fwdgrad_jax.training import benchmark as bench
 
   problem = bench.make_problem(
     "mlp",
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if peer is not None:
       for k in args.tangents:
         variants[f"torch k={k}"] = lambda k=k: peer.run(k, args.steps)
-    timings = experiment.time_interleaved(
+    timings = records.time_interleaved(
       variants,
       rounds=args.rounds,
       steps=args.steps,
@@ -215,7 +215,7 @@ def render(result: dict[str, Any]) -> str:
     f"{s['model']}, {s['num_params']:,} params, batch {s['batch_size']}, {s['aggregation']} of "
     f"k tangents, {s['optimizer']}; {s['timing']}; {s['rounds']} rounds × "
     f"{s['steps_per_call']} steps. Peer: {who}. Ratio > 1: fwdgrad_jax is faster.\n\n"
-    + experiment.hardware_line(result.get("provenance"))
+    + records.hardware_line(result.get("provenance"))
     + "\n\n"
     + "\n".join(lines)
     + "\n"
@@ -232,7 +232,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  return experiment.script_main(
+  return records.script_main(
     __file__,
     run,
     report,

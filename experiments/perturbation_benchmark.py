@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 
 import fwdgrad_jax as fg
-from fwdgrad_jax import benchmark, data, experiment
-from fwdgrad_jax import config as config_lib
-from fwdgrad_jax import train as train_lib
+from fwdgrad_jax import data
+from fwdgrad_jax.training import benchmark, records
+from fwdgrad_jax.training import config as config_lib
+from fwdgrad_jax.training import steps as steps_lib
 
 #: (label, estimator config fields): the schemes compared.
 SCHEMES = {
@@ -86,7 +87,7 @@ def _cosines(model: str, variants, samples: int) -> dict[str, float]:
     if cfg is None or cfg.estimator.name != "forward":
       continue
     est = fg.value_and_forward_grad(
-      problem.estimated(cfg), **train_lib.estimator_options(cfg.estimator)
+      problem.estimated(cfg), **steps_lib.estimator_options(cfg.estimator)
     )
     # params and data as arguments: closed over, they are constants that XLA
     # constant-folds (seconds per convolution at compile time).
@@ -175,7 +176,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   prov = result["provenance"]
   lines = ["# Where tangents enter: step time, memory and cosine", ""]
   lines.append(f"`{prov['command']}`")
-  lines += ["", experiment.hardware_line(prov)]
+  lines += ["", records.hardware_line(prov)]
   for m in result["models"]:
     how = (
       f"a compiled chunk of {m['steps_per_call']} steps (the training loop)"
@@ -209,7 +210,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-  experiment.script_main(
+  records.script_main(
     __file__,
     run,
     report,

@@ -7,7 +7,7 @@ approximation), activity perturbation with per-example losses (k = 1), and activ
 k = 16 and the per-example orthogonal projection. Every forward variant uses
 ``estimator.rescale=true``, so its estimate has the expected length of the true gradient
 and one lr grid serves all of them. Each variant's lr is found by the shared lr search
-(``fwdgrad_jax.lr_search.run_sweep``: the Hydra app's Optuna grid sweep, best validation
+(``fwdgrad_jax.training.lr_search.run_sweep``: the Hydra app's Optuna grid sweep, best validation
 loss); the report compares the variants at their own best lr, against steps and seconds.
 
   python experiments/perturbation_training.py --out results/perturbation
@@ -22,7 +22,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import experiment, lr_search
+from fwdgrad_jax.training import lr_search
+from fwdgrad_jax.training import records as records_lib
 
 APP = Path(__file__).resolve().parent / "train.py"
 ROOT = APP.parents[1]
@@ -134,7 +135,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "",
     *[f"`{c}`" for c in commands],
     "",
-    experiment.hardware_line(prov),
+    records_lib.hardware_line(prov),
     "",
     f"{s['model']} on Fashion-MNIST, batch {s['batch_size']}, {s['optimizer']}, "
     f"{s['steps']} steps; forward variants with `estimator.rescale=true`; the lr of each "
@@ -151,7 +152,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
       f"{_f(b['step_time_ms'], '.2f')} | {_f(b['runtime_ratio'], '.2f')} |"
     )
   lines += ["", "![validation loss](training.png)", ""]
-  plt = experiment.pyplot()
+  plt = records_lib.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
   for v in result["variants"]:
     c = v["best"]["curve"]
@@ -184,12 +185,12 @@ def _g(x):
 
 
 if __name__ == "__main__":
-  experiment.script_main(
+  records_lib.script_main(
     __file__,
     run,
     report,
     result_file="training.json",
     description=__doc__,
     add_arguments=_add_arguments,
-    merge=functools.partial(experiment.merge_by_label, key="variants"),
+    merge=functools.partial(records_lib.merge_by_label, key="variants"),
   )

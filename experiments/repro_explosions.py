@@ -10,7 +10,7 @@ combinations of
 * capping the directional derivative at ``--cap`` (``estimator.max_jvp_norm``),
 
 for several seeds (and lrs) as one Hydra sweep per combination
-(:func:`fwdgrad_jax.lr_search.run_sweep`). A run whose loss becomes non-finite stops
+(:func:`fwdgrad_jax.training.lr_search.run_sweep`). A run whose loss becomes non-finite stops
 with ``diverged: true`` in its ``summary.json`` and the sweep goes on with the next job;
 this script checks that every job of every sweep wrote its summary. Reported per
 combination: how many runs diverged and at which iteration, how many logged a spike
@@ -35,7 +35,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import experiment, lr_search
+from fwdgrad_jax.training import lr_search, records
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "repro_nn_mnist_sgd_fwd"
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   """The script's options."""
   parser.add_argument("--preset", default=PRESET, help="a forward-gradient Table I row")
   parser.add_argument(
-    "--lrs", type=experiment.positive_floats, default=None, help="lrs (default: the preset's)"
+    "--lrs", type=records.positive_floats, default=None, help="lrs (default: the preset's)"
   )
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=1500)
@@ -112,7 +112,7 @@ def conditions(clip: float, cap: float, which: str = "all") -> dict[str, list[st
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """One sweep (lrs × seeds) per safeguard combination; per run its fate and curve."""
-  from fwdgrad_jax import config as config_lib
+  from fwdgrad_jax.training import config as config_lib
 
   preset_cfg = config_lib.compose([f"+experiment={args.preset}"], config_dir=ROOT / "configs")
   if preset_cfg.estimator.name != "forward":
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     out["conditions"][name] = {
       "overrides": overrides,
-      "command": experiment.command_line(search.extra["command"][1], search.extra["command"][2:]),
+      "command": records.command_line(search.extra["command"][1], search.extra["command"][2:]),
       "failed_jobs": search.extra["failed_jobs"],
       "runs": runs,
     }
@@ -240,13 +240,13 @@ def render(doc: dict[str, Any]) -> str:
   lines += ["", "## Commands and hardware", "", f"- `{prov.get('command', '(not recorded)')}`"]
   for name, cond in doc["conditions"].items():
     lines.append(f"  - {name}: `{cond['command']}`")
-  lines += ["", experiment.hardware_line(prov)]
+  lines += ["", records.hardware_line(prov)]
   return "\n".join(lines) + "\n"
 
 
 def plot(path: Path, doc: dict[str, Any]) -> None:
   """Train loss of every run, one panel per combination; × at a divergence."""
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   conds = doc["conditions"]
   fig, axes = plt.subplots(1, len(conds), figsize=(4 * len(conds), 3.5), squeeze=False, sharey=True)
   for ax, (name, cond) in zip(axes[0], conds.items()):
@@ -279,7 +279,7 @@ def report(doc: dict[str, Any], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the sweeps (or only the report); returns the result written to the JSON."""
-  return experiment.script_main(
+  return records.script_main(
     __file__,
     run,
     report,

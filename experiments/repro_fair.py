@@ -2,7 +2,7 @@
 
 The study's claim (digest §3): with each method's own lr tuned on a validation split,
 backprop wins clearly and converges 2–4× faster in iterations. For SGD, Nesterov and
-Adam, each method below gets an lr grid search (:func:`fwdgrad_jax.lr_search.run_sweep`:
+Adam, each method below gets an lr grid search (:func:`fwdgrad_jax.training.lr_search.run_sweep`:
 the Hydra app with Optuna's GridSampler) on the NN (MLP 784-1024-1024-10) row's preset
 (its decay, momentum/betas, batch 64), a grid of ``--factors`` × a centre lr, for
 ``--steps`` iterations; the lr with the lowest best validation loss (diverged lrs are
@@ -48,7 +48,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import analysis, experiment, lr_search
+from fwdgrad_jax import analysis
+from fwdgrad_jax.training import lr_search, records
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("sgd", "nesterov", "adam")
@@ -84,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--evals", type=int, default=12, help="evaluations per run")
   parser.add_argument(
     "--factors",
-    type=experiment.positive_floats,
+    type=records.positive_floats,
     default=(1 / 3, 1.0, 3.0),
     help="lr grid: centre × these",
   )
@@ -130,7 +131,7 @@ def _summary(run_dir: str | None) -> dict[str, Any]:
 
 
 def _centre(method: str, optimizer: str, args: argparse.Namespace) -> float:
-  from fwdgrad_jax import config as config_lib
+  from fwdgrad_jax.training import config as config_lib
 
   grad = METHODS[method]["grad"]
   if method in ("activity", "activity_k16_orth") and optimizer != "adam":
@@ -231,7 +232,7 @@ def tune(method: str, optimizer: str, args: argparse.Namespace, data: str) -> di
     "overrides": spec["overrides"],
     "grid": list(grid),
     "search": search.as_dict(),
-    "command": experiment.command_line(search.extra["command"][1], search.extra["command"][2:]),
+    "command": records.command_line(search.extra["command"][1], search.extra["command"][2:]),
     "best": best,
   }
 
@@ -376,7 +377,7 @@ def render(doc: dict[str, Any]) -> str:
   for opt, e in doc["optimizers"].items():
     for m, t in e["methods"].items():
       lines.append(f"  - {opt}, {m}: `{t['command']}`")
-  lines += ["", experiment.hardware_line(prov) + " Shared machine: timings are noisy."]
+  lines += ["", records.hardware_line(prov) + " Shared machine: timings are noisy."]
   if doc.get("data_note"):
     lines += ["", "Data: " + doc["data_note"] + "."]
   return "\n".join(lines) + "\n"
@@ -384,7 +385,7 @@ def render(doc: dict[str, Any]) -> str:
 
 def plot(path: Path, doc: dict[str, Any]) -> None:
   """Per optimizer: validation loss of each tuned run against iterations and seconds."""
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   opts = list(doc["optimizers"])
   fig, axes = plt.subplots(
     2, max(1, len(opts)), figsize=(4.5 * max(1, len(opts)), 7), squeeze=False
@@ -424,7 +425,7 @@ def report(doc: dict[str, Any], out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the comparison (or only its report); returns the result written to the JSON."""
-  return experiment.script_main(
+  return records.script_main(
     __file__,
     run,
     report,

@@ -4,7 +4,7 @@ The study (digest §3) trains an MLP (NN), a 4-conv CNN and a VGG-like CNN with 
 gradients and backprop under SGD, Nesterov and Adam, at per-method tuned lrs, batch 64,
 and reports the test loss after 50 (CIFAR-10: 100) epochs. Every row is a preset
 ``configs/experiment/repro_<model>_<data>_<opt>_<fwd|bp>.yaml``; this script runs them
-through the training app's API (:func:`fwdgrad_jax.train.train`, the same loop as
+through the training app's API (:func:`fwdgrad_jax.training.run.train`, the same loop as
 ``experiments/train.py``; each run records the equivalent app command) and writes
 ``table1.json``, ``table1.md`` and ``table1_curves.png`` (validation loss per optimizer).
 
@@ -40,7 +40,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import experiment
+from fwdgrad_jax.training import records
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 859  # 55 000 training examples (60 000 − 5 000 validation) / 64
@@ -152,8 +152,8 @@ def train_run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     ``command`` (the equivalent ``experiments/train.py`` line), ``summary`` (the keys of
     :data:`SUMMARY_KEYS`), ``curve`` (per log line: step, train_loss, val_loss, time).
   """
-  from fwdgrad_jax import config as config_lib
-  from fwdgrad_jax import train
+  from fwdgrad_jax.training import config as config_lib
+  from fwdgrad_jax.training import run as run_lib
 
   cfg = config_lib.compose(overrides, config_dir=ROOT / "configs")
   summary_path = run_dir / "summary.json"
@@ -164,13 +164,13 @@ def train_run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
       done = s
   if done is None:
     print(f"-- {run_dir.name}: {' '.join(overrides)}", flush=True)
-    done = train.train(cfg, run_dir, dataset=_dataset(cfg))
+    done = run_lib.train(cfg, run_dir, dataset=_dataset(cfg))
   curve = [
     {k: r.get(k) for k in ("step", "train_loss", "val_loss", "val_accuracy", "train_time_s")}
     for r in _records(run_dir)
   ]
   return {
-    "command": experiment.command_line(
+    "command": records.command_line(
       "experiments/train.py", [*overrides, f"hydra.run.dir={_relative(run_dir)}"]
     ),
     "run_dir": str(run_dir),
@@ -181,8 +181,8 @@ def train_run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Every row of ``--rows`` (forward rows in each of ``--fwd-variants``)."""
-  from fwdgrad_jax import config as config_lib
   from fwdgrad_jax import data as data_lib
+  from fwdgrad_jax.training import config as config_lib
 
   user = list(args.overrides)
   data_dir = _override(user, "data.data_dir")
@@ -290,7 +290,7 @@ def render(doc: dict[str, Any]) -> str:
   for e in doc["rows"]:
     for variant, r in e.get("runs", {}).items():
       lines.append(f"  - {e['row']} ({variant}): `{r['command']}`")
-  lines += [""] + [experiment.hardware_line(p) for p in parts]
+  lines += [""] + [records.hardware_line(p) for p in parts]
   if doc.get("data_note"):
     lines += ["", "Data: " + doc["data_note"] + "."]
   return "\n".join(lines) + "\n"
@@ -301,7 +301,7 @@ STYLE = {("bp", "preset"): "k-", ("fwd", "preset"): "C0-", ("fwd", "clip 1"): "C
 
 def plot(path: Path, doc: dict[str, Any]) -> None:
   """Validation loss against steps, one panel per (model, optimizer)."""
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   panels: dict[tuple[str, str], list[dict[str, Any]]] = {}
   for e in doc["rows"]:
     if e.get("runs"):
@@ -360,7 +360,7 @@ def merge(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   """Runs the rows (or only the report); returns the result written to the JSON."""
-  return experiment.script_main(
+  return records.script_main(
     __file__,
     run,
     report,

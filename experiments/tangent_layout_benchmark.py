@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import experiment
+from fwdgrad_jax.training import records
 
 
 def _ints(text: str) -> list[int]:
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   import jax
 
   import fwdgrad_jax as fg
-  from fwdgrad_jax import benchmark as bench
+  from fwdgrad_jax.training import benchmark as bench
 
   p = bench.make_problem(
     "mlp",
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         memory[name] = bench.memory_of(exe)["temp"]
   fns["forward pass"] = jax.jit(lambda key, params, x, y: p.loss(params, x, y))
   args_of = {n: (lambda: (p.est_key, p.params, p.x, p.y)) for n in fns}
-  timings = experiment.time_interleaved(
+  timings = records.time_interleaved(
     fns,
     rounds=args.rounds,
     args=args_of,
@@ -124,7 +124,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     f"# Tangent layout: before/after\n\n`{command}`\n\n{s['model']}, batch {s['batch_size']}, "
     f"{s['aggregation']} of k tangents; {s['timing']}, {s['rounds']} rounds; forward pass "
     f"{ms['forward pass']:.1f} ms.\n\n"
-    + experiment.hardware_line(result.get("provenance"))
+    + records.hardware_line(result.get("provenance"))
     + "\n\n"
     + "\n".join(lines)
     + "\n"
@@ -136,7 +136,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  return experiment.script_main(
+  return records.script_main(
     __file__,
     run,
     report,

@@ -7,7 +7,7 @@
   python experiments/train.py +experiment=baydin_mlp data=fashion_mnist
   python experiments/train.py -m optimizer.lr=1e-4,3e-4,1e-3     # a sweep
 
-Outputs (metrics.jsonl, summary.json, checkpoints/, train.log) go to Hydra's run
+Outputs (metrics.jsonl, summary.json, checkpoints/, run.log) go to Hydra's run
 directory; rerun with the same ``hydra.run.dir`` and a larger ``train.steps`` to resume.
 
 Exit codes: 0 done (also when the run diverged: a sweep goes on); 2 the run was refused
@@ -33,7 +33,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fwdgrad_jax import config as config_lib
+from fwdgrad_jax.training import config as config_lib
 
 config_lib.register_schema()
 log = logging.getLogger("fwdgrad_jax.app")
@@ -68,7 +68,9 @@ def main(raw: DictConfig) -> float:
   except config_lib.ConfigError as e:
     _fail(str(e))
   # Imported after validation: a bad value fails in about a second, not after jax/tfds load.
-  from fwdgrad_jax import data, rundir, train
+  from fwdgrad_jax import data
+  from fwdgrad_jax.training import run as run_lib
+  from fwdgrad_jax.training import rundir
 
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
   run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -79,12 +81,12 @@ def main(raw: DictConfig) -> float:
     _save_hydra_config(run_dir, raw)
 
   try:
-    summary = train.train(cfg, run_dir, on_start=on_start)
+    summary = run_lib.train(cfg, run_dir, on_start=on_start)
   except (config_lib.ConfigError, data.DatasetUnavailableError) as e:
     _fail(str(e))
   except rundir.RunDirError as e:
     _fail(str(e), code=1 if started else 2)
-  log.info(_describe(summary, run_dir))  # to the console and train.log
+  log.info(_describe(summary, run_dir))  # to the console and run.log
   if summary["interrupted"]:
     sys.exit(128 + signal.Signals[summary["interrupted_by"]].value)
   if summary["diverged"] or summary["val_loss"] is None:

@@ -32,7 +32,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from fwdgrad_jax import experiment  # noqa: E402
+from fwdgrad_jax.training import records
 
 SCHEMES = ("naive", "average k=3", "partition k=3", "input (QR)", "input approx")
 LAYERS = ("['hidden'][0]['kernel']", "['hidden'][1]['kernel']")
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   from jax.flatten_util import ravel_pytree
 
   from fwdgrad_jax import data, estimators, metrics, yao
-  from fwdgrad_jax import train as train_lib
+  from fwdgrad_jax.training import steps as steps_lib
 
   ds = data.load("fashion_mnist")
   options = {"hidden": (64, 64)} if args.quick else None
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   out = []
   for label in args.schemes.split(","):
     est = yao.estimator_config(label)
-    fn = estimators.value_and_forward_grad(problem.loss, **train_lib.estimator_options(est))
+    fn = estimators.value_and_forward_grad(problem.loss, **steps_lib.estimator_options(est))
 
     @jax.jit
     def one(key, fn=fn):
@@ -180,7 +180,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "",
     f"`{prov['command']}`",
     "",
-    experiment.hardware_line(prov),
+    records.hardware_line(prov),
     "",
     f"{s['model']} ({s['num_params']:,} parameters) at {s['params']}, {s['data']} of "
     f"{s['batch_size']}; {s['draws']} independent estimates per scheme (REDUCED: the paper "
@@ -224,7 +224,7 @@ def _short(layer: str) -> str:
 
 
 def _plot(result: dict[str, Any], png: Path) -> None:
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   schemes = result["schemes"]
   fig, axes = plt.subplots(2, len(schemes), figsize=(3.2 * len(schemes), 5.4), squeeze=False)
   for j, sc in enumerate(schemes):
@@ -248,7 +248,7 @@ def _plot(result: dict[str, Any], png: Path) -> None:
 
 
 if __name__ == "__main__":
-  experiment.script_main(
+  records.script_main(
     __file__,
     run,
     report,

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fwdgrad_jax import experiment
+from fwdgrad_jax.training import records
 
 DECAY_RATES = (0.7, 0.8, 0.9, 1.0)
 SHUFFLE_RATIOS = (0.0, 0.2, 0.4, 0.5)
@@ -200,7 +200,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "",
     f"`{prov['command']}`",
     "",
-    experiment.hardware_line(prov),
+    records.hardware_line(prov),
     "",
     f"{model} ({s['num_params']:,} parameters) on {s['data']}, {s['optimizer']}, batch "
     f"{s['batch_size']}, **{s['steps']} steps** (REDUCED: the paper shows more than 1000), "
@@ -243,7 +243,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _plot(result: dict[str, Any], png: Path) -> None:
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   runs = result["runs"]
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   base = [r for r in runs if r["method"] != "guided"]
@@ -290,7 +290,7 @@ def _plot(result: dict[str, Any], png: Path) -> None:
 
 
 if __name__ == "__main__":
-  experiment.script_main(
+  records.script_main(
     __file__,
     run,
     report,

@@ -35,7 +35,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from fwdgrad_jax import experiment  # noqa: E402
+from fwdgrad_jax.training import records
 
 DEFAULT_SCHEMES = "naive,average k=3,partition k=3,input (QR),input approx,backprop"
 PAPER = {
@@ -156,7 +156,7 @@ def _runner(problem, est, args):
 
 
 def _assess(runs: list[dict[str, Any]], seeds: list[int], steps: int) -> dict[str, Any]:
-  from fwdgrad_jax import lr_search
+  from fwdgrad_jax.training import lr_search
 
   tail = max(1, steps // 10)
   values, diverged, trains, first_nan = [], [], [], []
@@ -208,7 +208,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "",
     *[f"`{c}`" for c in result.get("merged_from") or [prov["command"]]],
     "",
-    experiment.hardware_line(prov),
+    records.hardware_line(prov),
     "",
     f"{model} ({s['num_params']:,} parameters) on {s['data']}, {s['optimizer']}, batch "
     f"{s['batch_size']}, **{s['steps']} steps** (REDUCED: the paper trains to convergence), "
@@ -248,7 +248,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _plot(result: dict[str, Any], png: Path) -> None:
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   schemes = result["schemes"]
   lrs = result["settings"]["lrs"]
   cols = min(3, len(schemes))
@@ -286,12 +286,12 @@ def _g(x):
 
 
 if __name__ == "__main__":
-  experiment.script_main(
+  records.script_main(
     __file__,
     run,
     report,
     result_file=_result_file,
     description=__doc__,
     add_arguments=_add_arguments,
-    merge=functools.partial(experiment.merge_by_label, key="schemes"),
+    merge=functools.partial(records.merge_by_label, key="schemes"),
   )

@@ -1,8 +1,8 @@
 """Yao Fig. 14: peak memory of one training step against the batch size, forward modes vs backprop.
 
 For each method and batch size, one SGD training step (the app's step, through
-``fwdgrad_jax.benchmark.lower``) is compiled and its compiled memory read with
-``fwdgrad_jax.benchmark.memory_of``: peak = arguments + outputs + XLA's temporary arena
+``fwdgrad_jax.training.benchmark.lower``) is compiled and its compiled memory read with
+``fwdgrad_jax.training.benchmark.memory_of``: peak = arguments + outputs + XLA's temporary arena
 − donated aliases. A compiled figure, not a measurement of a running process: on a GPU,
 ``benchmark.device_peak_bytes`` would give the device's own peak, but no GPU was lent to
 this task. "forward pass" is the loss alone (no gradient), the floor every method pays.
@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import experiment
+from fwdgrad_jax.training import records
 
 METHODS = {
   "mlp": (
@@ -45,7 +45,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-  from fwdgrad_jax import benchmark, yao
+  from fwdgrad_jax import yao
+  from fwdgrad_jax.training import benchmark
 
   out = {}
   for model in args.models.split(","):
@@ -86,14 +87,14 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "",
     f"`{prov['command']}`",
     "",
-    experiment.hardware_line(prov),
+    records.hardware_line(prov),
     "",
     "Compiled peak (arguments + outputs + XLA temp − donated aliases) of one SGD step, "
     "MiB, on XLA:CPU; no GPU was lent to this task, so no device peak. Ratio = method / "
     "backprop at the same batch.",
     "",
   ]
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   models = result["models"]
   fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
   for ax, (model, r) in zip(axes[0], models.items()):
@@ -138,7 +139,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-  experiment.script_main(
+  records.script_main(
     __file__,
     run,
     report,

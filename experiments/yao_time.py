@@ -1,7 +1,7 @@
 """Yao Table I and Fig. 13: time per training step of every method, and against k.
 
 One SGD step (estimate + update, the app's jitted training loop through
-``fwdgrad_jax.benchmark.lower``) of backprop, the naive forward gradient, averaging of 3
+``fwdgrad_jax.training.benchmark.lower``) of backprop, the naive forward gradient, averaging of 3
 directions, the partition (3 blocks), input-generated tangents (QR and approximation)
 and the guided forward gradient (fix_gap 10: one true gradient per 10 steps, amortised;
 each timed call runs a multiple of 10 steps from step 0), at batch 256 on the MLP
@@ -28,7 +28,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from fwdgrad_jax import experiment  # noqa: E402
+from fwdgrad_jax.training import records
 
 TABLE_MLP = (
   "backprop",
@@ -65,7 +65,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _time_group(model: str, labels: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-  from fwdgrad_jax import benchmark, yao
+  from fwdgrad_jax import yao
+  from fwdgrad_jax.training import benchmark
 
   cfgs = {
     name: yao.train_config(model, est, batch_size=args.batch_size) for name, est in labels.items()
@@ -120,7 +121,7 @@ def _host_stepped(cfgs, problem, args):
 
   import jax
 
-  from fwdgrad_jax import train as train_lib
+  from fwdgrad_jax.training import steps as steps_lib
 
   b = args.batch_size
   batches = [
@@ -128,12 +129,12 @@ def _host_stepped(cfgs, problem, args):
   ]
   functions, exes = {}, []
   for name, cfg in cfgs.items():
-    tx = train_lib.make_tx(cfg, problem.est_key)
+    tx = steps_lib.make_tx(cfg, problem.est_key)
     # Copies: the step donates its state, and the key and params are shared with others.
-    state = jax.tree.map(jax.numpy.copy, train_lib.init_state(tx, problem.params))
+    state = jax.tree.map(jax.numpy.copy, steps_lib.init_state(tx, problem.params))
     t0 = time.perf_counter()
     exe = (
-      jax.jit(train_lib.make_step_fn(problem.loss, tx), donate_argnums=0)
+      jax.jit(steps_lib.make_step_fn(problem.loss, tx), donate_argnums=0)
       .lower(state, *batches[0])
       .compile()
     )
@@ -189,7 +190,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "",
     f"`{prov['command']}`",
     "",
-    experiment.hardware_line(prov),
+    records.hardware_line(prov),
     "",
     f"Batch {s['batch_size']}, {s['optimizer']}, the app's jitted loop, {s['steps_per_call']} "
     f"steps per timed call, {s['rounds']} interleaved rounds (median, IQR). The machine was "
@@ -223,7 +224,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
         f"{p['ms']['median']:.1f} ({_f(p['ratio_to_backprop'])}) |"
       )
     png = out / "time_vs_k.png"
-    plt = experiment.pyplot()
+    plt = records.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for kind in ("average", "partition"):
       med = [t[f"{kind} k={k}"]["ms"]["median"] for k in sw["ks"]]
@@ -258,7 +259,7 @@ def _f(x, spec=".2f"):
 
 
 if __name__ == "__main__":
-  experiment.script_main(
+  records.script_main(
     __file__,
     run,
     report,

@@ -1,7 +1,7 @@
 """Reading training curves: time and iterations to a loss, T_f/T_b, curves over seeds.
 
 Everything here works on the records a training run writes to ``metrics.jsonl``
-(:func:`fwdgrad_jax.train.train`): dicts with ``step`` and ``train_time_s`` (training
+(:func:`fwdgrad_jax.training.run.train`): dicts with ``step`` and ``train_time_s`` (training
 time so far, evaluation and compilation excluded) and, at evaluation steps,
 ``val_loss``. Losses are only known at evaluation steps, so every time or iteration
 count below is as fine as the evaluation interval.

@@ -3,7 +3,7 @@
 Yao, "Studies on Forward Mode Gradient Descent", compares backprop, the naive forward
 gradient and three variance reductions (averaging k directions, the direction partition,
 input-generated tangents) plus the guided ("momentum") forward mode. Each is one
-:class:`fwdgrad_jax.config.EstimatorConfig` here, always with the RAW estimate
+:class:`fwdgrad_jax.training.config.EstimatorConfig` here, always with the RAW estimate
 (``rescale=False``): the paper's learning rates are for it. The scripts
 ``experiments/yao_*.py`` build on :func:`sgd_run`, a ``lax.scan`` of plain SGD steps
 (no lr schedule, as in the paper) that is jittable and vmappable over the learning rate
@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fwdgrad_jax import config as config_lib
 from fwdgrad_jax import metrics, models, transforms
-from fwdgrad_jax import train as train_lib
+from fwdgrad_jax.training import config as config_lib
+from fwdgrad_jax.training import steps as steps_lib
 
 __all__ = [
   "SCHEMES",
@@ -85,7 +85,7 @@ def make_transform(
   est: config_lib.EstimatorConfig, key: jax.Array
 ) -> Any:  # optax.GradientTransformationExtraArgs
   """The estimator transform of ``est`` (as the app builds it), without an optimizer."""
-  return transforms.gradient_transform(est.name, key=key, **train_lib.estimator_options(est))
+  return transforms.gradient_transform(est.name, key=key, **steps_lib.estimator_options(est))
 
 
 class Problem(NamedTuple):
@@ -113,7 +113,7 @@ def make_problem(
   net = models.create(model, input_shape=x.shape[1:], num_classes=10, rngs=nnx.Rngs(seed), **opts)
   graphdef, params, rest = models.split(net)
   params = jax.tree.map(jnp.asarray, params)
-  return Problem(train_lib.make_loss(graphdef, rest), params, x, y, models.count_params(params))
+  return Problem(steps_lib.make_loss(graphdef, rest), params, x, y, models.count_params(params))
 
 
 class SgdCarry(NamedTuple):

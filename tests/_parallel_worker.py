@@ -16,10 +16,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fwdgrad_jax as fg  # noqa: E402
-from fwdgrad_jax import config as config_lib  # noqa: E402
 from fwdgrad_jax import data as data_lib  # noqa: E402
 from fwdgrad_jax import parallel  # noqa: E402
-from fwdgrad_jax import train as train_lib  # noqa: E402
+from fwdgrad_jax.training import config as config_lib
+from fwdgrad_jax.training import run as run_lib
 
 
 def _loss(p, x, y):
@@ -102,7 +102,7 @@ def run(mesh, estimator, model):
   )
   cfg.mesh = config_lib.MeshConfig(*mesh)
   with tempfile.TemporaryDirectory() as d:
-    summary = train_lib.train(cfg, d, dataset=dataset())
+    summary = run_lib.train(cfg, d, dataset=dataset())
     lines = open(os.path.join(d, "metrics.jsonl")).read().splitlines()
   records = [json.loads(line) for line in lines]
   train_losses = [r["train_loss"] for r in records if r.get("train_loss") is not None]

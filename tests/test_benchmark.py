@@ -12,8 +12,8 @@ import time
 import _scripts
 import pytest
 
-from fwdgrad_jax import benchmark as bench
-from fwdgrad_jax import experiment
+from fwdgrad_jax.training import benchmark as bench
+from fwdgrad_jax.training import records as records_lib
 
 TINY = dict(model_options={"hidden": [16], "use_bias": False}, batch_size=8)
 PARAM_BYTES = (784 * 16 + 16 * 10) * 4
@@ -108,7 +108,7 @@ def test_single_calls_time_the_estimators_as_users_call_them():
 
 
 def test_time_configs_times_training_configs():
-  from fwdgrad_jax import config as config_lib
+  from fwdgrad_jax.training import config as config_lib
 
   def cfg(**est):
     c = config_lib.Config()
@@ -131,7 +131,7 @@ def test_time_configs_times_training_configs():
 
 
 def test_markdown_has_a_row_per_variant_and_the_hardware(tiny):
-  prov = experiment.provenance([], program="experiments/benchmark.py")
+  prov = records_lib.provenance([], program="experiments/benchmark.py")
   md = bench.render_markdown({**tiny, "provenance": prov})
   for r in tiny["variants"]:
     assert sum(line.startswith(f"| {r['name']} |") for line in md.splitlines()) == 1

@@ -22,7 +22,8 @@ import pytest
 # Imported up front so that the timed tests measure data.py, not imports.
 import tensorflow_datasets as tfds
 
-from fwdgrad_jax import _tfds_offline, data
+from fwdgrad_jax import data
+from fwdgrad_jax.data import tfds_offline
 
 N_TRAIN, N_TEST, VAL_SIZE = 40, 12, 8
 _TFDS_FASHION_CHECKSUMS = Path(tfds.__file__).parent / "url_checksums" / "fashion_mnist.txt"
@@ -138,7 +139,7 @@ def test_prepared_copy_is_reused(tiny, monkeypatch):
   def no_prepare(*args, **kwargs):
     raise AssertionError("prepared again")
 
-  monkeypatch.setattr(_tfds_offline, "_prepare_fashion_mnist_from_files", no_prepare)
+  monkeypatch.setattr(tfds_offline, "_prepare_fashion_mnist_from_files", no_prepare)
   ds = data.load("fashion_mnist", data_dir=tiny.data_dir, manual_dir=tiny.manual, val_size=0)
   assert ds.x_train.shape[0] == N_TRAIN
 
@@ -201,7 +202,7 @@ def test_unavailable_message_names_the_callers_download_switch(tmp_path):
 def test_config_validation_path_does_not_import_tfds():
   # config.py validates data names through data.SUPPORTED: that must stay light.
   code = (
-    "import sys; import fwdgrad_jax.config, fwdgrad_jax.data; "
+    "import sys; import fwdgrad_jax.training.config, fwdgrad_jax.data; "
     "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules))"
   )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -236,12 +237,12 @@ def test_probe_gives_up_on_time(monkeypatch):
   # A hanging name lookup or connect must not hold the caller past the timeout.
   monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))
   start = time.monotonic()
-  assert not _tfds_offline._can_reach("https://example.org/", timeout=0.5)
+  assert not tfds_offline._can_reach("https://example.org/", timeout=0.5)
   assert time.monotonic() - start < 3
 
 
 def test_probe_offline_is_false():
-  assert not _tfds_offline._can_reach("https://storage.googleapis.com/")
+  assert not tfds_offline._can_reach("https://storage.googleapis.com/")
 
 
 @pytest.fixture
@@ -251,7 +252,7 @@ def no_tfds(monkeypatch):
   def forbidden():
     raise AssertionError("tfds used")
 
-  monkeypatch.setattr(_tfds_offline, "tfds", forbidden)
+  monkeypatch.setattr(tfds_offline, "tfds", forbidden)
 
 
 @pytest.mark.parametrize(

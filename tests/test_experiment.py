@@ -1,4 +1,4 @@
-"""Tests of fwdgrad_jax.experiment: the shared timer, provenance, result files, the CLI helper.
+"""Tests of fwdgrad_jax.training.records: the shared timer, provenance, result files, the CLI helper.
 
 The timer is tested on what it must get right whatever the machine: a variant that
 really takes three times as long is measured so, calls are interleaved in shuffled
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fwdgrad_jax import experiment
+from fwdgrad_jax.training import records
 
 
 def _sleeper(seconds, calls=None, name=None):
@@ -26,9 +26,7 @@ def _sleeper(seconds, calls=None, name=None):
 
 
 def test_a_variant_three_times_slower_is_measured_three_times_slower():
-  t = experiment.time_interleaved(
-    {"fast": _sleeper(0.01), "slow": _sleeper(0.03)}, rounds=7, seed=1
-  )
+  t = records.time_interleaved({"fast": _sleeper(0.01), "slow": _sleeper(0.03)}, rounds=7, seed=1)
   # Sleep overshoot adds ~0.1-2 ms to each call: at most ±20 % on the 10 ms one.
   assert t["slow"].median / t["fast"].median == pytest.approx(3.0, rel=0.2)
   assert t["fast"].median == pytest.approx(0.01, rel=0.5)
@@ -37,7 +35,7 @@ def test_a_variant_three_times_slower_is_measured_three_times_slower():
 
 def test_times_are_per_step():
   # One call runs 4 "steps" of 5 ms: 5 ms per step, not 20.
-  t = experiment.time_interleaved({"loop": _sleeper(0.02)}, rounds=3, steps=4)
+  t = records.time_interleaved({"loop": _sleeper(0.02)}, rounds=3, steps=4)
   assert t["loop"].median == pytest.approx(0.005, rel=0.5)
   assert t["loop"].as_dict(1e3)["median"] == pytest.approx(t["loop"].median * 1e3)
 
@@ -47,7 +45,7 @@ def test_rounds_interleave_every_variant_in_a_shuffled_order():
   names = ["a", "b", "c"]
   variants = {n: _sleeper(0, calls, n) for n in names}
   rounds = []
-  experiment.time_interleaved(
+  records.time_interleaved(
     variants, rounds=12, warmup=2, seed=3, on_round=lambda r: rounds.append(r)
   )
   warm, timed = calls[: 2 * len(names)], calls[2 * len(names) :]
@@ -59,15 +57,13 @@ def test_rounds_interleave_every_variant_in_a_shuffled_order():
   assert len(set(orders)) >= 3 and len({o[0] for o in orders}) > 1
   # The order is fixed by the seed.
   again = []
-  experiment.time_interleaved(
-    {n: _sleeper(0, again, n) for n in names}, rounds=12, warmup=2, seed=3
-  )
+  records.time_interleaved({n: _sleeper(0, again, n) for n in names}, rounds=12, warmup=2, seed=3)
   assert again == calls
 
 
 def test_argument_setup_is_not_timed():
   # Copying donated state (here: a 50 ms setup) happens outside the timer.
-  t = experiment.time_interleaved(
+  t = records.time_interleaved(
     {"f": _sleeper(0.005)}, rounds=3, args={"f": lambda: time.sleep(0.05) or ()}
   )
   assert t["f"].median < 0.03
@@ -75,9 +71,9 @@ def test_argument_setup_is_not_timed():
 
 def test_timer_rejects_bad_counts():
   with pytest.raises(ValueError, match="rounds"):
-    experiment.time_interleaved({"f": _sleeper(0)}, rounds=0)
+    records.time_interleaved({"f": _sleeper(0)}, rounds=0)
   with pytest.raises(ValueError, match="steps"):
-    experiment.time_interleaved({"f": _sleeper(0)}, rounds=1, steps={"f": 0})
+    records.time_interleaved({"f": _sleeper(0)}, rounds=1, steps={"f": 0})
 
 
 def _git(repo, *args):
@@ -91,20 +87,20 @@ def test_git_revision_records_the_dirty_flag(tmp_path):
   (tmp_path / "a.py").write_text("x = 1\n")
   _git(tmp_path, "add", "a.py")
   _git(tmp_path, "commit", "-qm", "one")
-  clean = experiment.git_revision(tmp_path)
+  clean = records.git_revision(tmp_path)
   assert clean["dirty"] is False and len(clean["revision"]) == 40
   assert clean["short"] == clean["revision"][:10]
   (tmp_path / "untracked.txt").write_text("not part of the code\n")
-  assert experiment.git_revision(tmp_path)["dirty"] is False
+  assert records.git_revision(tmp_path)["dirty"] is False
   (tmp_path / "a.py").write_text("x = 2\n")
-  dirty = experiment.git_revision(tmp_path)
+  dirty = records.git_revision(tmp_path)
   assert dirty["dirty"] is True and dirty["revision"] == clean["revision"]
-  outside = experiment.git_revision(tmp_path / "..")
+  outside = records.git_revision(tmp_path / "..")
   assert outside["revision"] is None or outside["revision"] != clean["revision"]
 
 
 def test_provenance_names_the_command_code_and_machine():
-  p = experiment.provenance(["--quick", "a b"], program="experiments/x.py", data="fashion_mnist")
+  p = records.provenance(["--quick", "a b"], program="experiments/x.py", data="fashion_mnist")
   assert p["command"] == "python experiments/x.py --quick 'a b'"
   assert p["hardware"]["jax_version"] and p["hardware"]["platform"]
   assert p["hardware"]["usable_cores"] >= 1
@@ -115,7 +111,7 @@ def test_provenance_names_the_command_code_and_machine():
 def test_write_json_adds_provenance_and_writes_plain_json(tmp_path):
   np = pytest.importorskip("numpy")
   payload = {"x": np.float32(1.5), "curve": np.arange(3), "bad": float("nan"), "n": {"k": [1]}}
-  path = experiment.write_json(tmp_path / "sub" / "r.json", payload, provenance_record={"p": 1})
+  path = records.write_json(tmp_path / "sub" / "r.json", payload, provenance_record={"p": 1})
   text = path.read_text()
   assert json.loads(text) == {
     "x": 1.5,
@@ -126,14 +122,12 @@ def test_write_json_adds_provenance_and_writes_plain_json(tmp_path):
   }
   assert '"curve": [0, 1, 2]' in text  # arrays of numbers on one line
   assert [p.name for p in path.parent.iterdir()] == ["r.json"]  # no temporary left behind
-  assert (
-    "command" in experiment.read_json(experiment.write_json(tmp_path / "d.json", {}))["provenance"]
-  )
+  assert "command" in records.read_json(records.write_json(tmp_path / "d.json", {}))["provenance"]
 
 
 def test_fresh_dir_never_reuses_a_directory(tmp_path):
-  a = experiment.fresh_dir(tmp_path, "script")
-  b = experiment.fresh_dir(tmp_path, "script")
+  a = records.fresh_dir(tmp_path, "script")
+  b = records.fresh_dir(tmp_path, "script")
   assert a != b and a.is_dir() and b.is_dir() and a.parent == b.parent == tmp_path / "script"
 
 
@@ -160,7 +154,7 @@ def _toy_script(tmp_path):
 def test_script_main_runs_writes_json_then_reports(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   calls, fns = _toy_script(tmp_path)
-  main = lambda argv: experiment.script_main(
+  main = lambda argv: records.script_main(
     tmp_path / "toy.py", result_file="toy.json", description="Toy.\n\n  usage", argv=argv, **fns
   )
   result = main(["--n", "4"])
@@ -180,7 +174,7 @@ def test_script_main_runs_writes_json_then_reports(tmp_path, monkeypatch, capsys
 def test_script_main_report_only_does_not_run(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   calls, fns = _toy_script(tmp_path)
-  main = lambda argv, **kw: experiment.script_main(
+  main = lambda argv, **kw: records.script_main(
     tmp_path / "toy.py", result_file="toy.json", argv=argv, **fns, **kw
   )
   main(["--n", "3", "--out", "first"])
@@ -205,6 +199,6 @@ def test_script_main_report_only_does_not_run(tmp_path, monkeypatch):
 def test_command_line_is_what_a_user_types(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   script = tmp_path / "experiments" / "x.py"
-  assert experiment.command_line(script, ["-m", "a=[1,2]", 3]) == (
+  assert records.command_line(script, ["-m", "a=[1,2]", 3]) == (
     "python experiments/x.py -m 'a=[1,2]' 3"
   )

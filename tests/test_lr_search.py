@@ -1,4 +1,4 @@
-"""Tests of fwdgrad_jax.lr_search: the vmapped grid, the selection rule, the Hydra sweep.
+"""Tests of fwdgrad_jax.training.lr_search: the vmapped grid, the selection rule, the Hydra sweep.
 
 The grid search is checked against gradient descent on f(x) = ½ a x², where everything is
 known: after T steps x_T = (1 − lr·a)^T x_0, so lr = 1/a lands on the minimum in one
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from fwdgrad_jax import lr_search
+from fwdgrad_jax.training import lr_search
 
 ROOT = Path(__file__).resolve().parents[1]
 A = 4.0  # curvature: best lr 1/A = 0.25, divergence above 2/A = 0.5
@@ -196,9 +196,9 @@ def test_optuna_grid_sweep_end_to_end(tiny_data, tmp_path):
 
 
 def test_draw_leaves_diverged_lrs_out_of_the_line():
-  from fwdgrad_jax import experiment
+  from fwdgrad_jax.training import records
 
-  plt = experiment.pyplot()
+  plt = records.pyplot()
   fig, ax = plt.subplots()
   res = lr_search.summarize(
     [0.1, 1.0, 10.0], [0], [[0.5], [0.2], [1e30]], [[False], [False], [True]]

@@ -14,9 +14,10 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 import fwdgrad_jax as fg
-from fwdgrad_jax import config as config_lib
 from fwdgrad_jax import models
-from fwdgrad_jax import train as train_lib
+from fwdgrad_jax.training import config as config_lib
+from fwdgrad_jax.training import run as run_lib
+from fwdgrad_jax.training import steps as steps_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RESNET = {"width": 2}
@@ -68,7 +69,7 @@ def test_jvp_through_the_stateful_apply_matches_the_gradient(name, options):
   shape = (8, 8, 1)
   model = _make(name, shape, patch=4, **options) if name == "vit" else _make(name, shape, **options)
   graphdef, params, rest = models.split(model)
-  loss = train_lib.make_stateful_loss(graphdef)
+  loss = steps_lib.make_stateful_loss(graphdef)
   x, y = _images(shape, batch=4), jnp.arange(4) % 10
   v = jax.tree.map(lambda p: jax.random.normal(jax.random.key(3), p.shape), params)
   (val, new_rest), (dval, _) = jax.jit(
@@ -88,7 +89,7 @@ def _site_shapes(name, shape, options, batch=2):
   """Shapes of the activity tangents the estimator draws (one per site), via a recording aggregation."""
   model = _make(name, shape, **options)
   graphdef, params, rest = models.split(model)
-  loss = train_lib.make_loss(graphdef, rest, per_example=True)
+  loss = steps_lib.make_loss(graphdef, rest, per_example=True)
   seen = []
 
   def recording_mean(tangents, d):
@@ -139,14 +140,14 @@ def test_orthogonal_activity_estimate_is_exact_when_k_spans_the_sites(name, opti
   model = _make(name, shape, **options)
   graphdef, params, rest = models.split(model)
   x, y = _images(shape, batch=3), jnp.array([1, 4, 7])
-  per_example = train_lib.make_loss(graphdef, rest, per_example=True)
+  per_example = steps_lib.make_loss(graphdef, rest, per_example=True)
   est = fg.value_and_forward_grad(
     per_example, num_tangents=k, perturbation="activity", aggregation="orthogonal"
   )
   value, g = jax.jit(est)(jax.random.key(0), params, x, y)
-  true = jax.grad(train_lib.make_loss(graphdef, rest))(params, x, y)
+  true = jax.grad(steps_lib.make_loss(graphdef, rest))(params, x, y)
   g, true = ravel_pytree(g)[0], ravel_pytree(true)[0]
-  np.testing.assert_allclose(value, train_lib.make_loss(graphdef, rest)(params, x, y), rtol=1e-5)
+  np.testing.assert_allclose(value, steps_lib.make_loss(graphdef, rest)(params, x, y), rtol=1e-5)
   assert float(fg.metrics.cosine_similarity(g, true)) > 0.9999
   np.testing.assert_allclose(g, true, atol=1e-4 * float(jnp.max(jnp.abs(true))))
 
@@ -193,6 +194,6 @@ def test_trains_through_the_app(tiny_data, tmp_path, name, options, estimator, l
     progress=False,
     eval_batch_size=64,
   )
-  summary = train_lib.train(cfg, tmp_path, dataset=ds)
+  summary = run_lib.train(cfg, tmp_path, dataset=ds)
   assert summary["error"] is None and not summary["diverged"]
   assert np.isfinite(summary["test_loss"]) and summary["steps"] == 10

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from fwdgrad_jax import config as config_lib
 from fwdgrad_jax import models
+from fwdgrad_jax.training import config as config_lib
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 import fwdgrad_jax as fg
-from fwdgrad_jax import config as config_lib
 from fwdgrad_jax import parallel
-from fwdgrad_jax import train as train_lib
+from fwdgrad_jax.training import config as config_lib
+from fwdgrad_jax.training import run as run_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 # float32 sums in another order: a few ulps per step, compounding over 8 steps.
@@ -143,7 +143,7 @@ def test_validate_names_the_bad_mesh_key(sections, key):
 def test_the_run_refuses_more_devices_than_present_naming_the_keys():
   n = len(jax.devices())
   with pytest.raises(config_lib.ConfigError, match=r"mesh.data=.*devices"):
-    train_lib.make_run_mesh(config_lib.MeshConfig(data=2 * n))
+    run_lib.make_run_mesh(config_lib.MeshConfig(data=2 * n))
 
 
 def test_the_mesh_group_composes():

@@ -1,10 +1,10 @@
-"""Tests of fwdgrad_jax.plot: run directories and sweeps drawn into one PNG."""
+"""Tests of fwdgrad_jax.training.plot: run directories and sweeps drawn into one PNG."""
 
 import json
 
 import pytest
 
-from fwdgrad_jax import plot
+from fwdgrad_jax.training import plot
 
 
 def _run(path, *, lr, cosine=False, torn=False):

@@ -1,4 +1,4 @@
-"""Tests of fwdgrad_jax.rundir: the lock, robust checkpoints and metrics.jsonl."""
+"""Tests of fwdgrad_jax.training.rundir: the lock, robust checkpoints and metrics.jsonl."""
 
 import errno
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fwdgrad_jax import rundir
+from fwdgrad_jax.training import rundir
 
 # -- lock -----------------------------------------------------------------------------
 

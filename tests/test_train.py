@@ -1,4 +1,4 @@
-"""Tests of the training loop (fwdgrad_jax.train), the config schema and the Hydra app.
+"""Tests of the training loop (fwdgrad_jax.training.run), the config schema and the Hydra app.
 
 All runs use the tiny tfds-prepared data set of conftest.py and a small MLP. The app's
 behaviour (exit codes, one-line errors) is tested through the CLI, as a user runs it.
@@ -22,9 +22,11 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from fwdgrad_jax import config as config_lib
-from fwdgrad_jax import models, rundir, transforms
-from fwdgrad_jax import train as train_lib
+from fwdgrad_jax import models, transforms
+from fwdgrad_jax.training import config as config_lib
+from fwdgrad_jax.training import run as run_lib
+from fwdgrad_jax.training import rundir
+from fwdgrad_jax.training import steps as steps_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
@@ -87,7 +89,7 @@ def test_a_run_writes_metrics_summary_and_checkpoint(tiny_data, tmp_path, estima
   data_dir, ds = tiny_data
   lr = 0.1 if estimator["name"] == "backprop" else 0.01
   cfg = _cfg(data_dir, estimator=estimator, optimizer={"lr": lr}, train={"steps": 60})
-  summary = train_lib.train(cfg, tmp_path, dataset=ds)
+  summary = run_lib.train(cfg, tmp_path, dataset=ds)
   records = _records(tmp_path)
   assert [r["step"] for r in records] == [10, 20, 30, 40, 50, 60]
   assert all(np.isfinite(r["train_loss"]) for r in records)
@@ -130,7 +132,7 @@ def test_where_tangents_enter_and_guided_train_through_the_loop(tiny_data, tmp_p
   data_dir, ds = tiny_data
   lr = 1e-5 if estimator["name"] == "guided" else 0.05
   cfg = _cfg(data_dir, estimator=estimator, optimizer={"lr": lr}, train={"steps": 40})
-  summary = train_lib.train(cfg, tmp_path, dataset=ds)
+  summary = run_lib.train(cfg, tmp_path, dataset=ds)
   records = _records(tmp_path)
   checks = [r["cosine_to_true_grad"] for r in records if "cosine_to_true_grad" in r]
   assert len(checks) == 2 and all(np.isfinite(checks))
@@ -152,7 +154,7 @@ def test_a_run_shorter_than_one_chunk_is_timed(tiny_data, tmp_path):
     estimator={"name": "backprop"},
     train={"steps": 7, "eval_every": 0, "grad_check_every": 0},
   )
-  summary = train_lib.train(cfg, tmp_path, dataset=ds)
+  summary = run_lib.train(cfg, tmp_path, dataset=ds)
   assert summary["steps"] == 7
   assert summary["step_time_ms"] > 0 and summary["runtime_ratio"] > 0
 
@@ -160,7 +162,7 @@ def test_a_run_shorter_than_one_chunk_is_timed(tiny_data, tmp_path):
 def test_divergence_stops_keeps_metrics_and_reports(tiny_data, tmp_path):
   data_dir, ds = tiny_data
   cfg = _cfg(data_dir, optimizer={"lr": 1e8}, train={"steps": 200, "checkpoint_every": 10})
-  summary = train_lib.train(cfg, tmp_path, dataset=ds)
+  summary = run_lib.train(cfg, tmp_path, dataset=ds)
   assert summary["diverged"] is True
   assert summary["steps"] < 200
   assert summary["val_loss"] is None and summary["test_loss"] is None
@@ -178,12 +180,12 @@ def test_resume_continues_bit_identically(tiny_data, tmp_path):
   # 30 steps of 16 on 256 examples cross an epoch boundary (16 steps per epoch).
   opts = {"estimator": {"num_tangents": 2}, "optimizer": {"lr": 0.01, "name": "adam"}}
   whole = tmp_path / "whole"
-  train_lib.train(_cfg(data_dir, train={"steps": 40}, **opts), whole, dataset=ds)
+  run_lib.train(_cfg(data_dir, train={"steps": 40}, **opts), whole, dataset=ds)
   parts = tmp_path / "parts"
-  first = train_lib.train(_cfg(data_dir, train={"steps": 30}, **opts), parts, dataset=ds)
+  first = run_lib.train(_cfg(data_dir, train={"steps": 30}, **opts), parts, dataset=ds)
   assert first["steps"] == 30
   before = _records(parts)
-  resumed = train_lib.train(_cfg(data_dir, train={"steps": 40}, **opts), parts, dataset=ds)
+  resumed = run_lib.train(_cfg(data_dir, train={"steps": 40}, **opts), parts, dataset=ds)
   assert resumed["steps"] == 40
   # It resumed rather than restarted: the records up to the checkpoint are kept as written.
   assert _records(parts)[: len(before)] == before
@@ -197,11 +199,11 @@ def test_resume_continues_bit_identically(tiny_data, tmp_path):
 
 def test_resume_refuses_a_changed_config_naming_the_key_and_touches_nothing(tiny_data, tmp_path):
   data_dir, ds = tiny_data
-  train_lib.train(_cfg(data_dir, train={"steps": 10}), tmp_path, dataset=ds)
+  run_lib.train(_cfg(data_dir, train={"steps": 10}), tmp_path, dataset=ds)
   before = _snapshot(tmp_path)
   changed = _cfg(data_dir, optimizer={"lr": 0.5}, train={"steps": 20})
   with pytest.raises(config_lib.ConfigError, match=r"^optimizer\.lr: 0\.5 differs from 0\.0001"):
-    train_lib.train(changed, tmp_path, dataset=ds)
+    run_lib.train(changed, tmp_path, dataset=ds)
   assert _snapshot(tmp_path) == before
 
 
@@ -221,14 +223,14 @@ def _stateful_setup(seed=0):
 @pytest.mark.parametrize("estimator", ["backprop", "forward"])
 def test_consecutive_steps_see_different_dropout_masks(estimator):
   graphdef, params, rest, x, y = _stateful_setup()
-  loss = train_lib.make_stateful_loss(graphdef)
+  loss = steps_lib.make_stateful_loss(graphdef)
   # lr 0: the parameters stay put, so only the threaded model state can change the loss.
   tx = optax.chain(
     transforms.gradient_transform(estimator, key=jax.random.PRNGKey(0), has_aux=True),
     optax.sgd(0.0),
   )
-  step = jax.jit(train_lib.make_step_fn(loss, tx))
-  s1 = step(train_lib.init_state(tx, params, rest), x, y)
+  step = jax.jit(steps_lib.make_step_fn(loss, tx))
+  s1 = step(steps_lib.init_state(tx, params, rest), x, y)
   s2 = step(s1, x, y)
   value = lambda s: float(optax.tree_utils.tree_get(s.opt_state, "value"))
   assert value(s1) != value(s2)
@@ -242,7 +244,7 @@ def test_evaluation_runs_in_eval_mode():
   train_apply = models.apply_with_state_fn(graphdef)
   _, trained_rest = train_apply(params, rest, x)  # running averages move off their init
   eval_apply = models.apply_with_state_fn(models.eval_graphdef(graphdef, params, rest))
-  evaluate = jax.jit(train_lib.make_eval_fn(eval_apply, batch_size=8))
+  evaluate = jax.jit(steps_lib.make_eval_fn(eval_apply, batch_size=8))
   first = evaluate(params, x, y, trained_rest)
   assert [float(v) for v in first] == [float(v) for v in evaluate(params, x, y, trained_rest)]
   # Eval mode reads the running averages: other statistics, other loss. Train mode would
@@ -268,14 +270,14 @@ def test_a_stateful_model_trains_and_checkpoints_its_state(tiny_data, tmp_path):
     leaves = jax.tree_util.tree_leaves_with_path(_restore(tmp_path)["model_state"])
     return next(v for p, v in leaves if name in jax.tree_util.keystr(p))
 
-  summary = train_lib.train(cfg(40), tmp_path, dataset=ds)
+  summary = run_lib.train(cfg(40), tmp_path, dataset=ds)
   assert summary["val_loss"] is not None and summary["test_accuracy"] is not None
   records = _records(tmp_path)
   assert records[-1]["train_loss"] < records[0]["train_loss"]
   assert int(saved_state("count")) == 40  # the dropout stream advanced once per step
   assert float(jnp.abs(saved_state("mean")).max()) > 0  # BatchNorm's running mean moved
   # A resumed run restores that state and goes on threading it.
-  assert train_lib.train(cfg(50), tmp_path, dataset=ds)["steps"] == 50
+  assert run_lib.train(cfg(50), tmp_path, dataset=ds)["steps"] == 50
   assert int(saved_state("count")) == 50
 
 
@@ -295,13 +297,13 @@ def test_sigint_finishes_the_chunk_checkpoints_summarizes_and_resumes(
 
   monkeypatch.setattr(rundir.MetricsLog, "write", write_then_interrupt)
   cfg = _cfg(data_dir, train={"steps": 10_000, "eval_every": 0, "grad_check_every": 0})
-  summary = train_lib.train(cfg, tmp_path, dataset=ds)
+  summary = run_lib.train(cfg, tmp_path, dataset=ds)
   assert summary["interrupted"] is True and summary["interrupted_by"] == "SIGINT"
   assert summary["steps"] == 20 and _summary(tmp_path)["interrupted"] is True
   assert _ckpt_steps(tmp_path) == [20]  # with the default checkpoint_every=0
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
   monkeypatch.setattr(rundir.MetricsLog, "write", write)
-  resumed = train_lib.train(
+  resumed = run_lib.train(
     _cfg(data_dir, train={"steps": 40, "eval_every": 0}), tmp_path, dataset=ds
   )
   assert resumed["steps"] == 40 and resumed["interrupted"] is False
@@ -311,7 +313,7 @@ def test_sigint_finishes_the_chunk_checkpoints_summarizes_and_resumes(
 def test_time_budget_stops_the_run_and_says_so(tiny_data, tmp_path):
   data_dir, ds = tiny_data
   cfg = _cfg(data_dir, train={"steps": 1000, "time_budget_s": 1e-6, "eval_every": 0})
-  summary = train_lib.train(cfg, tmp_path, dataset=ds)
+  summary = run_lib.train(cfg, tmp_path, dataset=ds)
   # Checked between chunks: the first chunk of 10 steps exceeds any tiny budget.
   assert summary["stopped_on_time"] is True and summary["steps"] == 10
   assert summary["train_time_s"] > 1e-6 and summary["time_budget_s"] == 1e-6
@@ -328,7 +330,7 @@ def test_a_run_on_a_locked_directory_is_refused_at_once(tiny_data, tmp_path):
   with rundir.lock(tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(rundir.RunDirLocked, match=str(tmp_path)):
-      train_lib.train(_cfg(data_dir), tmp_path, dataset=ds)
+      run_lib.train(_cfg(data_dir), tmp_path, dataset=ds)
     assert time.perf_counter() - t0 < 5
   assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.json").exists()
 
@@ -340,7 +342,7 @@ def test_restore_falls_back_past_damaged_checkpoints(tiny_data, tmp_path, caplog
   cfg = lambda steps: _cfg(
     data_dir, train={"steps": steps, "checkpoint_every": 10, "eval_every": 0}
   )
-  train_lib.train(cfg(30), tmp_path, dataset=ds)
+  run_lib.train(cfg(30), tmp_path, dataset=ds)
   assert _ckpt_steps(tmp_path) == [20, 30]
   files = [p for p in (tmp_path / "checkpoints" / "30").rglob("*") if p.is_file()]
   victim = max(files, key=lambda p: p.stat().st_size)
@@ -349,7 +351,7 @@ def test_restore_falls_back_past_damaged_checkpoints(tiny_data, tmp_path, caplog
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 4')  # a run killed while writing
   with caplog.at_level(logging.WARNING):
-    summary = train_lib.train(cfg(50), tmp_path, dataset=ds)
+    summary = run_lib.train(cfg(50), tmp_path, dataset=ds)
   assert summary["steps"] == 50
   notes = [r.message for r in caplog.records if r.levelno >= logging.WARNING]
   assert any("/40: skipped" in m for m in notes) and any("/30: skipped" in m for m in notes)
@@ -373,7 +375,7 @@ def test_disk_full_surfaces_at_once_keeps_metrics_and_writes_the_summary(
   monkeypatch.setattr(ocp.CheckpointManager, "save", save_until_full)
   cfg = _cfg(data_dir, train={"steps": 100, "checkpoint_every": 10, "eval_every": 0})
   with pytest.raises(rundir.RunDirError) as err:
-    train_lib.train(cfg, tmp_path, dataset=ds)
+    run_lib.train(cfg, tmp_path, dataset=ds)
   message = str(err.value)
   assert str(tmp_path / "checkpoints") in message and "disk full" in message
   assert "\n" not in message
@@ -395,11 +397,11 @@ def test_a_run_that_failed_its_checks_does_not_block_its_corrected_rerun(
   tiny_data, tmp_path, bad, message
 ):
   data_dir, _ = tiny_data
-  with pytest.raises((config_lib.ConfigError, train_lib.data_lib.DatasetUnavailableError)) as err:
-    train_lib.train(_cfg(data_dir, **bad), tmp_path)
+  with pytest.raises((config_lib.ConfigError, run_lib.data_lib.DatasetUnavailableError)) as err:
+    run_lib.train(_cfg(data_dir, **bad), tmp_path)
   assert err.match(message)
   assert not (tmp_path / "config.json").exists()
-  summary = train_lib.train(_cfg(data_dir, train={"steps": 10}), tmp_path)
+  summary = run_lib.train(_cfg(data_dir, train={"steps": 10}), tmp_path)
   assert summary["steps"] == 10
 
 
@@ -440,7 +442,7 @@ def test_bad_model_option_fails_before_data_loading(tmp_path):
   cfg.data.data_dir = str(tmp_path / "nothing-here")
   cfg.model.options = {"widht": 3}
   with pytest.raises(config_lib.ConfigError, match="widht"):
-    train_lib.train(cfg, tmp_path / "run")
+    run_lib.train(cfg, tmp_path / "run")
 
 
 def test_unknown_keys_name_the_closest_known_key():
@@ -696,7 +698,7 @@ def test_the_host_loop_runs_the_device_loops_steps(tiny_data, tmp_path):
       optimizer={"lr": 0.01},
       train={"steps": 25, "loop": loop, "grad_check_every": 0},
     )
-    summaries[loop] = (train_lib.train(cfg, tmp_path / loop, dataset=ds), _records(tmp_path / loop))
+    summaries[loop] = (run_lib.train(cfg, tmp_path / loop, dataset=ds), _records(tmp_path / loop))
   (s_dev, r_dev), (s_host, r_host) = summaries["device"], summaries["host"]
   assert [r["step"] for r in r_dev] == [r["step"] for r in r_host]
   np.testing.assert_allclose(
@@ -707,14 +709,14 @@ def test_the_host_loop_runs_the_device_loops_steps(tiny_data, tmp_path):
 
 def test_auto_loop_is_host_for_convolutions_on_cpu():
   cfg = config_lib.TrainConfig()
-  assert train_lib.host_loop(cfg, has_convolutions=True) == (jax.default_backend() == "cpu")
-  assert not train_lib.host_loop(cfg, has_convolutions=False)
-  assert not train_lib.host_loop(cfg, has_convolutions=True, reverse=False)
+  assert steps_lib.host_loop(cfg, has_convolutions=True) == (jax.default_backend() == "cpu")
+  assert not steps_lib.host_loop(cfg, has_convolutions=False)
+  assert not steps_lib.host_loop(cfg, has_convolutions=True, reverse=False)
   model = models.create(
     "cnn", input_shape=(8, 8, 1), num_classes=3, rngs=nnx.Rngs(0), channels=2, hidden=4
   )
   graphdef, params, rest = models.split(model)
-  loss = train_lib.make_loss(graphdef, rest)
-  assert train_lib.uses_convolutions(
+  loss = steps_lib.make_loss(graphdef, rest)
+  assert steps_lib.uses_convolutions(
     loss, params, jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
   )

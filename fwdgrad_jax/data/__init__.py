@@ -5,10 +5,10 @@ placed on the default JAX device; training code then only slices device arrays a
 never runs TensorFlow. The load path is the one of flax's examples — a prepared tfds
 builder, each split read as one batch::
 
-    builder = _tfds_offline.prepared_builder(name, data_dir, manual_dir, download)
-    images, labels = _tfds_offline.read_split(builder, "train", data_dir)
+    builder = tfds_offline.prepared_builder(name, data_dir, manual_dir, download)
+    images, labels = tfds_offline.read_split(builder, "train", data_dir)
 
-:mod:`fwdgrad_jax._tfds_offline` holds what makes that work offline: Fashion-MNIST
+:mod:`fwdgrad_jax.tfds_offline` holds what makes that work offline: Fashion-MNIST
 prepared from Debian's ``dataset-fashion-mnist`` (or any directory holding its four
 IDX ``.gz`` files, ``$FWDGRAD_FASHION_MNIST_DIR``), downloads only after a quick
 connectivity probe, and a cache of the decoded arrays. A data set that is neither
@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fwdgrad_jax import _tfds_offline
-from fwdgrad_jax._tfds_offline import (
+from fwdgrad_jax.data import tfds_offline
+from fwdgrad_jax.data.tfds_offline import (
   DEBIAN_FASHION_MNIST_DIR,
   FASHION_MNIST_DIR_ENV,
   DatasetUnavailableError,
@@ -137,7 +137,7 @@ def is_prepared(name: str, *, data_dir: str | os.PathLike[str] | None = None) ->
     ValueError: If ``name`` is not in :data:`SUPPORTED`.
   """
   _check_name(name)
-  builder = _tfds_offline.tfds().builder(name, data_dir=os.fspath(_resolve_data_dir(data_dir)))
+  builder = tfds_offline.tfds().builder(name, data_dir=os.fspath(_resolve_data_dir(data_dir)))
   return bool(builder.is_prepared())
 
 
@@ -165,7 +165,7 @@ def prepare(
     DatasetUnavailableError: If it can be neither found nor prepared.
   """
   _check_name(name)
-  builder = _tfds_offline.prepared_builder(name, _resolve_data_dir(data_dir), manual_dir, download)
+  builder = tfds_offline.prepared_builder(name, _resolve_data_dir(data_dir), manual_dir, download)
   splits = sorted(builder.info.splits.items(), key=lambda item: (item[0] != "train", item[0]))
   return {split: int(info.num_examples) for split, info in splits}
 
@@ -252,14 +252,14 @@ def load(
     raise ValueError(f"val_size={val_size!r}: must be a non-negative integer")
 
   root = _resolve_data_dir(data_dir)
-  builder = _tfds_offline.prepared_builder(name, root, manual_dir, download)
+  builder = tfds_offline.prepared_builder(name, root, manual_dir, download)
   num_train = int(builder.info.splits["train"].num_examples)  # checked before reading
   if val_size >= num_train:
     raise ValueError(
       f"val_size={val_size}: must be smaller than the {num_train} examples of {name}'s train split"
     )
-  train_images, train_labels = _tfds_offline.read_split(builder, "train", root, cache=cache)
-  test_images, test_labels = _tfds_offline.read_split(builder, "test", root, cache=cache)
+  train_images, train_labels = tfds_offline.read_split(builder, "train", root, cache=cache)
+  test_images, test_labels = tfds_offline.read_split(builder, "test", root, cache=cache)
 
   train_idx, val_idx = _split_indices(len(train_images), val_size, seed)
   x_train, x_val = train_images[train_idx], train_images[val_idx]
@@ -316,7 +316,3 @@ def main(argv: Sequence[str] | None = None) -> int:
   for split, count in sizes.items():
     print(f"  {split}: {count} examples")
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from fwdgrad_jax.models import Shape, _conv3x3, _flatten, _max_pool_2x2, register
+from fwdgrad_jax.models.layers import conv3x3, flatten, max_pool_2x2
+from fwdgrad_jax.models.registry import Shape, register
 
 __all__ = ["YaoCNN"]
 
@@ -53,7 +54,7 @@ class YaoCNN(nnx.Module):
     h, w, cin = input_shape
     convs = []
     for cout in channels:
-      convs.append(_conv3x3(cin, cout, rngs))
+      convs.append(conv3x3(cin, cout, rngs))
       cin = cout
       h, w = h // 2, w // 2
     if h < 1 or w < 1:
@@ -66,6 +67,6 @@ class YaoCNN(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for conv in self.convs:
-      x = _max_pool_2x2(jax.nn.relu(conv(x)))
-    x = jax.nn.relu(self.fc1(_flatten(x)))
+      x = max_pool_2x2(jax.nn.relu(conv(x)))
+    x = jax.nn.relu(self.fc1(flatten(x)))
     return self.fc2(x)

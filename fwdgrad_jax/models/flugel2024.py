@@ -40,13 +40,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fwdgrad_jax import models
+from fwdgrad_jax.models.layers import CONV_INIT
+from fwdgrad_jax.models.registry import register
 from fwdgrad_jax.perturbation import site
 
 __all__ = ["ResNet18", "ViT"]
 
 Shape = tuple[int, int, int]
-_CONV_INIT = models._CONV_INIT  # cheap-to-compile LeCun normal (see models._fan_in_init_2d)
 _NORMS = ("batch", "group", "none")
 
 
@@ -71,7 +71,7 @@ def _conv(cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.
     strides=(stride, stride),
     padding=pad,
     use_bias=False,
-    kernel_init=_CONV_INIT,
+    kernel_init=CONV_INIT,
     rngs=rngs,
   )
 
@@ -106,7 +106,7 @@ class _BasicBlock(nnx.Module):
     return jax.nn.relu(h + x)
 
 
-@models.register("resnet18")
+@register("resnet18")
 class ResNet18(nnx.Module):
   """ResNet18 with the CIFAR stem (He et al. 2016; Flügel et al. §4.5).
 
@@ -194,7 +194,7 @@ class _EncoderLayer(nnx.Module):
     return x + h
 
 
-@models.register("vit")
+@register("vit")
 class ViT(nnx.Module):
   """Small vision transformer (Dosovitskiy et al. 2021) of Flügel et al. §4.5: 6 layers, 4 heads.
 

@@ -1,0 +1,397 @@
+"""A run directory that nothing can corrupt: its lock, checkpoints, metrics and JSON files.
+
+What :func:`fwdgrad_jax.training.run.train` keeps in ``run_dir`` and how each piece survives
+what clusters and people do to a run:
+
+* :func:`lock` — one run per directory: a second one is refused at once, naming the
+  directory; the lock is released on exit, and the lock file of a run that died
+  (``kill -9``, a lost node) is taken over.
+* :class:`Checkpoints` — orbax checkpoints in ``checkpoints/``. Restore falls back to
+  the newest readable step, saying which one it skipped and why (a truncated file, an
+  empty step directory) and moving it aside; a save that fails (a full disk) raises
+  :class:`RunDirError` at once, naming the directory.
+* :class:`MetricsLog` — ``metrics.jsonl``: a half-written last line is dropped with a
+  note, and a resumed run rewrites the file to exactly the records up to the restored
+  step, so nothing is duplicated or out of order.
+* :func:`write_json` — ``config.json`` and ``summary.json``, replaced atomically.
+
+Every error message names the path it is about.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Collection, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINTS_NAME = "checkpoints"
+# Where unreadable checkpoints are moved: out of orbax's sight, kept for inspection.
+UNREADABLE_NAME = "checkpoints_unreadable"
+
+
+class RunDirError(RuntimeError):
+  """A run directory cannot be used as asked; the message names the path."""
+
+
+class RunDirLocked(RunDirError):
+  """Another live run holds the run directory."""
+
+
+def _reason(error: BaseException) -> str:
+  """The first line of an error, for a one-line message."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  text = str(error).strip().splitlines()
+  if not text:
+    return type(error).__name__
+  # TensorStore appends the repr of a bound method to its one useful sentence.
+  first = text[0].split(" See full TensorStore details")[0]
+  return f"{type(error).__name__}: {first[:200]}"
+
+
+# --------------------------------------------------------------------------------------
+# Lock
+# --------------------------------------------------------------------------------------
+
+
+def _owner() -> str:
+  return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def _acquire(path: Path) -> int:
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+      os.close(fd)
+      raise RunDirLocked(
+        f"{path.parent}: in use by another run ({holder}); wait for it to finish or use "
+        "another run directory"
+      ) from None
+    # A releasing holder unlinks the file before unlocking it: if it did so between our
+    # open and flock, we hold a lock on a file nobody else can see. Start again.
+    try:
+      current = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      current = False
+    if current:
+      break
+    os.close(fd)
+  stale = os.pread(fd, 200, 0).decode(errors="replace").strip()
+  if stale:
+    log.warning("%s: took over the lock of a run that is gone (%s)", path.parent, stale)
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, _owner().encode(), 0)
+  return fd
+
+
+@contextlib.contextmanager
+def lock(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
+  """Holds ``run_dir`` for this process; creates the directory.
+
+  An advisory ``flock`` on ``run_dir/.lock``, which the kernel releases when the process
+  dies, so a lock file left by a killed run is stale by construction and is taken over.
+  The file records its holder (pid and host) for the message of a refused run.
+
+  Args:
+    run_dir: the run directory.
+
+  Yields:
+    ``run_dir`` as a Path.
+
+  Raises:
+    RunDirLocked: another live run holds it (one line naming the directory).
+    RunDirError: the directory cannot be created or written.
+  """
+  run_dir = Path(run_dir)
+  path = run_dir / LOCK_NAME
+  try:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(path)
+  except RunDirError:
+    raise
+  except OSError as e:
+    raise RunDirError(f"{e.filename or run_dir}: {_reason(e)}") from e
+  try:
+    yield run_dir
+  finally:
+    path.unlink(missing_ok=True)  # before unlocking: see _acquire
+    os.close(fd)
+
+
+# --------------------------------------------------------------------------------------
+# JSON files
+# --------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, payload: Any) -> None:
+  """Writes ``payload`` to ``path`` atomically (a reader sees the old or the new file).
+
+  Raises:
+    RunDirError: the file cannot be written (one line naming it).
+  """
+  tmp = path.with_name(f".{path.name}.tmp")
+  try:
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      tmp.unlink(missing_ok=True)
+    raise RunDirError(f"{path}: {_reason(e)}") from e
+
+
+def read_json(path: Path) -> Any:
+  """The JSON content of ``path``, or None when it is missing or unreadable."""
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping) and value:
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def changed_key(
+  old: Mapping[str, Any], new: Mapping[str, Any], may_change: Collection[str]
+) -> tuple[str, Any, Any] | None:
+  """The first dotted key whose value differs between two nested configs.
+
+  Args:
+    old: the config recorded in the run directory.
+    new: the config of this run.
+    may_change: dotted keys allowed to differ (e.g. ``train.steps``).
+
+  Returns:
+    ``(key, old value, new value)``, or None when only ``may_change`` keys differ.
+  """
+  a, b = _flatten(old), _flatten(new)
+  for key in sorted(set(a) | set(b)):
+    if key not in may_change and a.get(key) != b.get(key):
+      return key, a.get(key), b.get(key)
+  return None
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------
+
+
+class Checkpoints:
+  """The orbax checkpoints of a run directory, robust to damage and full disks.
+
+  Saves are synchronous, so a failing save surfaces at the step that failed instead of
+  at the next save (orbax's background saves report errors late); checkpoint time is
+  not counted as training time anyway.
+
+  Args:
+    run_dir: the run directory; checkpoints live in ``run_dir/checkpoints``.
+    max_to_keep: how many of the newest checkpoints to keep.
+  """
+
+  def __init__(self, run_dir: Path, *, max_to_keep: int = 2):
+    import orbax.checkpoint as ocp
+
+    self._ocp = ocp
+    self.run_dir = Path(run_dir).absolute()
+    self.directory = self.run_dir / CHECKPOINTS_NAME
+    self._max_to_keep = max_to_keep
+    self._manager = self._open()
+
+  def _open(self):
+    ocp = self._ocp
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=self._max_to_keep,
+      create=True,
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=True,  # half-written saves of a killed run
+    )
+    try:
+      return ocp.CheckpointManager(self.directory, options=options)
+    except OSError as e:
+      raise RunDirError(f"{e.filename or self.directory}: {_reason(e)}") from e
+
+  def steps(self) -> list[int]:
+    """The saved steps, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest saved step (None when there is none)."""
+    return self._manager.latest_step()
+
+  def restore(self, target: Any) -> tuple[Any, int | None]:
+    """The newest readable checkpoint, restored with the structure of ``target``.
+
+    Unreadable newer checkpoints are skipped with one line each saying why, and moved
+    to ``run_dir/checkpoints_unreadable/`` (so that later saves at those steps work).
+
+    Args:
+      target: a state of the shapes and dtypes to restore (e.g. the initial state).
+
+    Returns:
+      ``(state, step)``, or ``(None, None)`` when there is no checkpoint.
+
+    Raises:
+      RunDirError: there are checkpoints but none is readable (one line).
+    """
+    import jax
+
+    ocp = self._ocp
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    skipped = []
+    while self.steps():
+      step = self.steps()[-1]
+      try:
+        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+      except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many types for damage
+        # Out of orbax's sight at once: an empty step directory makes it misread the
+        # layout of every other step.
+        aside = self._set_aside(step)
+        log.warning(
+          "%s/%d: skipped, not readable (%s); moved to %s", self.directory, step, _reason(e), aside
+        )
+        skipped.append(step)
+    if skipped:
+      raise RunDirError(
+        f"{self.directory}: no readable checkpoint (steps {', '.join(map(str, skipped))} "
+        f"moved to {self.run_dir / UNREADABLE_NAME}); remove the run directory to start afresh"
+      )
+    return None, None
+
+  def _set_aside(self, step: int) -> Path:
+    self._manager.close()
+    aside = self.run_dir / UNREADABLE_NAME / str(step)
+    aside.parent.mkdir(exist_ok=True)
+    if aside.exists():
+      shutil.rmtree(aside)
+    shutil.move(self.directory / str(step), aside)
+    self._manager = self._open()
+    return aside
+
+  def save(self, step: int, state: Any) -> None:
+    """Saves ``state`` as ``step`` and waits until it is on disk (no-op if it exists).
+
+    Raises:
+      RunDirError: the save failed, e.g. the disk is full (one line naming the
+        directory).
+    """
+    if step in self._manager.all_steps():
+      return
+    ocp = self._ocp
+    try:
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - TensorStore reports I/O errors as ValueError
+      full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+      what = "disk full" if full else _reason(e)
+      raise RunDirError(
+        f"{self.directory}: saving the checkpoint of step {step} failed ({what})"
+      ) from e
+
+  def close(self) -> None:
+    """Waits for pending work and closes orbax's manager (errors are not raised here)."""
+    with contextlib.suppress(Exception):
+      self._manager.close()
+
+
+# --------------------------------------------------------------------------------------
+# metrics.jsonl
+# --------------------------------------------------------------------------------------
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+  """The records of a ``metrics.jsonl``, without a torn line (noted in one line).
+
+  A run killed while writing leaves half a line at the end; a line that does not parse
+  is dropped with a warning naming the file and the line.
+  """
+  records = []
+  try:
+    lines = path.read_text().splitlines()
+  except FileNotFoundError:
+    return records
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except ValueError:
+      where = "half-written last line" if number == len(lines) else f"unreadable line {number}"
+      log.warning("%s: dropped a %s", path, where)
+  return records
+
+
+class MetricsLog:
+  """``metrics.jsonl`` (and TensorBoard scalars when tensorboardX is installed).
+
+  Args:
+    run_dir: the run directory.
+    resume_step: the step the run restarts from (0 for a fresh run). The file is
+      rewritten to exactly the records up to that step — records past it belong to
+      steps that will run again, and a torn line or a duplicate would otherwise
+      survive every later resume.
+  """
+
+  def __init__(self, run_dir: Path, resume_step: int):
+    self.path = Path(run_dir) / METRICS_NAME
+    kept: list[dict[str, Any]] = []
+    if resume_step > 0:
+      for r in read_metrics(self.path):
+        # In step order, one record per step; a diverged marker is not a log point.
+        if r.get("diverged") or not isinstance(r.get("step"), int) or r["step"] > resume_step:
+          continue
+        if kept and r["step"] <= kept[-1]["step"]:
+          continue
+        kept.append(r)
+    self.records = kept
+    tmp = self.path.with_name(f".{METRICS_NAME}.tmp")
+    try:
+      tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      os.replace(tmp, self.path)
+      self._file = self.path.open("a")
+    except OSError as e:
+      raise RunDirError(f"{self.path}: {_reason(e)}") from e
+    self._tb = None
+    try:
+      from tensorboardX import SummaryWriter  # the [tensorboard] extra
+    except ImportError:
+      pass
+    else:
+      self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+  def write(self, record: dict[str, Any]) -> None:
+    """Appends one record (flushed at once: a killed run keeps what it logged)."""
+    self.records.append(record)
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+          self._tb.add_scalar(key, value, record["step"])
+
+  def close(self) -> None:
+    """Closes the file (and the TensorBoard writer)."""
+    with contextlib.suppress(OSError):
+      self._file.close()
+    if self._tb is not None:
+      self._tb.close()
