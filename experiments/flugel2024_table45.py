@@ -7,7 +7,7 @@ Two parts, each for every model in ``--models``:
   batch, timed against each other with the shared interleaved timer
   (``fwdgrad_jax.records.time_interleaved``): ``base`` (forward pass + loss),
   ``backprop`` (``jax.value_and_grad``) and forward gradients with activity perturbation
-  at Flügel's layers (``fwdgrad_jax.site`` markers of ``models_flugel``; true forward
+  at Flügel's layers (``fwdgrad_jax.site`` markers of ``fwdgrad_jax.models.flugel2024``; true forward
   mode, per-example directional derivatives, local VJPs inside each block) for
   k ∈ {1, 2, 4, 16}, mean and orthogonal. R_f = forward step / base, R_b = backprop / base.
 * ``training`` — a very short SGD training of a stateless model (the ViT) for backprop

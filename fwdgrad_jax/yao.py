@@ -61,7 +61,7 @@ SCHEMES: dict[str, config_lib.EstimatorConfig] = {
   ),
 }
 
-#: The paper's models: the MLP 784-1024-1024-10 and the CNN (widths ours, models_yao.py).
+#: The paper's models: the MLP 784-1024-1024-10 and the CNN (widths ours, fwdgrad_jax/models/yao.py).
 MODEL_OPTIONS: dict[str, dict[str, Any]] = {
   "mlp": {"hidden": (1024, 1024)},
   "yao_cnn": {"channels": (16, 32, 64), "hidden": 128},

@@ -1,4 +1,4 @@
-"""Tests for fwdgrad_jax.models_flugel: ResNet18 and the small ViT of Flügel et al. 2024.
+"""Tests for fwdgrad_jax.models.flugel2024: ResNet18 and the small ViT of Flügel et al. 2024.
 
 Small widths and images keep every test fast on a CPU; the full-size models are only
 built abstractly (``nnx.eval_shape``) to check their size.
@@ -156,7 +156,7 @@ def test_model_configs_compose_and_validate():
   for name in ("resnet18", "vit"):
     cfg = config_lib.compose([f"model={name}"], config_dir=ROOT / "configs")
     assert cfg.model.name == name
-    assert set(cfg.model.options) <= set(models._options_of(models.MODELS[name]))
+    assert set(cfg.model.options) <= set(models.registry._options_of(models.MODELS[name]))
 
 
 @pytest.mark.slow

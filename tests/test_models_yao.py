@@ -1,4 +1,4 @@
-"""Yao's CNN (models_yao.py) and the Yao presets."""
+"""Yao's CNN (fwdgrad_jax/models/yao.py) and the Yao presets."""
 
 from pathlib import Path
 
