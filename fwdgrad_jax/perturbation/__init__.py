@@ -57,7 +57,6 @@ References:
   Ren et al., 2023. Scaling Forward Gradient With Local Losses. ICLR 2023.
   Flügel et al., 2024. Multi-Tangent Forward Gradients. arXiv:2410.17764.
   Yao. Studies on Forward Mode Gradient Descent (input-generated tangents).
-
 """
 
 from fwdgrad_jax.perturbation.activity import activity_estimate
