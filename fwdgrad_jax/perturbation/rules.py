@@ -185,4 +185,4 @@ FACTORED_RULES: dict[Any, Callable[..., jax.Array | None]] = {
 
 #: Parameter consumers whose outputs are activities; a program must have one for the
 #: activity pass.
-LINEAR_PRIMITIVES = frozenset(FACTORED_RULES)
+LINEAR_PRIMITIVES = frozenset({lax.dot_general_p, lax.conv_general_dilated_p})
