@@ -13,7 +13,7 @@ larger space and lose the meaning of d.
 Any callable ``(tangents, jvps) -> estimate`` is an aggregation too; :func:`combine`
 and :func:`gram` are the building blocks the built-in ones use, and they understand
 every tangent form the estimators produce: dense leaves, factored rank-1 leaves
-(:class:`fwdgrad_jax.perturbation.Rank1`, combined without ever forming a k×n
+(:class:`fwdgrad_jax.tangents.Rank1`, combined without ever forming a k×n
 matrix) and, for activity perturbation with per-example losses, directional
 derivatives of shape (k, batch) — one per example, with the tangents' axis 1 the batch
 axis — where every example is aggregated over its own tangents.
@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from fwdgrad_jax.perturbation import is_rank1
+from fwdgrad_jax.tangents import is_rank1
 
 PyTree = Any
 Aggregation = Callable[[PyTree, jax.Array], PyTree]
@@ -85,7 +85,7 @@ def gram(tangents: PyTree, *, per_example: bool = False) -> jax.Array:
   """The Gram matrix VᵀV of a tangent batch, accumulated over all leaves.
 
   Args:
-    tangents: a tangent batch (leaves (k, …) or :class:`~fwdgrad_jax.perturbation.Rank1`).
+    tangents: a tangent batch (leaves (k, …) or :class:`~fwdgrad_jax.tangents.Rank1`).
     per_example: one k×k matrix per example, the leaves' axis 1 being the batch axis.
 
   Returns:

@@ -16,6 +16,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +64,15 @@ def _per_leaf(
 # own PRNG for anyone who needs its guarantees.
 
 
-def _fmix32(h: jax.Array) -> jax.Array:
+def fmix32(h: jax.Array) -> jax.Array:
+  """The murmur3 32-bit finalizer: a bijective avalanche mix of uint32 words, elementwise.
+
+  Args:
+    h: uint32 array.
+
+  Returns:
+    The mixed words, same shape (every output bit depends on every input bit).
+  """
   h = h ^ (h >> 16)
   h = h * jnp.uint32(0x85EBCA6B)
   h = h ^ (h >> 13)
@@ -71,10 +80,27 @@ def _fmix32(h: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
-def _hash_bits(seed: jax.Array, size: int) -> jax.Array:
-  """``size`` pseudo-random uint32 words: a hash of the counter 0 … size-1 keyed by ``seed`` (2,)."""
+def hash_bits(seed: jax.Array, size: int) -> jax.Array:
+  """``size`` pseudo-random uint32 words: a hash of the counter 0 … size-1 keyed by ``seed`` (2,).
+
+  Word c is ``fmix32(fmix32(c ^ seed[0]) + seed[1])``: a pure function of (seed, c), so any
+  part of the stream can be recomputed without the rest (see :func:`regenerate_leaf`).
+
+  Args:
+    seed: (2,) uint32, e.g. a row of :func:`leaf_seeds`.
+    size: how many words.
+
+  Returns:
+    (size,) uint32.
+  """
   counter = jax.lax.iota(jnp.uint32, size)
-  return _fmix32(_fmix32(counter ^ seed[0]) + seed[1])
+  return fmix32(fmix32(counter ^ seed[0]) + seed[1])
+
+
+def key_words(key: jax.Array) -> jax.Array:
+  """The key's random bits as a flat uint32 vector (a raw ``PRNGKey`` or a typed key)."""
+  words = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
+  return words.reshape(-1)
 
 
 def _leaf_seeds(key: jax.Array, num_leaves: int) -> jax.Array:
@@ -84,11 +110,10 @@ def _leaf_seeds(key: jax.Array, num_leaves: int) -> jax.Array:
   with the leaf index gives independent per-leaf seeds without a threefry call: on small
   problems that call is most of a step's cost.
   """
-  words = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
-  words = words.reshape(-1)
+  words = key_words(key)
   leaf = jax.lax.iota(jnp.uint32, num_leaves)
-  s0 = _fmix32(words[0] ^ _fmix32(2 * leaf + 1))
-  s1 = _fmix32(words[-1] + _fmix32(2 * leaf + 2))
+  s0 = fmix32(words[0] ^ fmix32(2 * leaf + 1))
+  s1 = fmix32(words[-1] + fmix32(2 * leaf + 2))
   return jnp.stack([s0, s1], axis=1)
 
 
@@ -163,17 +188,41 @@ def _standard_normal(bits: jax.Array, dtype) -> jax.Array:
   return (x * jnp.where(w < 5.0, central, tail)).astype(dtype)
 
 
-def _normal_leaf(seed, shape, dtype):
-  return _standard_normal(_hash_bits(seed, int(np.prod(shape))), dtype).reshape(shape)
+def hash_normal(seed: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+  """Standard Gaussian numbers of ``shape`` from the hash stream of ``seed`` (see :func:`hash_bits`).
+
+  Element c (in row-major order) is the probit of word c: what the ``"normal"`` sampler
+  draws for a leaf whose seed is ``seed``.
+
+  Args:
+    seed: (2,) uint32 hash seed.
+    shape: the result's shape.
+    dtype: the result's floating dtype (computed in float32).
+  """
+  return _standard_normal(hash_bits(seed, int(np.prod(shape))), dtype).reshape(shape)
 
 
-def _rademacher_leaf(seed, shape, dtype):
+def hash_rademacher(seed: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+  """Rademacher (±1) numbers of ``shape`` from the hash stream of ``seed``: bit c % 32 of word c // 32.
+
+  Args:
+    seed: (2,) uint32 hash seed.
+    shape: the result's shape.
+    dtype: the result's dtype.
+  """
   # One 32-bit word gives 32 signs.
   size = int(np.prod(shape))
-  words = _hash_bits(seed, -(-size // 32))
+  words = hash_bits(seed, -(-size // 32))
   bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
   bits = bits.reshape(-1)[:size].reshape(shape)
   return (1 - 2 * bits.astype(jnp.int8)).astype(dtype)
+
+
+# The private names of one release ago.
+_fmix32 = fmix32
+_hash_bits = hash_bits
+_normal_leaf = hash_normal
+_rademacher_leaf = hash_rademacher
 
 
 def _normal_threefry_leaf(key, shape, dtype):
@@ -187,10 +236,10 @@ def _rademacher_threefry_leaf(key, shape, dtype):
   return jax.random.rademacher(key, (size,), jnp.int8).astype(dtype).reshape(shape)
 
 
-normal: Sampler = _per_leaf(_normal_leaf)
+normal: Sampler = _per_leaf(hash_normal)
 normal.__doc__ = """Independent standard Gaussian tangents, v ~ N(0, I) (Baydin et al. 2022)."""
 
-rademacher: Sampler = _per_leaf(_rademacher_leaf)
+rademacher: Sampler = _per_leaf(hash_rademacher)
 rademacher.__doc__ = (
   """Independent Rademacher (±1) tangents: E[v vᵀ] = I with the least variance."""
 )
@@ -224,7 +273,7 @@ def partition(key: jax.Array, params: PyTree, num_tangents: int) -> PyTree:
   out, offset = [], 0
   for seed, p, size in zip(seeds, leaves, sizes):
     dtype = jnp.result_type(p)
-    v = _normal_leaf(seed, (size,), dtype)
+    v = hash_normal(seed, (size,), dtype)
     lo = np.clip(bounds[:-1] - offset, 0, size)[:, None]
     hi = np.clip(bounds[1:] - offset, 0, size)[:, None]
     idx = jnp.arange(size)[None]
@@ -376,7 +425,7 @@ def _counters(shape: tuple[int, ...], num_tangents: int, k_axis: int) -> jax.Arr
 
 
 def _hash_counter(seed: jax.Array, counter: jax.Array) -> jax.Array:
-  return _fmix32(_fmix32(counter ^ seed[0]) + seed[1])  # as _hash_bits
+  return fmix32(fmix32(counter ^ seed[0]) + seed[1])  # as hash_bits
 
 
 def _normal_at(seed, counter, dtype):
@@ -384,7 +433,7 @@ def _normal_at(seed, counter, dtype):
 
 
 def _rademacher_at(seed, counter, dtype):
-  # Word c // 32, bit c % 32: the bits _rademacher_leaf unpacks.
+  # Word c // 32, bit c % 32: the bits hash_rademacher unpacks.
   word = _hash_counter(seed, counter >> 5)
   bit = (word >> (counter & 31)) & 1
   return (1 - 2 * bit.astype(jnp.int8)).astype(dtype)
@@ -557,3 +606,93 @@ def _check_batch(batch: PyTree, params: PyTree, num_tangents: int) -> None:
         f"tangents: the sampler returned a leaf of shape {jnp.shape(v)}, expected "
         f"{(num_tangents, *jnp.shape(p))} (num_tangents leading axis + the param's shape)."
       )
+
+
+# --- Structured tangents --------------------------------------------------------------
+# A tangent batch leaf may be a factored :class:`Rank1` batch instead of a (k, ...)
+# array (``tangents="rank1"``/``"input"``, drawn by :mod:`fwdgrad_jax.perturbation`): the
+# aggregations and the normalization recognise it by :func:`is_rank1`.
+
+# Up to this many rank-1 tangents, their combination is written as a fusible sum of
+# outer products rather than an (in×k)·(k×out) matmul.
+_ELEMENTWISE_COMBINE = 1
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Rank1:
+  """A batch of k rank-1 tangents a_i ⊗ b_i of one parameter leaf of ``shape``.
+
+  Attributes:
+    a: (k, *[shape[d] for d in a_dims]), over the contracted (input) axes.
+    b: (k, *[shape[d] for d in b_dims]), over the other (output) axes.
+    a_dims, b_dims: which axes of the leaf each factor spans; together all of them.
+  """
+
+  a: jax.Array
+  b: jax.Array
+  a_dims: tuple[int, ...]
+  b_dims: tuple[int, ...]
+
+  def tree_flatten(self):
+    return (self.a, self.b), (self.a_dims, self.b_dims)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def num_tangents(self) -> int:
+    return self.a.shape[0]
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    sizes = dict(zip(self.a_dims, self.a.shape[1:])) | dict(zip(self.b_dims, self.b.shape[1:]))
+    return tuple(sizes[d] for d in range(len(sizes)))
+
+  @property
+  def dtype(self):
+    return self.a.dtype
+
+  def _arrange(self, ab: jax.Array, lead: int) -> jax.Array:
+    """(lead axes, *a axes, *b axes) → (lead axes, *leaf axes)."""
+    order = self.a_dims + self.b_dims
+    perm = list(range(lead)) + [lead + order.index(d) for d in range(len(order))]
+    return ab.transpose(perm)
+
+  def dense(self) -> jax.Array:
+    """The tangents as one dense (k, *shape) array."""
+    k = self.num_tangents
+    outer = self.a.reshape(k, -1)[:, :, None] * self.b.reshape(k, 1, -1)
+    return self._arrange(outer.reshape(k, *self.a.shape[1:], *self.b.shape[1:]), 1)
+
+  def gram(self) -> jax.Array:
+    """The k×k Gram matrix ⟨a_i⊗b_i, a_j⊗b_j⟩ = ⟨a_i, a_j⟩⟨b_i, b_j⟩ (in float32 or wider)."""
+    dt = jnp.promote_types(self.a.dtype, jnp.float32)
+    a = self.a.reshape(self.num_tangents, -1).astype(dt)
+    b = self.b.reshape(self.num_tangents, -1).astype(dt)
+    hi = jax.lax.Precision.HIGHEST
+    return jnp.matmul(a, a.T, precision=hi) * jnp.matmul(b, b.T, precision=hi)
+
+  def combine(self, c: jax.Array) -> jax.Array:
+    """Σ_i c_i a_i ⊗ b_i as a dense array of the leaf's shape: one (in×k)·(k×out) product."""
+    k = self.num_tangents
+    a = self.a.reshape(k, -1) * c.astype(self.a.dtype)[:, None]
+    b = self.b.reshape(k, -1)
+    if k <= _ELEMENTWISE_COMBINE:
+      # A sum of k outer products is elementwise, so XLA fuses it into the consumer (the
+      # optimizer's update) instead of writing a weight-sized matmul result first.
+      ab = sum(a[i][:, None] * b[i][None, :] for i in range(k))
+    else:
+      ab = jnp.matmul(a.T, b, precision=jax.lax.Precision.HIGHEST)
+    return self._arrange(ab.reshape(*self.a.shape[1:], *self.b.shape[1:]), 0)
+
+  def scale(self, s: jax.Array) -> Rank1:
+    """Tangent i scaled by s_i (the scale goes on a)."""
+    s = s.astype(self.a.dtype).reshape((-1,) + (1,) * (self.a.ndim - 1))
+    return dataclasses.replace(self, a=self.a * s)
+
+
+def is_rank1(x: Any) -> bool:
+  """Whether a tangent-batch leaf is a factored :class:`Rank1` batch."""
+  return isinstance(x, Rank1)

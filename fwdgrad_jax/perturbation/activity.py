@@ -1,0 +1,342 @@
+"""Activity perturbation: tangents at the outputs of parameter-consuming ops, or at marked sites.
+
+The program is cut into blocks, one per site (the ops from the previous sites to it) and a
+tail; each block runs once, its jvp carrying the tangents of earlier sites, inside a
+``jax.vjp`` that gives its parameters' local VJP at the site's gradient estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from fwdgrad_jax import tangents as tangents_lib
+from fwdgrad_jax.perturbation import draws
+from fwdgrad_jax.perturbation.markers import site_p
+from fwdgrad_jax.perturbation.program import Op, Program, bind, trace
+from fwdgrad_jax.perturbation.rules import LINEAR_PRIMITIVES
+
+PyTree = Any
+
+_PARAM, _DATA = 1, 2
+
+
+@dataclasses.dataclass
+class _Block:
+  """Ops from the previous sites to one site (or to the outputs, for the tail)."""
+
+  ops: list[Op]
+  recipe: list[Op]  # parameter-only ops the block's ops need, recomputed inside it
+  leaves: list[int]  # parameter leaves it consumes (through its ops or recipe)
+  act_ins: list[int]  # ids read from other blocks (they may carry tangents)
+  outs: list[int]  # ids it produces that are read elsewhere; the site (if any) first
+  site: int | None
+
+
+def _dependencies(prog: Program, n_leaves: int) -> dict[int, int]:
+  dep = {i: 0 for i in prog.consts}
+  for j, pid in enumerate(prog.ins):
+    dep[pid] = _PARAM if j < n_leaves else _DATA
+  for op in prog.ops:
+    d = 0
+    for i in op.ins:
+      d |= dep[i]
+    for o in op.outs:
+      dep[o] = d
+  return dep
+
+
+def _consumers(prog: Program) -> dict[int, list[int]]:
+  uses: dict[int, list[int]] = {}
+  for j, op in enumerate(prog.ops):
+    for i in op.ins:
+      uses.setdefault(i, []).append(j)
+  for i in prog.outs:
+    uses.setdefault(i, []).append(-1)
+  return uses
+
+
+def _is_param_consumer(op: Op, dep: dict[int, int]) -> bool:
+  deps = [dep[i] for i in op.ins]
+  return any(d == _PARAM for d in deps) and any(d & _DATA for d in deps)
+
+
+def _find_sites(prog: Program, dep, uses) -> list[int]:
+  """Op indices whose first output is perturbed: marked sites, else every parameter
+  consumer (extended over the sole-consumer chain of further parameter consumers, so that
+  a bias added after a matmul is part of that matmul's output)."""
+  marked = [j for j, op in enumerate(prog.ops) if op.prim is site_p and dep[op.outs[0]] & _DATA]
+  if marked:
+    return marked
+  consumers = [
+    j for j, op in enumerate(prog.ops) if op.prim is not site_p and _is_param_consumer(op, dep)
+  ]
+  if not any(prog.ops[j].prim in LINEAR_PRIMITIVES for j in consumers):
+    raise ValueError(
+      "perturbation='activity': fun has no parameter-consuming linear op (dot_general / "
+      "conv_general_dilated with a parameter on one side and data on the other), so there "
+      "is no activity to perturb."
+    )
+  in_chain, sites = set(), []
+  for j in consumers:
+    if j in in_chain:
+      continue
+    end = j
+    while len(op_out_uses := uses.get(prog.ops[end].outs[0], [])) == 1:
+      nxt = op_out_uses[0]
+      if nxt < 0 or not _is_param_consumer(prog.ops[nxt], dep) or len(prog.ops[nxt].outs) != 1:
+        break
+      end = nxt
+      in_chain.add(nxt)
+    sites.append(end)
+  return sites
+
+
+def _blocks(prog: Program, n_leaves: int, dep, uses, sites: list[int]) -> list[_Block]:
+  """Partitions the ops that depend on both parameters and data into site blocks and a tail."""
+  producer = {o: j for j, op in enumerate(prog.ops) for o in op.outs}
+  site_out = {prog.ops[j].outs[0]: j for j in sites}
+  assigned: dict[int, int] = {}  # op index -> block index
+
+  def closure(roots: list[int], b: int) -> list[int]:
+    """Mixed ops reachable backward from ``roots`` (ids), stopping at other blocks' ops."""
+    todo, found = list(roots), []
+    while todo:
+      i = todo.pop()
+      j = producer.get(i)
+      if j is None or j in assigned or dep[i] != _PARAM | _DATA:
+        continue
+      if i in site_out and site_out[i] != found_site[b]:
+        continue
+      assigned[j] = b
+      found.append(j)
+      todo.extend(prog.ops[j].ins)
+    return sorted(found)
+
+  found_site: dict[int, int] = {}
+  groups: list[tuple[list[int], int | None]] = []
+  for b, j in enumerate(sites):
+    found_site[b] = j
+    groups.append((closure([prog.ops[j].outs[0]], b), j))
+  tail_b = len(sites)
+  found_site[tail_b] = -1
+  groups.append((closure(list(prog.outs), tail_b), None))
+
+  def recipe_of(op_ids: list[int]) -> tuple[list[Op], list[int]]:
+    """Parameter-only ops the block reads, back to the leaves."""
+    todo = [i for j in op_ids for i in prog.ops[j].ins if dep[i] == _PARAM]
+    seen, ops, leaves = set(), set(), set()
+    while todo:
+      i = todo.pop()
+      if i in seen:
+        continue
+      seen.add(i)
+      if i in prog.ins[:n_leaves]:
+        leaves.add(prog.ins.index(i))
+        continue
+      j = producer.get(i)
+      if j is not None:
+        ops.add(j)
+        todo.extend(x for x in prog.ops[j].ins if dep[x] == _PARAM)
+    return [prog.ops[j] for j in sorted(ops)], sorted(leaves)
+
+  # Ops the loss (the first output) depends on.
+  loss_id = prog.outs[0]
+  to_loss: set[int] = set()
+  todo = [loss_id]
+  while todo:
+    j = producer.get(todo.pop())
+    if j is not None and j not in to_loss:
+      to_loss.add(j)
+      todo.extend(prog.ops[j].ins)
+
+  blocks = []
+  for b, (op_ids, site_j) in enumerate(groups):
+    ops = [prog.ops[j] for j in op_ids]
+    made = {o for op in ops for o in op.outs}
+    act_ins = sorted({i for op in ops for i in op.ins if dep[i] & _DATA and i not in made})
+    recipe, leaves = recipe_of(op_ids)
+    site_id = prog.ops[site_j].outs[0] if site_j is not None else None
+    outs = [] if site_id is None else [site_id]
+    for op in ops:
+      for o in op.outs:
+        if o == site_id:
+          continue
+        readers = uses.get(o, [])
+        outside = [r for r in readers if r < 0 or assigned.get(r) != b]
+        if outside:
+          # Reads that do not lead to the loss (BatchNorm's running statistics returned as
+          # aux, or left dead by a function that drops them) need the primal only: the
+          # block's VJP misses no path of the loss through them.
+          on_loss_path = o == loss_id or any(r >= 0 and r in to_loss for r in outside)
+          if site_j is not None and on_loss_path:
+            raise ValueError(
+              "perturbation='activity': a value computed from parameters inside the block "
+              f"of site #{b} (shape {op.shapes[op.outs.index(o)]}) is also used outside "
+              "that block, so its parameters' local VJP would miss that path; mark it with "
+              "fwdgrad_jax.site(...) too."
+            )
+          outs.append(o)
+    blocks.append(_Block(ops, recipe, leaves, act_ins, outs, site_id))
+  return blocks
+
+
+def _run_block(
+  block: _Block,
+  P: dict[int, Any],
+  T: dict[int, Any],
+  leaf_ids: list[int],
+  cot_index: int | None,
+  k: int,
+):
+  """Evaluates a block once: primal, the tangents from earlier sites, and the VJP closure.
+
+  Returns (out primals, out tangents, vjp_fn) where ``vjp_fn(cotangent of outs[cot_index])``
+  gives the block's leaves' gradient; the jvp of the k tangents runs inside the vjp's
+  function as auxiliary output, so the block's forward pass is evaluated once.
+  """
+  live = [i for i in block.act_ins if T.get(i) is not None]
+  dead = [i for i in block.act_ins if T.get(i) is None]
+
+  def forward(leaves: tuple, live_vals: tuple) -> list[Any]:
+    env = {i: P[i] for i in dead}
+    env.update(zip(live, live_vals))
+    for li, v in zip(block.leaves, leaves):
+      env[leaf_ids[li]] = v
+    for op in block.recipe + block.ops:
+      for o, val in zip(op.outs, bind(op, [env[i] if i in env else P[i] for i in op.ins])):
+        env[o] = val
+    return [env[o] for o in block.outs]
+
+  def with_tangents(leaves):
+    fwd = lambda *xs: forward(leaves, xs)
+    if not live:
+      outs = fwd()
+      return outs, [None] * len(outs)
+    primals = [P[i] for i in live]
+    tans = [T[i] for i in live]
+    if k == 1:
+      outs, touts = jax.jvp(fwd, primals, [t[0] for t in tans])
+      return outs, [t[None] for t in touts]
+    outs, touts = jax.vmap(lambda ts: jax.jvp(fwd, primals, list(ts)), out_axes=(None, 0))(tans)
+    return outs, touts
+
+  leaves = tuple(P[leaf_ids[li]] for li in block.leaves)
+  if cot_index is None or not block.leaves:
+    outs, touts = with_tangents(leaves)
+    return outs, touts, None
+
+  def main_and_aux(leaves):
+    outs, touts = with_tangents(leaves)
+    return outs[cot_index], (outs, touts)
+
+  _, vjp_fn, (outs, touts) = jax.vjp(main_and_aux, leaves, has_aux=True)
+  return outs, touts, vjp_fn
+
+
+def _activity_pass(
+  prog: Program,
+  values: list[Any],
+  n_leaves: int,
+  words: jax.Array,
+  k: int,
+  scheme: str,
+):
+  """Runs the program with activity tangents; returns what the aggregation needs."""
+  dep = _dependencies(prog, n_leaves)
+  uses = _consumers(prog)
+  sites = _find_sites(prog, dep, uses)
+  blocks = _blocks(prog, n_leaves, dep, uses, sites)
+  P: dict[int, Any] = dict(prog.consts)
+  P.update(zip(prog.ins, values))
+  T: dict[int, Any] = {}
+  # Ops that depend on parameters only, or on data only, carry no tangent: run them first.
+  for op in prog.ops:
+    if dep[op.outs[0]] != _PARAM | _DATA:
+      for o, v in zip(op.outs, bind(op, [P[i] for i in op.ins])):
+        P[o] = v
+  draw = draws.normal if scheme == "normal" else draws.rademacher
+  loss_id = prog.outs[0]
+  site_tangents, vjps = [], []
+  for b, block in enumerate(blocks):
+    if block.site is None:  # the tail: its cotangent is exact, d loss / d loss
+      cot = block.outs.index(loss_id) if loss_id in block.outs else None
+    else:
+      cot = 0
+    outs, touts, vjp_fn = _run_block(block, P, T, prog.ins, cot, k)
+    for o, p, t in zip(block.outs, outs, touts):
+      P[o], T[o] = p, t
+    if block.site is not None:
+      z = P[block.site]
+      u = draw(words, b, draws.SALT_SITE, (k, *jnp.shape(z)), jnp.result_type(z))
+      u = tangents_lib.materialize(u, words)
+      T[block.site] = u if T.get(block.site) is None else T[block.site] + u
+      site_tangents.append(u)
+    vjps.append(vjp_fn)
+  outs_p = [P[i] for i in prog.outs]
+  loss_t = T.get(loss_id)
+  return outs_p, loss_t, site_tangents, vjps, blocks
+
+
+def _per_example_check(site_tangents: list[jax.Array], batch: int) -> None:
+  for j, u in enumerate(site_tangents):
+    if u.ndim < 2 or u.shape[1] != batch:
+      raise ValueError(
+        "perturbation='activity' with per-example losses: every perturbed activation needs "
+        f"the batch axis ({batch}) first, but site #{j} has shape {u.shape[1:]}. Return a "
+        "scalar loss instead, or put the batch axis first."
+      )
+
+
+def activity_estimate(
+  fun: Callable[..., Any],
+  params: PyTree,
+  args: tuple,
+  kwargs: dict,
+  *,
+  key: jax.Array,
+  num_tangents: int,
+  tangents: str,
+  aggregate: Callable[[PyTree, jax.Array], PyTree],
+  jvp_hook: Callable[[jax.Array], jax.Array] | None,
+):
+  """Activity perturbation: (outputs, gradient estimate of the (mean) loss, n perturbed).
+
+  ``aggregate(site tangents, d)`` maps the sites' tangent batch (a list, leaves (k, …))
+  and the directional derivatives d — (k,) for a scalar loss, (k, batch) for
+  per-example losses — to the estimate of each site's gradient.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  prog, flat_args, out_tree = trace(fun, params, args, kwargs)
+  outs_p, d, site_tangents, vjps, blocks = _activity_pass(
+    prog, leaves + flat_args, len(leaves), tangents_lib.key_words(key), num_tangents, tangents
+  )
+  loss = outs_p[0]
+  per_example = jnp.ndim(loss) == 1
+  if d is None:  # the loss does not depend on any activity: nothing to estimate
+    d = jnp.zeros((num_tangents, *jnp.shape(loss)), jnp.result_type(loss))
+  if jvp_hook is not None:
+    d = jvp_hook(d)
+  if per_example:
+    _per_example_check(site_tangents, loss.shape[0])
+  cots = aggregate(site_tangents, d) if site_tangents else []
+  scale = 1.0 / loss.shape[0] if per_example else 1.0
+  grads = [jnp.zeros_like(p) for p in leaves]
+  for block, vjp_fn, cot in zip(blocks, vjps, [*cots, None]):
+    if vjp_fn is None:
+      continue
+    if block.site is None:  # the tail: d(mean loss)/d loss, exact
+      cot = jnp.full(jnp.shape(loss), scale, jnp.result_type(loss))
+    else:
+      cot = cot * scale
+    (g,) = vjp_fn(cot.astype(jnp.result_type(cot)))
+    for li, gi in zip(block.leaves, g):
+      grads[li] = grads[li] + gi
+  outs_p[0] = jnp.mean(loss) if per_example else loss
+  n = sum(math.prod(u.shape[2 if per_example else 1 :]) for u in site_tangents)
+  return jax.tree.unflatten(out_tree, outs_p), jax.tree.unflatten(treedef, grads), max(n, 1)
