@@ -142,26 +142,8 @@ def make_optimizer(cfg: config_lib.OptimizerConfig) -> optax.GradientTransformat
 
 
 def estimator_options(cfg: config_lib.EstimatorConfig) -> dict[str, Any]:
-  """Keyword options of the estimator named by ``cfg.name`` (none for backprop)."""
-  if cfg.name == "guided":
-    return dict(
-      fix_gap=cfg.fix_gap,
-      decay_rate=cfg.decay_rate,
-      shuffle_ratio=cfg.shuffle_ratio,
-      decrease_gap=cfg.decrease_gap,
-    )
-  if not transforms.get(cfg.name).uses_key:
-    return {}
-  return dict(
-    num_tangents=cfg.num_tangents,
-    tangents=cfg.tangents,
-    aggregation=cfg.aggregation,
-    perturbation=cfg.perturbation,
-    normalize=cfg.normalize,
-    rescale=cfg.rescale,
-    max_jvp_norm=cfg.max_jvp_norm,
-    regenerate=cfg.regenerate,
-  )
+  """Keyword options of the estimator named by ``cfg.name``: its registry ``config_options``."""
+  return {name: getattr(cfg, name) for name in transforms.get(cfg.name).config_options}
 
 
 def make_tx(
