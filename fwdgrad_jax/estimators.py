@@ -6,7 +6,10 @@
 directional derivatives d = Vᵀ∇f along a batch of k random tangents V, all computed by
 one ``vmap`` of ``jax.jvp`` whose primal inputs are unbatched, so the primal (the
 forward pass) is evaluated once whatever k is. ``value_and_exact_grad`` has the same
-call shape around ``jax.value_and_grad`` so loops can switch estimators by name.
+call shape around ``jax.value_and_grad`` so loops can switch estimators by name (the
+registry of names is :mod:`fwdgrad_jax.registry`). Where the tangents enter, and how d
+and the estimate are computed there, is a :mod:`fwdgrad_jax.schemes` object; the
+estimator composes it with an aggregation and hooks on d.
 
 References:
   Baydin et al., 2022. Gradients without Backpropagation. arXiv:2202.08587.
