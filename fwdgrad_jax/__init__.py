@@ -4,26 +4,33 @@ The core is pure functions over pytrees; models, data and the training loop live
 their own modules and are imported explicitly (``from fwdgrad_jax import train``).
 """
 
-from fwdgrad_jax import aggregation, functions, metrics, parallel, perturbation, tangents
+from fwdgrad_jax import (
+  aggregation,
+  functions,
+  metrics,
+  parallel,
+  perturbation,
+  registry,
+  schemes,
+  tangents,
+)
 from fwdgrad_jax.estimators import (
   cap_jvp_norm,
   directional_derivatives,
   expected_norm_ratio,
   forward_grad,
-  get_estimator,
   value_and_exact_grad,
   value_and_forward_grad,
 )
 from fwdgrad_jax.guided import GuidedForwardGradientState, guided_forward_gradient
 from fwdgrad_jax.metrics import cosine_similarity, norm_ratio
 from fwdgrad_jax.perturbation import site
+from fwdgrad_jax.registry import ESTIMATORS, get_estimator, gradient_transform
 from fwdgrad_jax.transforms import (
-  ESTIMATORS,
   ExactGradientState,
   ForwardGradientState,
   exact_gradient,
   forward_gradient,
-  gradient_transform,
 )
 
 __version__ = "0.1.0"
@@ -49,6 +56,8 @@ __all__ = [
   "norm_ratio",
   "parallel",
   "perturbation",
+  "registry",
+  "schemes",
   "site",
   "tangents",
   "value_and_exact_grad",

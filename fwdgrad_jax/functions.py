@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fwdgrad_jax import estimators
+from fwdgrad_jax import registry
 
 # Styblinski–Tang: the 1-D minimiser solves 4x³ − 32x + 5 = 0 (the negative root).
 _ST_X = -2.903534027771177
@@ -101,7 +101,7 @@ def descend(
     ``(losses, xs)``: f before each step, shape (steps,), and the iterates, shape
     (steps + 1, n), starting with ``x0``.
   """
-  value_and_grad = estimators.get_estimator(estimator)(fn, **options)
+  value_and_grad = registry.get_estimator(estimator)(fn, **options)
 
   def step(x, k):
     value, g = value_and_grad(k, x)

@@ -14,7 +14,9 @@ The state keeps the PRNG key (fresh tangents every step), the loss of the last s
 ``value`` (as optax's line-search states do, so a loop reads it for free with
 ``optax.tree_utils.tree_get(state, "value")``) and, with ``has_aux``, the auxiliary
 output of ``value_fn`` in ``aux`` (a model's new BatchNorm statistics and RNG state).
-:data:`ESTIMATORS` is the one registry of estimator names.
+The registry of estimator names, :data:`fwdgrad_jax.registry.ESTIMATORS`, lives in
+:mod:`fwdgrad_jax.registry` (it imports this module); ``transforms.ESTIMATORS``,
+``transforms.get`` and ``transforms.gradient_transform`` still reach it.
 
 References:
   Baydin et al., 2022. Gradients without Backpropagation.
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fwdgrad_jax import estimators, guided
+from fwdgrad_jax import estimators, schemes
 from fwdgrad_jax import tangents as tangents_lib
 
 
@@ -78,7 +80,7 @@ def _split_value(value: Any, has_aux: bool) -> tuple[jax.Array, Any]:
 
 def forward_gradient(
   num_tangents: int = 1,
-  tangents: str | tangents_lib.Sampler = "normal",
+  tangents: str | tangents_lib.Sampler | schemes.Scheme = "normal",
   aggregation: str | Callable[..., Any] = "mean",
   *,
   key: jax.Array,
@@ -104,7 +106,7 @@ def forward_gradient(
 
   Args:
     num_tangents: k, tangents per step (one primal pass whatever k).
-    tangents: tangent scheme name or sampler, see :mod:`fwdgrad_jax.tangents`.
+    tangents: tangent scheme name, sampler or object, see :mod:`fwdgrad_jax.schemes`.
     aggregation: ``"sum"``, ``"mean"``, ``"orthogonal"`` or a callable, see
       :mod:`fwdgrad_jax.aggregation`.
     key: PRNG key; split every step so each step draws fresh tangents.
@@ -127,19 +129,8 @@ def forward_gradient(
     Baydin et al., 2022. Gradients without Backpropagation.
     Flügel et al., 2024. Multi-Tangent Forward Gradients.
   """
-  options = dict(
-    num_tangents=num_tangents,
-    tangents=tangents,
-    aggregation=aggregation,
-    has_aux=has_aux,
-    normalize=normalize,
-    max_jvp_norm=max_jvp_norm,
-    jvp_hook=jvp_hook,
-    perturbation=perturbation,
-    rescale=rescale,
-    mesh=mesh,
-    regenerate=regenerate,
-  )
+  # The arguments named in the one option list (the signature above is held to it by a test).
+  options = {k: v for k, v in locals().items() if k in estimators.FORWARD_OPTIONS}
   # Builds once to check every option now, with a name, rather than inside a jit trace.
   estimators.value_and_forward_grad(lambda p: p, **options)
 
@@ -185,57 +176,14 @@ def exact_gradient(*, has_aux: bool = False) -> optax.GradientTransformationExtr
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-class Estimator(NamedTuple):
-  """One gradient estimator under one name, in both of its forms.
-
-  Attributes:
-    value_and_grad: the function transform, ``value_and_grad(fun, **options)`` →
-      ``f(key, params, *args) -> (value, grad)``; None for a stateful estimator.
-    transform: the optax factory, ``transform(*, key, has_aux, **options)``.
-    uses_key: whether the estimate is random (the transform takes a ``key``).
-  """
-
-  value_and_grad: Callable[..., estimators.ValueAndGradFn] | None
-  transform: Callable[..., optax.GradientTransformationExtraArgs]
-  uses_key: bool = True
+_REGISTRY_NAMES = ("ESTIMATORS", "Estimator", "get", "gradient_transform")
 
 
-#: The one registry of estimator names (the app's ``estimator.name`` chooses from it).
-ESTIMATORS: dict[str, Estimator] = {
-  "forward": Estimator(estimators.value_and_forward_grad, forward_gradient),
-  "backprop": Estimator(estimators.value_and_exact_grad, exact_gradient, uses_key=False),
-  "guided": Estimator(None, guided.guided_forward_gradient),
-}
+def __getattr__(name: str) -> Any:
+  # PEP 562: the registry moved to fwdgrad_jax.registry, which imports this module (a
+  # module-level import back would be a circle); imported on first use instead.
+  if name in _REGISTRY_NAMES:
+    from fwdgrad_jax import registry
 
-
-def get(name: str) -> Estimator:
-  """The :class:`Estimator` registered as ``name``.
-
-  Raises:
-    ValueError: unknown name, listing the known ones.
-  """
-  if name not in ESTIMATORS:
-    raise ValueError(f"estimator={name!r} is not known; use one of {sorted(ESTIMATORS)}.")
-  return ESTIMATORS[name]
-
-
-def gradient_transform(
-  name: str, *, key: jax.Array, has_aux: bool = False, **options: Any
-) -> optax.GradientTransformationExtraArgs:
-  """Builds the gradient transform registered as ``name`` (``"forward"``, ``"backprop"``…).
-
-  Args:
-    name: a key of :data:`ESTIMATORS`.
-    key: PRNG key for the tangents (unused by deterministic estimators).
-    has_aux: ``value_fn`` returns ``(loss, aux)``, see :func:`forward_gradient`.
-    **options: the estimator's options (none for ``"backprop"``).
-
-  Returns:
-    The transform; switching the name switches backprop and forward gradients.
-  """
-  est = get(name)
-  if not est.uses_key:
-    if options:
-      raise ValueError(f"the {name} estimator takes no options, got {sorted(options)}.")
-    return est.transform(has_aux=has_aux)
-  return est.transform(key=key, has_aux=has_aux, **options)
+    return getattr(registry, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fwdgrad_jax import metrics, models, transforms
+from fwdgrad_jax import metrics, models, registry
 from fwdgrad_jax.training import config as config_lib
 from fwdgrad_jax.training import steps as steps_lib
 
@@ -85,7 +85,7 @@ def make_transform(
   est: config_lib.EstimatorConfig, key: jax.Array
 ) -> Any:  # optax.GradientTransformationExtraArgs
   """The estimator transform of ``est`` (as the app builds it), without an optimizer."""
-  return transforms.gradient_transform(est.name, key=key, **steps_lib.estimator_options(est))
+  return registry.gradient_transform(est.name, key=key, **steps_lib.estimator_options(est))
 
 
 class Problem(NamedTuple):

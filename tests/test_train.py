@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from fwdgrad_jax import models, transforms
+from fwdgrad_jax import models, registry
 from fwdgrad_jax.training import config as config_lib
 from fwdgrad_jax.training import run as run_lib
 from fwdgrad_jax.training import rundir
@@ -226,7 +226,7 @@ def test_consecutive_steps_see_different_dropout_masks(estimator):
   loss = steps_lib.make_stateful_loss(graphdef)
   # lr 0: the parameters stay put, so only the threaded model state can change the loss.
   tx = optax.chain(
-    transforms.gradient_transform(estimator, key=jax.random.PRNGKey(0), has_aux=True),
+    registry.gradient_transform(estimator, key=jax.random.PRNGKey(0), has_aux=True),
     optax.sgd(0.0),
   )
   step = jax.jit(steps_lib.make_step_fn(loss, tx))
@@ -433,7 +433,7 @@ def test_validate_names_the_bad_key(section, key, value):
 
 
 def test_every_registered_estimator_is_a_valid_name():
-  for name in transforms.ESTIMATORS:
+  for name in registry.ESTIMATORS:
     config_lib.validate(config_lib.Config(estimator=config_lib.EstimatorConfig(name=name)))
 
 

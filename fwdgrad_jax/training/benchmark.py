@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fwdgrad_jax import estimators, models, parallel
+from fwdgrad_jax import models, parallel, registry
 from fwdgrad_jax.training import config as config_lib
 from fwdgrad_jax.training import records as records_lib
 from fwdgrad_jax.training import run as run_lib
@@ -321,7 +321,7 @@ def _lower_single(
   options = steps_lib.estimator_options(cfg.estimator)
   if mesh is not None and cfg.estimator.name == "forward":
     options["mesh"] = mesh
-  estimate = estimators.get_estimator(cfg.estimator.name)(p.estimated(cfg), **options)
+  estimate = registry.get_estimator(cfg.estimator.name)(p.estimated(cfg), **options)
   step = jax.jit(estimate).lower(p.est_key, p.params, xb, yb)
   return Lowered(step, None, lambda: (p.est_key, p.params, xb, yb), 1)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import aggregation, data, models, perturbation, tangents, transforms
+from fwdgrad_jax import aggregation, data, models, perturbation, registry, tangents
 
 
 class ConfigError(ValueError):
@@ -241,7 +241,7 @@ def validate(cfg: Config) -> Config:
   _nonnegative_int("data.val_size", cfg.data.val_size)
   _choice("model.name", cfg.model.name, models.MODELS)
   est = cfg.estimator
-  _choice("estimator.name", est.name, transforms.ESTIMATORS)
+  _choice("estimator.name", est.name, registry.ESTIMATORS)
   _positive_int("estimator.num_tangents", est.num_tangents)
   _choice("estimator.perturbation", est.perturbation, perturbation.PERTURBATIONS)
   if est.perturbation == "activity":

@@ -1,7 +1,7 @@
 """The training loop as a library function: ``train(config, run_dir) -> summary``.
 
 One loop for both estimators: the gradient comes from the optax transform registered
-under ``estimator.name`` in :data:`fwdgrad_jax.transforms.ESTIMATORS`, followed by
+under ``estimator.name`` in :data:`fwdgrad_jax.registry.ESTIMATORS`, followed by
 optional clipping and the optimizer. :func:`train` reads top to bottom:
 
 1. **init** (:func:`_init`) — the model, split into parameters and the rest of its state

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fwdgrad_jax import metrics, models, transforms
+from fwdgrad_jax import metrics, models, registry
 from fwdgrad_jax.training import config as config_lib
 
 PyTree = Any
@@ -105,26 +105,8 @@ def make_optimizer(cfg: config_lib.OptimizerConfig) -> optax.GradientTransformat
 
 
 def estimator_options(cfg: config_lib.EstimatorConfig) -> dict[str, Any]:
-  """Keyword options of the estimator named by ``cfg.name`` (none for backprop)."""
-  if cfg.name == "guided":
-    return dict(
-      fix_gap=cfg.fix_gap,
-      decay_rate=cfg.decay_rate,
-      shuffle_ratio=cfg.shuffle_ratio,
-      decrease_gap=cfg.decrease_gap,
-    )
-  if not transforms.get(cfg.name).uses_key:
-    return {}
-  return dict(
-    num_tangents=cfg.num_tangents,
-    tangents=cfg.tangents,
-    aggregation=cfg.aggregation,
-    perturbation=cfg.perturbation,
-    normalize=cfg.normalize,
-    rescale=cfg.rescale,
-    max_jvp_norm=cfg.max_jvp_norm,
-    regenerate=cfg.regenerate,
-  )
+  """Keyword options of the estimator named by ``cfg.name``: its registry ``config_options``."""
+  return {name: getattr(cfg, name) for name in registry.get(cfg.name).config_options}
 
 
 def make_tx(
@@ -143,7 +125,7 @@ def make_tx(
   options = estimator_options(est)
   if mesh is not None and est.name == "forward":
     options["mesh"] = mesh
-  parts = [transforms.gradient_transform(est.name, key=key, has_aux=has_aux, **options)]
+  parts = [registry.gradient_transform(est.name, key=key, has_aux=has_aux, **options)]
   if cfg.optimizer.clip_norm is not None:
     parts.append(optax.clip_by_global_norm(cfg.optimizer.clip_norm))
   parts.append(make_optimizer(cfg.optimizer))
@@ -429,7 +411,7 @@ def make_grad_check_fn(
   perturbation). A stateful estimator (``guided``) has no function form: its estimate
   comes from its optax transform at the run's current ``est_state``.
   """
-  estimator = transforms.get(cfg.name).value_and_grad
+  estimator = registry.get(cfg.name).value_and_grad
   options = estimator_options(cfg)
   est_loss = loss if estimator_loss is None else estimator_loss
 
@@ -437,7 +419,7 @@ def make_grad_check_fn(
     stateful = model_state is not None
     args = (x, y) if not stateful else (x, y, model_state)
     if estimator is None:
-      tx = transforms.gradient_transform(cfg.name, key=key, has_aux=stateful, **options)
+      tx = registry.gradient_transform(cfg.name, key=key, has_aux=stateful, **options)
       kwargs = dict(x=x, y=y) if not stateful else dict(x=x, y=y, model_state=model_state)
       g, _ = tx.update(params, est_state, params, value_fn=est_loss, **kwargs)
     else:
