@@ -29,6 +29,7 @@ import numpy as np
 from fwdgrad_jax import aggregation as aggregation_lib
 from fwdgrad_jax import schemes
 from fwdgrad_jax import tangents as tangents_lib
+from fwdgrad_jax._moved import moved
 
 # Re-exported: they moved to fwdgrad_jax.schemes with the tangent schemes that use them.
 from fwdgrad_jax.schemes import directional_derivatives, expected_norm_ratio  # noqa: F401
@@ -363,11 +364,5 @@ def value_and_exact_grad(fun: Callable[..., Any], *, has_aux: bool = False) -> V
   return exact_fn
 
 
-def __getattr__(name: str) -> Any:
-  # PEP 562: ``get_estimator`` moved to fwdgrad_jax.registry (which imports this module);
-  # imported on first use, for code written before the move.
-  if name == "get_estimator":
-    from fwdgrad_jax import registry
-
-    return registry.get_estimator
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The registry moved to fwdgrad_jax.registry, which imports this module: forwarded by name.
+__getattr__ = moved(__name__, "fwdgrad_jax.registry", names=("get_estimator",))

@@ -34,6 +34,7 @@ import optax
 
 from fwdgrad_jax import estimators, schemes
 from fwdgrad_jax import tangents as tangents_lib
+from fwdgrad_jax._moved import moved
 
 
 class ForwardGradientState(NamedTuple):
@@ -179,11 +180,5 @@ def exact_gradient(*, has_aux: bool = False) -> optax.GradientTransformationExtr
 _REGISTRY_NAMES = ("ESTIMATORS", "Estimator", "get", "gradient_transform")
 
 
-def __getattr__(name: str) -> Any:
-  # PEP 562: the registry moved to fwdgrad_jax.registry, which imports this module (a
-  # module-level import back would be a circle); imported on first use instead.
-  if name in _REGISTRY_NAMES:
-    from fwdgrad_jax import registry
-
-    return getattr(registry, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# The registry moved to fwdgrad_jax.registry, which imports this module: forwarded by name.
+__getattr__ = moved(__name__, "fwdgrad_jax.registry", names=_REGISTRY_NAMES)

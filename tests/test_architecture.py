@@ -19,7 +19,7 @@ PACKAGE = ROOT / "fwdgrad_jax"
 APP = ("fwdgrad_jax.models", "fwdgrad_jax.data", "fwdgrad_jax.training")
 # Deprecated names of modules that moved into the app (fwdgrad_jax/_moved.py): they forward.
 SHIMS = {f"fwdgrad_jax.{m}" for m in ("train", "config", "benchmark", "experiment", "lr_search")}
-SHIMS |= {"fwdgrad_jax.rundir", "fwdgrad_jax.plot", "fwdgrad_jax._moved"}
+SHIMS |= {"fwdgrad_jax.rundir", "fwdgrad_jax.plot"}
 CORE_THIRD_PARTY = {"jax", "jaxlib", "optax", "numpy"}
 
 

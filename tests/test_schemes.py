@@ -1,5 +1,4 @@
-"""Tests of the tangent scheme objects (fwdgrad_jax.schemes), the one option list and the
-registry's place in the import graph."""
+"""Tests of the tangent scheme objects (fwdgrad_jax.schemes), the one option list and the registry."""
 
 import dataclasses
 import inspect
@@ -244,7 +243,8 @@ def test_the_config_schema_and_estimator_options_follow_the_option_list():
 def test_the_registry_names_stay_where_they_were():
   from fwdgrad_jax import functions, transforms
 
-  assert fg.ESTIMATORS is registry.ESTIMATORS is transforms.ESTIMATORS
+  with pytest.warns(DeprecationWarning, match="moved to fwdgrad_jax.registry"):
+    assert fg.ESTIMATORS is registry.ESTIMATORS is transforms.ESTIMATORS
   assert fg.get_estimator is registry.get_estimator is estimators.get_estimator
   assert fg.gradient_transform is registry.gradient_transform is transforms.gradient_transform
   assert registry.get("forward").value_and_grad is fg.value_and_forward_grad
