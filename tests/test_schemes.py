@@ -254,3 +254,12 @@ def test_the_registry_names_stay_where_they_were():
   assert callable(functions.descend)
   with pytest.raises(AttributeError):
     transforms.no_such_name  # noqa: B018
+
+
+def test_the_config_checks_combinations_through_the_scheme():
+  # Fails on a config that passes every per-key check: only the scheme knows the combination.
+  cfg = config_lib.from_dict(
+    {"estimator": {"name": "forward", "tangents": "partition", "regenerate": True}}
+  )
+  with pytest.raises(config_lib.ConfigError, match="^estimator: regenerate=True .*partition"):
+    config_lib.validate(cfg)

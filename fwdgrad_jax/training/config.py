@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import aggregation, data, models, perturbation, registry, tangents
+from fwdgrad_jax import aggregation, data, models, perturbation, registry, schemes, tangents
 
 
 class ConfigError(ValueError):
@@ -251,6 +251,17 @@ def validate(cfg: Config) -> Config:
     _choice("estimator.tangents", est.tangents, TANGENT_NAMES)
   _choice("estimator.aggregation", est.aggregation, aggregation.AGGREGATIONS)
   _optional_positive("estimator.max_jvp_norm", est.max_jvp_norm)
+  if est.name == "forward":  # the combinations, checked by the scheme itself (one place)
+    try:
+      scheme = schemes.parse(
+        est.tangents,
+        perturbation=est.perturbation,
+        normalize=est.normalize,
+        regenerate=est.regenerate,
+      )
+      scheme.check(num_tangents=est.num_tangents, aggregation=est.aggregation)
+    except ValueError as e:
+      raise ConfigError(f"estimator: {e}") from None
   _positive_int("estimator.fix_gap", est.fix_gap)
   _positive_int("estimator.decrease_gap", est.decrease_gap)
   _require(
