@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import primitives as jex_primitives
 
 from fwdgrad_jax import tangents as tangents_lib
 from fwdgrad_jax.perturbation import draws
@@ -24,6 +25,7 @@ from fwdgrad_jax.perturbation.rules import LINEAR_PRIMITIVES
 PyTree = Any
 
 _PARAM, _DATA = 1, 2
+STOP_GRADIENT = jex_primitives.stop_gradient_p
 
 
 @dataclasses.dataclass
@@ -39,7 +41,9 @@ class _Block:
 
 
 def _dependencies(prog: Program, n_leaves: int) -> dict[int, int]:
-  dep = {i: 0 for i in prog.consts}
+  # Closed-over arrays and jaxpr constants are data (``lambda q: loss(q, x, y)`` with x, y
+  # closed over, as optax code writes it); literals and other scalars are neither.
+  dep = {i: _DATA if jnp.ndim(v) >= 1 else 0 for i, v in prog.consts.items()}
   for j, pid in enumerate(prog.ins):
     dep[pid] = _PARAM if j < n_leaves else _DATA
   for op in prog.ops:
@@ -145,13 +149,14 @@ def _blocks(prog: Program, n_leaves: int, dep, uses, sites: list[int]) -> list[_
         todo.extend(x for x in prog.ops[j].ins if dep[x] == _PARAM)
     return [prog.ops[j] for j in sorted(ops)], sorted(leaves)
 
-  # Ops the loss (the first output) depends on.
+  # Ops the loss (the first output) depends on differentiably: a stop-gradient use has
+  # no derivative, so the paths through it do not count.
   loss_id = prog.outs[0]
   to_loss: set[int] = set()
   todo = [loss_id]
   while todo:
     j = producer.get(todo.pop())
-    if j is not None and j not in to_loss:
+    if j is not None and j not in to_loss and prog.ops[j].prim is not STOP_GRADIENT:
       to_loss.add(j)
       todo.extend(prog.ops[j].ins)
 
