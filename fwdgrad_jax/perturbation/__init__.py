@@ -32,6 +32,9 @@ arbitrary function ``fun(params, *args)``:
 * :func:`site`: an identity marker on a block's output (Flügel's "layers"). With marked
   sites, activity tangents enter there only, and the parameters inside a block get their
   estimate by a local VJP within the block.
+* :func:`local_loss`: an identity marker on a local loss (Ren et al.'s local greedy
+  losses). Each activity site, or weight leaf, is credited only with the directional
+  derivatives of the marked losses it reaches, read from the same jvp pass.
 
 Mechanism: a small interpreter over ``fun``'s jaxpr. ``jax.make_jaxpr`` gives the
 program; ``jit``/``remat`` calls are inlined; each parameter leaf is followed through
@@ -60,7 +63,7 @@ References:
 """
 
 from fwdgrad_jax.perturbation.activity import activity_estimate
-from fwdgrad_jax.perturbation.markers import fwdgrad_site, site, site_p
+from fwdgrad_jax.perturbation.markers import fwdgrad_site, local_loss, local_loss_p, site, site_p
 from fwdgrad_jax.perturbation.options import (
   ACTIVITY_TANGENTS,
   PERTURBATIONS,
@@ -92,6 +95,8 @@ __all__ = [
   "flatten",
   "fwdgrad_site",
   "is_rank1",
+  "local_loss",
+  "local_loss_p",
   "regenerated_jvps",
   "site",
   "site_p",

@@ -17,7 +17,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.extend import core as jex_core
 from jax.extend.core import primitives as jex_primitives
 
-from fwdgrad_jax.perturbation.markers import site_p
+from fwdgrad_jax.perturbation.markers import local_loss_p, site_p
 
 PyTree = Any
 
@@ -118,7 +118,7 @@ def trace(fun: Callable[..., Any], params: PyTree, args: tuple, kwargs: dict):
 
 def bind(op: Op, args: Sequence[Any]) -> list[Any]:
   """Evaluates one op on values (primal only, or under an outer jvp/vmap trace)."""
-  if op.prim is site_p:
+  if op.prim is site_p or op.prim is local_loss_p:
     return [args[0]]
   out = op.prim.bind(*args, **_bind_params(op))
   return list(out) if op.prim.multiple_results else [out]
