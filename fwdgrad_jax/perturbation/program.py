@@ -124,6 +124,16 @@ def bind(op: Op, args: Sequence[Any]) -> list[Any]:
   return list(out) if op.prim.multiple_results else [out]
 
 
+def evaluate(prog: Program, values: Sequence[Any], ids: Sequence[int]) -> list[Any]:
+  """The values of ``ids`` in ``prog`` at inputs ``values`` (every op bound in order)."""
+  P: dict[int, Any] = dict(prog.consts)
+  P.update(zip(prog.ins, values))
+  for op in prog.ops:
+    for o, v in zip(op.outs, bind(op, [P[i] for i in op.ins])):
+      P[o] = v
+  return [P[i] for i in ids]
+
+
 def _bind_params(op: Op) -> dict[str, Any]:
   # jax >= 0.7 returns the params only; older versions (subfuns, params).
   params = op.prim.get_bind_params(op.params)
