@@ -372,6 +372,10 @@ def test_a_marked_loss_of_the_wrong_shape_is_refused():
   bad = lambda p, x, y: _ren(p, x, y) + jnp.sum(fg.local_loss(jnp.tanh(x @ p["w1"])))
   with pytest.raises(ValueError, match="does not fit the total"):
     fg.value_and_forward_grad(bad, perturbation="activity")(jax.random.key(0), params, x, y)
+  # Per-example marked losses of a scalar total (sum or mean? not known): refused.
+  mean_of_marked = lambda p, x, y: jnp.mean(_ren(p, x, y))
+  with pytest.raises(ValueError, match="mark scalars"):
+    fg.value_and_forward_grad(mean_of_marked)(jax.random.key(0), params, x, y)
 
 
 @pytest.mark.parametrize(

@@ -69,11 +69,12 @@ def _as_total(d_loss: jax.Array, d: jax.Array) -> jax.Array:
     return d_loss
   if d_loss.ndim == 1:  # a scalar loss counts for every example of a per-example total
     return jnp.broadcast_to(d_loss.reshape(-1, *([1] * (d.ndim - 1))), d.shape)
-  if d.ndim == 1 and d_loss.shape[0] == d.shape[0]:  # per-example losses of a scalar total
-    return jnp.sum(d_loss.reshape(d_loss.shape[0], -1), axis=1)
+  # Per-example losses of a scalar total: whether it sums or averages them is not known
+  # here, and the wrong guess would add noise instead of removing it.
   raise ValueError(
     f"fwdgrad_jax.local_loss: a marked loss of shape {d_loss.shape[1:]} does not fit the "
-    f"total of shape {d.shape[1:]}; mark scalars or per-example losses of the total's shape."
+    f"total of shape {d.shape[1:]}: mark scalars (e.g. local_loss(jnp.mean(losses))) for a "
+    "scalar total, per-example losses for a per-example total."
   )
 
 

@@ -99,8 +99,8 @@ def local_loss(x: jax.Array) -> jax.Array:
   is independent of that activity's zero-mean tangent. The crediting subtracts the
   unreached losses' directional derivatives from the total's, which removes exactly
   their noise when the total is their sum (per example; a scalar marked loss counts for
-  every example of a per-example total, per-example marked losses are summed into a
-  scalar total).
+  every example of a per-example total). A scalar total takes scalar marked losses (mark
+  ``jnp.mean(losses)``, not the per-example ``losses``): weight tangents need one.
 
   Args:
     x: a loss, shape (batch,) or ().
