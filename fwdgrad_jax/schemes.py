@@ -465,7 +465,10 @@ class Activity(Scheme):
   Tangents on the outputs of the parameter-consuming ops or on :func:`fwdgrad_jax.site`
   markers (see :mod:`fwdgrad_jax.perturbation`). ``fun`` may return a vector of
   per-example losses of shape (batch,): every example then gets its own directional
-  derivative (d of shape (k, batch)) and the value returned is their mean.
+  derivative (d of shape (k, batch)) and the value returned is their mean. With
+  :func:`fwdgrad_jax.local_loss` markers, each site is credited only with the directional
+  derivatives of the marked losses it reaches (Ren et al.'s LG-FG-A; the weight schemes
+  do the same per leaf, LG-FG-W).
 
   Attributes:
     distribution: of the activity tangents, ``"normal"`` or ``"rademacher"``.

@@ -101,6 +101,8 @@ def local_loss(x: jax.Array) -> jax.Array:
   their noise when the total is their sum (per example; a scalar marked loss counts for
   every example of a per-example total). A scalar total takes scalar marked losses (mark
   ``jnp.mean(losses)``, not the per-example ``losses``): weight tangents need one.
+  ``jvp_hook`` and ``max_jvp_norm`` apply to each credited d. Unmarked functions are
+  estimated exactly as before.
 
   Args:
     x: a loss, shape (batch,) or ().
