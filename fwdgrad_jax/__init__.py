@@ -24,7 +24,7 @@ from fwdgrad_jax.estimators import (
 )
 from fwdgrad_jax.guided import GuidedForwardGradientState, guided_forward_gradient
 from fwdgrad_jax.metrics import cosine_similarity, norm_ratio
-from fwdgrad_jax.perturbation import site
+from fwdgrad_jax.perturbation import local_loss, site
 from fwdgrad_jax.registry import ESTIMATORS, get_estimator, gradient_transform
 from fwdgrad_jax.transforms import (
   ExactGradientState,
@@ -52,6 +52,7 @@ __all__ = [
   "get_estimator",
   "gradient_transform",
   "guided_forward_gradient",
+  "local_loss",
   "metrics",
   "norm_ratio",
   "parallel",

@@ -163,6 +163,64 @@ def _hooked(d: jax.Array, hook: JvpHook | None) -> jax.Array:
   return d if hook is None else hook(d)
 
 
+def _credited_estimate(
+  treedef: Any,
+  batch: PyTree,
+  d: jax.Array,
+  losses: tuple[list[tuple[int, ...]], list[Any]],
+  aggregate: aggregation_lib.Aggregation,
+  hook: JvpHook | None,
+  normalize: bool = False,
+) -> PyTree:
+  """The estimate with every leaf credited with the marked local losses it reaches (LG-FG-W).
+
+  ``losses`` is :func:`fwdgrad_jax.perturbation.local_losses_of` a pass: for each leaf the
+  marked losses it does not reach, and the losses' directional derivatives. The leaves
+  that share a credited d share one aggregation of the whole batch (the orthogonal
+  projection couples the leaves), of which they take their own part.
+  """
+  unreached, loss_jvps = losses
+  by_key = perturbation_lib.credited(d, loss_jvps, unreached)
+  out = [None] * len(unreached)
+  for key, dk in by_key.items():
+    b = batch
+    if normalize:
+      b, dk = _normalize(batch, dk)
+    agg = jax.tree.leaves(aggregate(b, _hooked(dk, hook)))
+    for i, ki in enumerate(unreached):
+      if ki == key:
+        out[i] = agg[i]
+  return jax.tree.unflatten(treedef, out)
+
+
+def _marked_jvps(fun, params, args, kwargs, batch, has_aux):
+  """Dense tangents with marked local losses: (out, d, losses) or None without markers.
+
+  One vmapped ``jax.jvp`` with several outputs, the total and each marked loss, of the
+  traced program re-bound op by op (``perturbation.evaluate``): the primal once, whatever
+  the number of losses. Why not the interpreter's weights pass: the dense tangents are the
+  sampler's (any distribution, a mesh's sharding), which only a plain jvp takes as they are.
+  """
+  prog, flat_args, out_tree = perturbation_lib.trace(fun, params, args, kwargs)
+  losses = perturbation_lib.loss_ids(prog)
+  if not losses:
+    return None
+  n_leaves, n_out = len(jax.tree.leaves(params)), len(prog.outs)
+
+  def f(p):
+    vals = perturbation_lib.evaluate(prog, jax.tree.leaves(p) + flat_args, [*prog.outs, *losses])
+    return (vals[0], *vals[n_out:]), vals[:n_out]
+
+  jvp = lambda v: jax.jvp(f, (params,), (v,), has_aux=True)
+  if jax.tree.leaves(batch)[0].shape[0] == 1:  # no size-1 vmap, as directional_derivatives
+    _, ds, outs = jvp(jax.tree.map(lambda t: t[0], batch))
+    ds = [t[None] for t in ds]
+  else:
+    _, ds, outs = jax.vmap(jvp, out_axes=(None, 0, None))(batch)
+  out = jax.tree.unflatten(out_tree, outs)
+  return out, ds[0], perturbation_lib.local_losses_of(prog, n_leaves, losses, ds[1:])
+
+
 def _regenerate_error(problem: str) -> ValueError:
   return ValueError(f"regenerate=True does not work with {problem}.")
 
@@ -308,11 +366,16 @@ class Dense(Scheme):
       constrain=parallel.tangent_constraint(mesh),
       jvp_layout=aggregation in ("mean", "sum"),  # the Gram matrix flattens tangents
     )
+    aggregate = aggregation_lib.get_aggregation(aggregation)
+    marked = _marked_jvps(fun, params, args, kwargs, batch, has_aux)
+    if marked is not None:  # local losses: each leaf credited with those it reaches
+      out, d, losses = marked
+      treedef = jax.tree.structure(params)
+      return out, _credited_estimate(treedef, batch, d, losses, aggregate, hook), _size(params)
     value, d, aux = directional_derivatives(
       lambda p: fun(p, *args, **kwargs), params, batch, has_aux=has_aux
     )
     out = (value, aux) if has_aux else value
-    aggregate = aggregation_lib.get_aggregation(aggregation)
     return out, aggregate(batch, _hooked(d, hook)), _size(params)
 
   def norm_ratio(self, n, num_tangents, aggregation):
@@ -336,12 +399,17 @@ class _Structured(Scheme):
     has_aux=False, mesh=None,
   ):  # fmt: skip
     del has_aux, mesh  # the interpreter returns fun's whole output; no tangent mesh
-    out, d, batch = perturbation_lib.weight_tangents_and_jvps(
-      fun, params, args, kwargs, key=key, num_tangents=num_tangents, tangents=self.name
-    )
+    out, d, batch, losses = perturbation_lib.weight_tangents_and_jvps(
+      fun, params, args, kwargs, key=key, num_tangents=num_tangents, tangents=self.name,
+      with_losses=True,
+    )  # fmt: skip
+    aggregate = aggregation_lib.get_aggregation(aggregation)
+    if any(losses[0]):  # local losses: each leaf credited with those it reaches
+      treedef = jax.tree.structure(params)
+      grad = _credited_estimate(treedef, batch, d, losses, aggregate, hook, self.normalize)
+      return out, grad, _size(params)
     if self.normalize:
       batch, d = _normalize(batch, d)
-    aggregate = aggregation_lib.get_aggregation(aggregation)
     return out, aggregate(batch, _hooked(d, hook)), _size(params)
 
   def norm_ratio(self, n, num_tangents, aggregation):
@@ -397,7 +465,10 @@ class Activity(Scheme):
   Tangents on the outputs of the parameter-consuming ops or on :func:`fwdgrad_jax.site`
   markers (see :mod:`fwdgrad_jax.perturbation`). ``fun`` may return a vector of
   per-example losses of shape (batch,): every example then gets its own directional
-  derivative (d of shape (k, batch)) and the value returned is their mean.
+  derivative (d of shape (k, batch)) and the value returned is their mean. With
+  :func:`fwdgrad_jax.local_loss` markers, each site is credited only with the directional
+  derivatives of the marked losses it reaches (Ren et al.'s LG-FG-A; the weight schemes
+  do the same per leaf, LG-FG-W).
 
   Attributes:
     distribution: of the activity tangents, ``"normal"`` or ``"rademacher"``.
@@ -523,16 +594,22 @@ _UNROLLED_COMBINE = 64
 
 def _regenerated(fun, key, params, args, kwargs, k, aggregation, hook, tangents):
   """The estimate with tangents redrawn from the key, never stored (``regenerate=True``)."""
-  out, d, gram = perturbation_lib.regenerated_jvps(
+  out, d, gram, (unreached, loss_jvps) = perturbation_lib.regenerated_jvps(
     fun, params, args, kwargs, key=key, num_tangents=k, tangents=tangents,
-    gram=aggregation == "orthogonal",
+    gram=aggregation == "orthogonal", with_losses=True,
   )  # fmt: skip
-  d = _hooked(d, hook)
-  c = aggregation_lib.coefficients(aggregation, d, gram)
+  # Local losses: leaf i is combined with the coefficients of its credited d (without
+  # markers every leaf has the empty key, d itself).
+  by_key = perturbation_lib.credited(d, loss_jvps, unreached)
+  coefs = {
+    key: aggregation_lib.coefficients(aggregation, _hooked(dk, hook), gram)
+    for key, dk in by_key.items()
+  }
   leaves, treedef = jax.tree.flatten(params)
   seeds = tangents_lib.leaf_seeds(key, params)
 
   def combine(i, p):
+    c = coefs[unreached[i]]
     # Redrawn after c exists. Written as a sum of k elementwise terms (unrolled at trace
     # time, one fused kernel at run time), XLA fuses the draw into Σ c_i v_i and that into
     # the optimizer's update: no leaf's tangents are ever a buffer. As a reduction over

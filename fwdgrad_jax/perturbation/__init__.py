@@ -32,6 +32,9 @@ arbitrary function ``fun(params, *args)``:
 * :func:`site`: an identity marker on a block's output (Flügel's "layers"). With marked
   sites, activity tangents enter there only, and the parameters inside a block get their
   estimate by a local VJP within the block.
+* :func:`local_loss`: an identity marker on a local loss (Ren et al.'s local greedy
+  losses). Each activity site, or weight leaf, is credited only with the directional
+  derivatives of the marked losses it reaches, read from the same jvp pass.
 
 Mechanism: a small interpreter over ``fun``'s jaxpr. ``jax.make_jaxpr`` gives the
 program; ``jit``/``remat`` calls are inlined; each parameter leaf is followed through
@@ -46,7 +49,7 @@ a custom derivative rule) that use gets the dense form a ⊗ b of the *same* tan
 the identical estimate, only slower. Activity sites need no markers either; markers
 only coarsen them into blocks.
 
-Layout: :mod:`.markers` (the :func:`site` marker, a primitive of its own), :mod:`.program`
+Layout: :mod:`.markers` (the :func:`site` and :func:`local_loss` markers, primitives of their own), :mod:`.credit` (which marked losses a value reaches), :mod:`.program`
 (the flat program and one op's evaluation), :mod:`.rules` (per-primitive rules, keyed by
 the primitive objects), :mod:`.draws` (the interpreter's hash draws), :mod:`.weights` (the
 weights pass), :mod:`.activity` (the activity pass), :mod:`.options`. The tangent types
@@ -60,7 +63,8 @@ References:
 """
 
 from fwdgrad_jax.perturbation.activity import activity_estimate
-from fwdgrad_jax.perturbation.markers import fwdgrad_site, site, site_p
+from fwdgrad_jax.perturbation.credit import credited, loss_ids
+from fwdgrad_jax.perturbation.markers import fwdgrad_site, local_loss, local_loss_p, site, site_p
 from fwdgrad_jax.perturbation.options import (
   ACTIVITY_TANGENTS,
   PERTURBATIONS,
@@ -68,9 +72,13 @@ from fwdgrad_jax.perturbation.options import (
   check_options,
   uses_interpreter,
 )
-from fwdgrad_jax.perturbation.program import Op, Program, flatten, trace
+from fwdgrad_jax.perturbation.program import Op, Program, evaluate, flatten, trace
 from fwdgrad_jax.perturbation.rules import FACTORED_RULES, LINEAR_PRIMITIVES, VIEW_RULES
-from fwdgrad_jax.perturbation.weights import regenerated_jvps, weight_tangents_and_jvps
+from fwdgrad_jax.perturbation.weights import (
+  local_losses_of,
+  regenerated_jvps,
+  weight_tangents_and_jvps,
+)
 from fwdgrad_jax.tangents import Rank1, is_rank1
 
 # The private names the tests (and one release of callers) reach for.
@@ -89,9 +97,15 @@ __all__ = [
   "VIEW_RULES",
   "activity_estimate",
   "check_options",
+  "credited",
+  "evaluate",
   "flatten",
   "fwdgrad_site",
   "is_rank1",
+  "local_loss",
+  "local_loss_p",
+  "local_losses_of",
+  "loss_ids",
   "regenerated_jvps",
   "site",
   "site_p",

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from fwdgrad_jax import tangents as tangents_lib
-from fwdgrad_jax.perturbation import draws
+from fwdgrad_jax.perturbation import credit, draws
 from fwdgrad_jax.perturbation.markers import site_p
 from fwdgrad_jax.perturbation.program import Op, Program, bind, trace
 from fwdgrad_jax.perturbation.rules import LINEAR_PRIMITIVES
@@ -39,7 +39,9 @@ class _Block:
 
 
 def _dependencies(prog: Program, n_leaves: int) -> dict[int, int]:
-  dep = {i: 0 for i in prog.consts}
+  # Closed-over arrays and jaxpr constants are data (``lambda q: loss(q, x, y)`` with x, y
+  # closed over, as optax code writes it); literals and other scalars are neither.
+  dep = {i: _DATA if jnp.ndim(v) >= 1 else 0 for i, v in prog.consts.items()}
   for j, pid in enumerate(prog.ins):
     dep[pid] = _PARAM if j < n_leaves else _DATA
   for op in prog.ops:
@@ -97,8 +99,13 @@ def _find_sites(prog: Program, dep, uses) -> list[int]:
   return sites
 
 
-def _blocks(prog: Program, n_leaves: int, dep, uses, sites: list[int]) -> list[_Block]:
-  """Partitions the ops that depend on both parameters and data into site blocks and a tail."""
+def _blocks(
+  prog: Program, n_leaves: int, dep, uses, sites: list[int], keep: frozenset[int] = frozenset()
+) -> list[_Block]:
+  """Partitions the ops that depend on both parameters and data into site blocks and a tail.
+
+  The ids in ``keep`` (the marked local losses) are outputs of the blocks that make them.
+  """
   producer = {o: j for j, op in enumerate(prog.ops) for o in op.outs}
   site_out = {prog.ops[j].outs[0]: j for j in sites}
   assigned: dict[int, int] = {}  # op index -> block index
@@ -145,13 +152,14 @@ def _blocks(prog: Program, n_leaves: int, dep, uses, sites: list[int]) -> list[_
         todo.extend(x for x in prog.ops[j].ins if dep[x] == _PARAM)
     return [prog.ops[j] for j in sorted(ops)], sorted(leaves)
 
-  # Ops the loss (the first output) depends on.
+  # Ops the loss (the first output) depends on differentiably: a stop-gradient use has
+  # no derivative, so the paths through it do not count.
   loss_id = prog.outs[0]
   to_loss: set[int] = set()
   todo = [loss_id]
   while todo:
     j = producer.get(todo.pop())
-    if j is not None and j not in to_loss:
+    if j is not None and j not in to_loss and prog.ops[j].prim is not credit.STOP_GRADIENT:
       to_loss.add(j)
       todo.extend(prog.ops[j].ins)
 
@@ -181,6 +189,8 @@ def _blocks(prog: Program, n_leaves: int, dep, uses, sites: list[int]) -> list[_
               "that block, so its parameters' local VJP would miss that path; mark it with "
               "fwdgrad_jax.site(...) too."
             )
+          outs.append(o)
+        elif o in keep:
           outs.append(o)
     blocks.append(_Block(ops, recipe, leaves, act_ins, outs, site_id))
   return blocks
@@ -251,7 +261,8 @@ def _activity_pass(
   dep = _dependencies(prog, n_leaves)
   uses = _consumers(prog)
   sites = _find_sites(prog, dep, uses)
-  blocks = _blocks(prog, n_leaves, dep, uses, sites)
+  losses = credit.loss_ids(prog)
+  blocks = _blocks(prog, n_leaves, dep, uses, sites, frozenset(losses))
   P: dict[int, Any] = dict(prog.consts)
   P.update(zip(prog.ins, values))
   T: dict[int, Any] = {}
@@ -280,7 +291,11 @@ def _activity_pass(
     vjps.append(vjp_fn)
   outs_p = [P[i] for i in prog.outs]
   loss_t = T.get(loss_id)
-  return outs_p, loss_t, site_tangents, vjps, blocks
+  # Each site's marked losses that it does not reach (none without markers).
+  site_ids = [b.site for b in blocks if b.site is not None]
+  unreached = credit.unreached(prog, site_ids, losses)
+  loss_jvps = [T.get(i) for i in losses]
+  return outs_p, loss_t, site_tangents, vjps, blocks, (unreached, loss_jvps)
 
 
 def _per_example_check(site_tangents: list[jax.Array], batch: int) -> None:
@@ -313,18 +328,28 @@ def activity_estimate(
   """
   leaves, treedef = jax.tree.flatten(params)
   prog, flat_args, out_tree = trace(fun, params, args, kwargs)
-  outs_p, d, site_tangents, vjps, blocks = _activity_pass(
+  outs_p, d, site_tangents, vjps, blocks, (unreached, loss_jvps) = _activity_pass(
     prog, leaves + flat_args, len(leaves), tangents_lib.key_words(key), num_tangents, tangents
   )
   loss = outs_p[0]
   per_example = jnp.ndim(loss) == 1
   if d is None:  # the loss does not depend on any activity: nothing to estimate
     d = jnp.zeros((num_tangents, *jnp.shape(loss)), jnp.result_type(loss))
-  if jvp_hook is not None:
-    d = jvp_hook(d)
   if per_example:
     _per_example_check(site_tangents, loss.shape[0])
-  cots = aggregate(site_tangents, d) if site_tangents else []
+  # Local losses: each site's d is credited with the marked losses it reaches only; the
+  # sites that share a credited d share one aggregation (all sites' tangents, as the
+  # orthogonal projection couples them), of which they take their own part. Without
+  # markers every site has the empty key: one aggregation of d, as before.
+  by_key = credit.credited(d, loss_jvps, unreached)
+  cots = [None] * len(site_tangents)
+  for key, dk in by_key.items():
+    if jvp_hook is not None:
+      dk = jvp_hook(dk)
+    agg = aggregate(site_tangents, dk)
+    for b, kb in enumerate(unreached):
+      if kb == key:
+        cots[b] = agg[b]
   scale = 1.0 / loss.shape[0] if per_example else 1.0
   grads = [jnp.zeros_like(p) for p in leaves]
   for block, vjp_fn, cot in zip(blocks, vjps, [*cots, None]):

@@ -1,4 +1,8 @@
-"""The site marker: an identity primitive that the activity pass finds by object identity.
+"""The markers: identity primitives that the interpreter finds by object identity.
+
+:func:`site` (``site_p``) marks a block's output; :func:`local_loss` (``local_loss_p``)
+marks a local loss, whose directional derivative is then credited only to the sites (and
+weights) that reach it.
 
 A primitive of its own (rather than a ``custom_jvp`` function recognised by its name in
 the jaxpr's debug info) makes a site an equation ``site_p`` in any jaxpr, whatever the
@@ -57,3 +61,57 @@ def site(x: PyTree) -> PyTree:
     ``x`` unchanged.
   """
   return jax.tree.map(fwdgrad_site, x)
+
+
+local_loss_p = Primitive("fwdgrad_local_loss")
+local_loss_p.def_impl(lambda x: x)
+local_loss_p.def_abstract_eval(lambda aval: aval)
+mlir.register_lowering(local_loss_p, lambda ctx, x: [x])
+
+
+def _local_loss_jvp(primals, tangents):
+  return local_loss_p.bind(primals[0]), tangents[0]
+
+
+def _local_loss_batch(args, dims):
+  return local_loss_p.bind(args[0]), dims[0]
+
+
+ad.primitive_jvps[local_loss_p] = _local_loss_jvp
+batching.primitive_batchers[local_loss_p] = _local_loss_batch
+
+
+def local_loss(x: jax.Array) -> jax.Array:
+  """Marks ``x`` as a local loss: per-example losses of shape (batch,), or a scalar.
+
+  The identity everywhere (under ``jit``, ``grad``, ``vmap``, ``jvp``, in any estimator),
+  so ``fun`` still returns the total (the sum of its marked losses, per example), and
+  ``jax.grad`` of the same function is the backprop baseline (with ``stop_gradient``
+  between blocks: Ren et al.'s LG-BP). A forward-gradient estimator reads the markers:
+  each perturbed activity (``perturbation="activity"``) or weight leaf is credited only
+  with the directional derivatives of the marked losses it reaches in the program, per
+  example — from the same single jvp pass, the primal once, whatever the number of
+  losses. With ``stop_gradient`` between blocks that is Ren et al.'s LG-FG-A (activity)
+  and LG-FG-W (weights).
+
+  The estimate stays unbiased for the gradient of the total: a loss that an activity
+  does not reach has zero derivative with respect to it, and its directional derivative
+  is independent of that activity's zero-mean tangent. The crediting subtracts the
+  unreached losses' directional derivatives from the total's, which removes exactly
+  their noise when the total is their sum (per example; a scalar marked loss counts for
+  every example of a per-example total). A scalar total takes scalar marked losses (mark
+  ``jnp.mean(losses)``, not the per-example ``losses``): weight tangents need one.
+  ``jvp_hook`` and ``max_jvp_norm`` apply to each credited d. Unmarked functions are
+  estimated exactly as before.
+
+  Args:
+    x: a loss, shape (batch,) or ().
+
+  Returns:
+    ``x`` unchanged.
+
+  References:
+    Ren et al., 2023. Scaling Forward Gradient With Local Losses. ICLR 2023.
+    arXiv:2210.03310.
+  """
+  return local_loss_p.bind(x)

@@ -17,7 +17,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.extend import core as jex_core
 from jax.extend.core import primitives as jex_primitives
 
-from fwdgrad_jax.perturbation.markers import site_p
+from fwdgrad_jax.perturbation.markers import local_loss_p, site_p
 
 PyTree = Any
 
@@ -118,10 +118,20 @@ def trace(fun: Callable[..., Any], params: PyTree, args: tuple, kwargs: dict):
 
 def bind(op: Op, args: Sequence[Any]) -> list[Any]:
   """Evaluates one op on values (primal only, or under an outer jvp/vmap trace)."""
-  if op.prim is site_p:
+  if op.prim is site_p or op.prim is local_loss_p:
     return [args[0]]
   out = op.prim.bind(*args, **_bind_params(op))
   return list(out) if op.prim.multiple_results else [out]
+
+
+def evaluate(prog: Program, values: Sequence[Any], ids: Sequence[int]) -> list[Any]:
+  """The values of ``ids`` in ``prog`` at inputs ``values`` (every op bound in order)."""
+  P: dict[int, Any] = dict(prog.consts)
+  P.update(zip(prog.ins, values))
+  for op in prog.ops:
+    for o, v in zip(op.outs, bind(op, [P[i] for i in op.ins])):
+      P[o] = v
+  return [P[i] for i in ids]
 
 
 def _bind_params(op: Op) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fwdgrad_jax.perturbation.markers import site_p
+from fwdgrad_jax.perturbation.markers import local_loss_p, site_p
 from fwdgrad_jax.perturbation.program import Op
 from fwdgrad_jax.tangents import Rank1
 
@@ -55,6 +55,7 @@ VIEW_RULES: dict[Any, Callable[[Op, View, Any], View]] = {
   lax.convert_element_type_p: _same_view,
   lax.copy_p: _same_view,
   site_p: _same_view,
+  local_loss_p: _same_view,
   lax.transpose_p: _transposed_view,
 }
 

@@ -17,7 +17,7 @@ import numpy as np
 from jax import lax
 
 from fwdgrad_jax import tangents as tangents_lib
-from fwdgrad_jax.perturbation import draws
+from fwdgrad_jax.perturbation import credit, draws
 from fwdgrad_jax.perturbation.program import Program, bind, is_zero, jvp_op, trace
 from fwdgrad_jax.perturbation.rules import FACTORED_RULES, VIEW_RULES, View
 from fwdgrad_jax.tangents import Rank1, is_rank1
@@ -136,8 +136,17 @@ def _input_generated(words, leaf, k, u, scheme) -> jax.Array:
   return np.sqrt(rows) * picked / jnp.where(norm > 0, norm, 1.0)
 
 
-def weights_pass(prog: Program, values: list[Any], n_leaves: int, store: WeightTangents):
-  """Evaluates the program with structured weight tangents; returns (out primals, out tangents)."""
+def weights_pass(
+  prog: Program,
+  values: list[Any],
+  n_leaves: int,
+  store: WeightTangents,
+  extra: Sequence[int] = (),
+):
+  """Evaluates the program with structured weight tangents; returns (out primals, out tangents).
+
+  The tangents of the ids in ``extra`` (the marked local losses) follow the outputs'.
+  """
   P: dict[int, Any] = dict(prog.consts)
   T: dict[int, Any] = {}
   for i, (pid, v) in enumerate(zip(prog.ins, values)):
@@ -162,7 +171,8 @@ def weights_pass(prog: Program, values: list[Any], n_leaves: int, store: WeightT
     for o, p, t in zip(op.outs, out_p, out_t):
       P[o], T[o] = p, t
   outs_p = [P[i] for i in prog.outs]
-  outs_t = [store.view(T[i]) if isinstance(T.get(i), View) else T.get(i) for i in prog.outs]
+  ids = [*prog.outs, *extra]
+  outs_t = [store.view(T[i]) if isinstance(T.get(i), View) else T.get(i) for i in ids]
   return outs_p, outs_t
 
 
@@ -213,22 +223,36 @@ def weight_tangents_and_jvps(
   num_tangents: int,
   tangents: str,
   factored: bool = True,
+  with_losses: bool = False,
 ):
   """Structured weight tangents: (outputs, directional derivatives (k, ...), tangent batch).
 
   The tangent batch has params' structure; rank-1 leaves are :class:`~fwdgrad_jax.tangents.Rank1`
   objects. ``factored=False`` densifies every rank-1 tangent at its use (the fallback path,
-  for tests: the estimate must be identical).
+  for tests: the estimate must be identical). ``with_losses=True`` appends
+  :func:`local_losses_of` the pass (the marked losses' d, read from the same pass).
   """
   leaves, treedef = jax.tree.flatten(params)
   prog, flat_args, out_tree = trace(fun, params, args, kwargs)
   store = WeightTangents(tangents_lib.key_words(key), leaves, num_tangents, tangents, factored)
-  outs_p, outs_t = weights_pass(prog, leaves + flat_args, len(leaves), store)
+  losses = credit.loss_ids(prog) if with_losses else []
+  outs_p, outs_t = weights_pass(prog, leaves + flat_args, len(leaves), store, losses)
   batch = jax.tree.unflatten(treedef, store.batch())
   d = outs_t[0]
   if d is None:  # the value does not depend on params
     d = jnp.zeros((num_tangents,), jnp.result_type(outs_p[0]))
-  return jax.tree.unflatten(out_tree, outs_p), d, batch
+  out = jax.tree.unflatten(out_tree, outs_p)
+  if with_losses:
+    return out, d, batch, local_losses_of(prog, len(leaves), losses, outs_t[len(prog.outs) :])
+  return out, d, batch
+
+
+def local_losses_of(prog: Program, n_leaves: int, losses: Sequence[int], loss_jvps: Sequence[Any]):
+  """(for each parameter leaf the marked losses it does not reach, the losses' d or None).
+
+  Without markers: every leaf reaches all (none) of them, ``([(), …], [])``.
+  """
+  return credit.unreached(prog, prog.ins[:n_leaves], losses), list(loss_jvps)
 
 
 def regenerated_jvps(
@@ -241,20 +265,27 @@ def regenerated_jvps(
   num_tangents: int,
   tangents: str,
   gram: bool = False,
+  with_losses: bool = False,
 ):
   """Dense weight tangents regenerated from the key: (outputs, d (k,), VᵀV or None).
 
   The tangents are those of ``tangents_lib.sample(key, params, k, tangents)``; each
   leaf's are drawn where it is consumed and dropped after its jvp, so the pass holds
   one layer's tangents at a time. The caller redraws them for the aggregation
-  (``tangents_lib.regenerate_leaf`` after the coefficients).
+  (``tangents_lib.regenerate_leaf`` after the coefficients). ``with_losses=True`` appends
+  :func:`local_losses_of` the pass.
   """
   leaves = jax.tree.leaves(params)
   prog, flat_args, out_tree = trace(fun, params, args, kwargs)
   store = RegeneratedTangents(key, leaves, num_tangents, tangents, gram)
-  outs_p, outs_t = weights_pass(prog, leaves + flat_args, len(leaves), store)
+  losses = credit.loss_ids(prog) if with_losses else []
+  outs_p, outs_t = weights_pass(prog, leaves + flat_args, len(leaves), store, losses)
   d = outs_t[0]
   if d is None:  # the value does not depend on params
     d = jnp.zeros((num_tangents,), jnp.result_type(outs_p[0]))
-  g = store.finish_gram([d]) if gram else None
-  return jax.tree.unflatten(out_tree, outs_p), d, g
+  loss_jvps = outs_t[len(prog.outs) :]
+  g = store.finish_gram([d, *(t for t in loss_jvps if t is not None)]) if gram else None
+  out = jax.tree.unflatten(out_tree, outs_p)
+  if with_losses:
+    return out, d, g, local_losses_of(prog, len(leaves), losses, loss_jvps)
+  return out, d, g
