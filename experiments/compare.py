@@ -34,10 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import analysis
-from fwdgrad_jax.training import records as records_lib
+if not __package__:  # run as a path (python experiments/compare.py): put the root on sys.path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
+from experiments._lib import analysis  # noqa: E402
+from experiments._lib.config import ROOT  # noqa: E402
+from fwdgrad_jax.training import records as records_lib  # noqa: E402
+
 COLORS = ("tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 

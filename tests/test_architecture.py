@@ -85,7 +85,9 @@ def test_the_core_imports_neither_the_app_nor_more_than_jax_optax_numpy():
 
 
 def test_the_library_never_imports_experiments():
-  bad = [f"{n} imports {i}" for n in MODULES for i in _imports(n) if i.split(".")[0] == "experiments"]
+  bad = [
+    f"{n} imports {i}" for n in MODULES for i in _imports(n) if i.split(".")[0] == "experiments"
+  ]
   assert not bad, "\n".join(bad)
 
 

@@ -2,13 +2,14 @@
 
 import math
 
-import _scripts
 import numpy as np
 import pytest
 
+from experiments.flugel2024 import fig3 as flugel2024_fig3
+
 
 def test_one_tangent_abs_cosine_closed_form_matches_known_cases_and_monte_carlo():
-  fig3 = _scripts.load("flugel2024_fig3")
+  fig3 = flugel2024_fig3
   # n = 1: the estimate is always ±∇f; n = 2: the angle is uniform, E|cos θ| = 2/π.
   assert fig3.expected_abs_cos_one_tangent(1) == pytest.approx(1.0)
   assert fig3.expected_abs_cos_one_tangent(2) == pytest.approx(2 / math.pi)
@@ -23,5 +24,5 @@ def test_one_tangent_abs_cosine_closed_form_matches_known_cases_and_monte_carlo(
 
 
 def test_fig3_k_grid_runs_past_n_and_includes_n():
-  ks = _scripts.load("flugel2024_fig3")._ks(64)
+  ks = flugel2024_fig3._ks(64)
   assert ks[0] == 1 and 64 in ks and ks[-1] == 128 and ks == sorted(set(ks))
