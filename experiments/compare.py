@@ -38,7 +38,7 @@ if not __package__:  # run as a path (python experiments/compare.py): put the ro
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments._lib import analysis  # noqa: E402
-from experiments._lib.config import ROOT  # noqa: E402
+from experiments._lib.config import APP, ROOT, compose  # noqa: E402
 from fwdgrad_jax.training import records as records_lib  # noqa: E402
 
 COLORS = ("tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -66,9 +66,8 @@ def load_rows(path: Path) -> dict[str, Any]:
 
 
 def _compose(overrides: list[str]):
-  from fwdgrad_jax.training import config as config_lib
 
-  return config_lib.compose(overrides, config_dir=ROOT / "configs")
+  return compose(overrides)
 
 
 def plan(
@@ -191,7 +190,7 @@ def tune(args: argparse.Namespace, demo: dict[str, Any]) -> dict[str, Any]:
   lrs = [float(x) for x in args.lrs.split(",")]
   seeds = [int(s) for s in args.seeds.split(",")]
   res = lr_search.run_sweep(
-    ROOT / "experiments" / "train.py",
+    APP,
     (args.out / "sweep").absolute(),
     lrs,
     seeds=seeds,

@@ -93,6 +93,13 @@ class Table:
     return "\n".join(self.lines())
 
 
+def provenance_lines(provenance: dict[str, Any] | None) -> list[str]:
+  """A report's header: the command (as code) and the hardware line, a blank line between."""
+  from fwdgrad_jax.training import records
+
+  return [f"`{(provenance or {}).get('command')}`", "", records.hardware_line(provenance)]
+
+
 def pyplot() -> Any:
   """``matplotlib.pyplot``, headless."""
   from fwdgrad_jax.training import records

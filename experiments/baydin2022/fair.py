@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from experiments._lib import analysis, script
-from experiments._lib.config import ROOT
+from experiments._lib import report as rep
+from experiments._lib.config import APP, compose
 from fwdgrad_jax.training import lr_search, records
 
 METHODS = ("forward", "backprop")
@@ -77,9 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     "--quick", action="store_true", help="smoke test: top lr + preset lr, 50 iterations"
   )
-  parser.add_argument(
-    "--app", type=Path, default=ROOT / "experiments" / "train.py", help="the Hydra training app"
-  )
+  parser.add_argument("--app", type=Path, default=APP, help="the Hydra training app")
 
 
 def _data_name(choice: str, data_dir: str | None) -> tuple[str, list[str]]:
@@ -133,9 +132,8 @@ def _time_to_loss(bp: dict[str, Any] | None, fw: dict[str, Any] | None) -> dict[
 
 def compare_preset(preset: str, args: argparse.Namespace, data: str) -> dict[str, Any]:
   """Both methods' lr searches on one preset, and T_f/T_b at the tuned and the shared lr."""
-  from fwdgrad_jax.training import config as config_lib
 
-  cfg = config_lib.compose([f"+experiment={preset}", f"data={data}"], config_dir=ROOT / "configs")
+  cfg = compose([f"+experiment={preset}", f"data={data}"])
   preset_lr = cfg.optimizer.lr
   steps = args.steps or (50 if args.quick else max(1, cfg.train.steps // 2))
   eval_every = args.eval_every or (10 if args.quick else max(1, steps // 20))
@@ -204,29 +202,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _f(x, fmt="{:.3f}"):
-  return "–" if x is None else fmt.format(x)
-
-
-def _lr(x):
-  if x is None:
-    return "–"
-  if x >= 1e-2:
-    return f"{x:.3g}"
-  mantissa, exponent = f"{x:.2e}".split("e")
-  return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
 def _t_cell(t):
   if t is None:
     return "–"
   if t["n_reached"] == 0:
     return (
-      f"not reached (best fwd val {_f(t['best_forward_val_loss'])} "
-      f"vs bp {_f(t['target_val_loss'])})"
+      f"not reached (best fwd val {rep.num(t['best_forward_val_loss'])} "
+      f"vs bp {rep.num(t['target_val_loss'])})"
     )
   extra = f" ({t['n_reached']}/{t['n_pairs']} seeds)" if t["n_reached"] < t["n_pairs"] else ""
-  return f"{_f(t['ratio'])}{extra}"
+  return f"{rep.num(t['ratio'])}{extra}"
 
 
 def plot(path: Path, presets: dict[str, Any]) -> None:
@@ -256,7 +241,7 @@ def plot(path: Path, presets: dict[str, Any]) -> None:
           color=COLORS[method],
           lw=2 if which == "tuned" else 1,
           label=f"{LABELS[method]}, {'tuned' if which == 'tuned' else 'paper'} lr "
-          f"{_lr(pick['lr'])}",
+          f"{rep.lr(pick['lr'])}",
         )
     ax.set(xlabel="training time (s)", ylabel="validation loss", yscale="log")
     # Log scale: a large-lr run can spike by an order of magnitude without diverging.
@@ -296,8 +281,8 @@ def render(doc: dict[str, Any]) -> str:
         lines.append(f"{head} no finite run | | | | | | |")
         continue
       lines.append(
-        f"{head} {_lr(fw['lr'])} | {_lr(bp['lr'])} | {_f(fw['test_accuracy'], '{:.4f}')} | "
-        f"{_f(bp['test_accuracy'], '{:.4f}')} | {_f(fw['loss'])} | {_f(bp['loss'])} | "
+        f"{head} {rep.lr(fw['lr'])} | {rep.lr(bp['lr'])} | {rep.num(fw['test_accuracy'], '{:.4f}')} | "
+        f"{rep.num(bp['test_accuracy'], '{:.4f}')} | {rep.num(fw['loss'])} | {rep.num(bp['loss'])} | "
         f"{_t_cell(t)} |"
       )
   lines += ["", "Grids (best validation loss per lr; * = kept, (div) = diverged):", ""]
@@ -305,7 +290,7 @@ def render(doc: dict[str, Any]) -> str:
     for method in METHODS:
       s = e["searches"][method]
       cells = [
-        f"{_lr(lr)}: {_f(c)}{'*' if lr == s['best_lr'] else ''}"
+        f"{rep.lr(lr)}: {rep.num(c)}{'*' if lr == s['best_lr'] else ''}"
         f"{' (div)' if lr in s['diverged_lrs'] else ''}"
         for lr, c in zip(s["lrs"], s["curve"])
       ]

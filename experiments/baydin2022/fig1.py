@@ -115,6 +115,7 @@ def plot(path, fn, x, minimizer, tangents, grads, mean, true_grad):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """The figure's options."""
   parser.add_argument("--seed", type=int, default=0, help="PRNG seed of the tangents")
+  parser.add_argument("--quick", action="store_true", help="the same run (it takes seconds)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

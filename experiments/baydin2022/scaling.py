@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments._lib import report as rep
 from experiments._lib import script
 from fwdgrad_jax.training import records
 
@@ -252,14 +253,10 @@ def _caption(doc: dict[str, Any]) -> str:
   )
 
 
-def _ints(text: str) -> list[int]:
-  return [int(t) for t in text.split(",") if t.strip()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
   """The study's options."""
-  p.add_argument("--depths", type=_ints, default=None, help=f"default {DEPTHS}")
-  p.add_argument("--batches", type=_ints, default=None, help=f"memory study, default {BATCHES}")
+  p.add_argument("--depths", type=rep.ints, default=None, help=f"default {DEPTHS}")
+  p.add_argument("--batches", type=rep.ints, default=None, help=f"memory study, default {BATCHES}")
   p.add_argument("--memory-depth", type=int, default=None, help="L of the batch study (deepest)")
   p.add_argument("--width", type=int, default=1024)
   p.add_argument("--batch-size", type=int, default=64)

@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from experiments._lib import analysis, script
-from experiments._lib.config import ROOT
+from experiments._lib import report as rep
+from experiments._lib.config import compose
 from fwdgrad_jax.training import records as records_lib
 
 METHODS = ("forward", "backprop")
@@ -103,9 +104,8 @@ _SUMMARY_KEYS = (
 
 def compose_config(preset: str, overrides: list[str]):
   """A validated :class:`fwdgrad_jax.training.config.Config` from a preset plus Hydra overrides."""
-  from fwdgrad_jax.training import config as config_lib
 
-  return config_lib.compose([f"+experiment={preset}", *overrides], config_dir=ROOT / "configs")
+  return compose([f"+experiment={preset}", *overrides])
 
 
 def load_dataset(choice: str, data_dir: str | None, val_size: int):
@@ -254,17 +254,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default="logreg,mlp,mlp_fast,cnn",
     help=f"comma-separated, from {','.join(MODELS)} (mlp = lr 2e-5, mlp_fast = lr 2e-4)",
   )
-  parser.add_argument("--seeds", type=_positive_int, default=5, help="seeds per method (paper 5)")
-  parser.add_argument("--steps", type=_positive_int, default=None, help="iterations (preset's)")
   parser.add_argument(
-    "--eval-every", type=_positive_int, default=None, help="iterations between evals (steps/20)"
+    "--seeds", type=rep.positive_int, default=5, help="seeds per method (paper 5)"
+  )
+  parser.add_argument("--steps", type=rep.positive_int, default=None, help="iterations (preset's)")
+  parser.add_argument(
+    "--eval-every", type=rep.positive_int, default=None, help="iterations between evals (steps/20)"
   )
   parser.add_argument("--data", choices=["auto", "mnist", "fashion_mnist"], default="auto")
   parser.add_argument("--data-dir", default=None, help="tfds data dir")
   parser.add_argument("--val-size", type=int, default=5000, help="validation examples from train")
   parser.add_argument(
     "--val-limit",
-    type=_positive_int,
+    type=rep.positive_int,
     default=None,
     help="evaluate on only the first N validation examples (cheaper evals; quick: 500)",
   )
@@ -274,13 +276,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     "--quick", action="store_true", help="smoke test: 1 seed, 50 iterations, small evals"
   )
-
-
-def _positive_int(text: str) -> int:
-  value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
-  return value
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -312,7 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     entry = compare_model(key, plan, dataset)
     doc["models"][key] = entry
     print(
-      f"  R_f {_f(entry['R_f'])}  R_b {_f(entry['R_b'])}  R_f/R_b {_f(entry['R_ratio'])}  "
+      f"  R_f {rep.num(entry['R_f'])}  R_b {rep.num(entry['R_b'])}  R_f/R_b {rep.num(entry['R_ratio'])}  "
       f"T_f/T_b {_t_cell(entry['T'])}",
       flush=True,
     )
@@ -363,7 +358,7 @@ def plot_model(path: Path, entry: dict[str, Any]) -> None:
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   fig.suptitle(
-    f"{entry['title']} on {entry['data']}: SGD lr {_lr(entry['lr'])}, decay {entry['decay']:g}, "
+    f"{entry['title']} on {entry['data']}: SGD lr {rep.lr(entry['lr'])}, decay {entry['decay']:g}, "
     f"batch {entry['batch_size']}, {entry['steps']} iterations",
     fontsize=10,
   )
@@ -372,24 +367,8 @@ def plot_model(path: Path, entry: dict[str, Any]) -> None:
   plt.close(fig)
 
 
-def _f(x, fmt="{:.3f}"):
-  return "–" if x is None else fmt.format(x)
-
-
-def _lr(x):
-  """A learning rate as the paper writes it: 1e-4, 2e-5, 0.3."""
-  if x is None:
-    return "–"
-  if x >= 1e-2:
-    return f"{x:.3g}"
-  mantissa, exponent = f"{x:.2e}".split("e")
-  return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
 def _not_reached(t):
-  return (
-    f"not reached (best fwd val {_f(t['best_forward_val_loss'])} vs bp {_f(t['target_val_loss'])})"
-  )
+  return f"not reached (best fwd val {rep.num(t['best_forward_val_loss'])} vs bp {rep.num(t['target_val_loss'])})"
 
 
 def _t_cell(t):
@@ -400,20 +379,20 @@ def _t_cell(t):
     if t["n_reached"] == 0:
       return _not_reached(t)
     extra = f" ({t['n_reached']}/{t['n_pairs']} seeds)" if t["n_reached"] < t["n_pairs"] else ""
-    return f"{_f(t['ratio'])}{extra}"
-  return _f(t["ratio"]) if t["reached"] else _not_reached(t)
+    return f"{rep.num(t['ratio'])}{extra}"
+  return rep.num(t["ratio"]) if t["reached"] else _not_reached(t)
 
 
 def _reach_text(t: dict[str, Any]) -> str:
   if t["n_reached"] == 0:
     return (
-      f"never reached backprop's best validation loss ({_f(t['target_val_loss'])}; best "
-      f"forward {_f(t['best_forward_val_loss'])})"
+      f"never reached backprop's best validation loss ({rep.num(t['target_val_loss'])}; best "
+      f"forward {rep.num(t['best_forward_val_loss'])})"
     )
   return (
     f"reached backprop's best validation loss in {t['n_reached']}/{t['n_pairs']} seed pairs, "
-    f"after {_f(t['step_ratio'], '{:.2f}')}× backprop's iterations and "
-    f"{_f(t['ratio'], '{:.2f}')}× its time"
+    f"after {rep.num(t['step_ratio'], '{:.2f}')}× backprop's iterations and "
+    f"{rep.num(t['ratio'], '{:.2f}')}× its time"
   )
 
 
@@ -427,11 +406,11 @@ def findings(models: dict[str, Any]) -> list[str]:
     p, fw, bp = e["paper"], e["methods"]["forward"], e["methods"]["backprop"]
     out.append(
       f"- {e['title']} (same lr): one forward-gradient step took "
-      f"{_f(e['step_time_ratio'], '{:.2f}')}× a backprop step (R_f/R_b = "
-      f"{_f(e['R_ratio'], '{:.2f}')}; paper {p['R_ratio']}); forward gradient "
+      f"{rep.num(e['step_time_ratio'], '{:.2f}')}× a backprop step (R_f/R_b = "
+      f"{rep.num(e['R_ratio'], '{:.2f}')}; paper {p['R_ratio']}); forward gradient "
       f"{_reach_text(e['T'])}; test accuracy forward "
-      f"{_f(fw['test_accuracy']['median'], '{:.3f}')} vs backprop "
-      f"{_f(bp['test_accuracy']['median'], '{:.3f}')}."
+      f"{rep.num(fw['test_accuracy']['median'], '{:.3f}')} vs backprop "
+      f"{rep.num(bp['test_accuracy']['median'], '{:.3f}')}."
     )
     platform = ((e.get("provenance") or {}).get("hardware") or {}).get("platform")
     if e["R_b"] is not None and e["R_b"] > 10 and platform == "cpu":
@@ -482,15 +461,15 @@ def render(doc: dict[str, Any]) -> str:
     p = spec["paper"]
     lines.append(
       f"| {spec['title']} | {p['lr']} | paper | MNIST | (paper) | {p['R_f']} | {p['R_b']} | "
-      f"{p['R_ratio']} | {_f(p['T_ratio']) if p['T_ratio'] else '– (not given)'} | |"
+      f"{p['R_ratio']} | {rep.num(p['T_ratio']) if p['T_ratio'] else '– (not given)'} | |"
     )
     e = models.get(key)
     if e is None:
       lines.append(f"| | {p['lr']} | ours | – | not run | | | | | |")
       continue
     lines.append(
-      f"| | {_lr(e['lr'])} | ours | {e['data']} | {e['steps']} × {len(e['seeds'])} | "
-      f"{_f(e['R_f'])} | {_f(e['R_b'])} | {_f(e['R_ratio'])} | "
+      f"| | {rep.lr(e['lr'])} | ours | {e['data']} | {e['steps']} × {len(e['seeds'])} | "
+      f"{rep.num(e['R_f'])} | {rep.num(e['R_b'])} | {rep.num(e['R_ratio'])} | "
       f"{_t_cell(e.get('T_mean_curves'))} | {_t_cell(e['T'])} |"
     )
   lines += [
@@ -508,12 +487,12 @@ def render(doc: dict[str, Any]) -> str:
       continue
     fw, bp = e["methods"]["forward"], e["methods"]["backprop"]
     lines.append(
-      f"| {e['title']} | {_lr(e['lr'])} | {e['data']} | {_f(fw['test_accuracy']['median'], '{:.4f}')} | "
-      f"{_f(bp['test_accuracy']['median'], '{:.4f}')} | {_f(fw['best_val_loss']['median'])} | "
-      f"{_f(bp['best_val_loss']['median'])} | {_f(fw['step_time_ms']['median'], '{:.2f}')} | "
-      f"{_f(bp['step_time_ms']['median'], '{:.2f}')} | "
-      f"{_f(bp['base_time_ms']['median'], '{:.2f}')} | {_f(e['step_time_ratio'])} | "
-      f"{_f(e['T']['step_ratio'])} | {fw['diverged']}/{bp['diverged']} |"
+      f"| {e['title']} | {rep.lr(e['lr'])} | {e['data']} | {rep.num(fw['test_accuracy']['median'], '{:.4f}')} | "
+      f"{rep.num(bp['test_accuracy']['median'], '{:.4f}')} | {rep.num(fw['best_val_loss']['median'])} | "
+      f"{rep.num(bp['best_val_loss']['median'])} | {rep.num(fw['step_time_ms']['median'], '{:.2f}')} | "
+      f"{rep.num(bp['step_time_ms']['median'], '{:.2f}')} | "
+      f"{rep.num(bp['base_time_ms']['median'], '{:.2f}')} | {rep.num(e['step_time_ratio'])} | "
+      f"{rep.num(e['T']['step_ratio'])} | {fw['diverged']}/{bp['diverged']} |"
     )
   lines += ["", "## What the numbers say", "", *findings(models)]
   lines += ["", "## Commands and hardware", ""]

@@ -28,15 +28,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from experiments._lib import report as rep
 from experiments._lib import script
-
-
-def _ints(text: str) -> list[int]:
-  return [int(t) for t in text.split(",") if t.strip()]
-
-
-def _names(text: str) -> list[str]:
-  return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -63,12 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   )
   p.add_argument("--model-options", default=None, help="model options as a JSON object")
   p.add_argument(
-    "--input-shape", type=_ints, default=None, help="H,W,C (default 28,28,1; 32,32,3 for vgg)"
+    "--input-shape", type=rep.ints, default=None, help="H,W,C (default 28,28,1; 32,32,3 for vgg)"
   )
   p.add_argument("--num-classes", type=int, default=10)
   p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--tangents", type=_ints, default=[1, 2, 4, 16], help="k values, e.g. 1,2,4,16")
-  p.add_argument("--aggregations", type=_names, default=["mean", "sum", "orthogonal"])
+  p.add_argument("--tangents", type=rep.ints, default=[1, 2, 4, 16], help="k values, e.g. 1,2,4,16")
+  p.add_argument("--aggregations", type=rep.names, default=["mean", "sum", "orthogonal"])
   p.add_argument("--tangent-scheme", default="normal", help="normal, rademacher, partition")
   p.add_argument("--no-backprop", action="store_true", help="leave out the backprop step")
   p.add_argument(
@@ -88,6 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--steps", type=int, default=10, help="train steps per timed call (loop)")
   p.add_argument("--lr", type=float, default=1e-4, help="SGD learning rate of the steps")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--quick", action="store_true", help="logreg, batch 8, k=2 mean, 2 rounds")
   p.add_argument("--memory-only", action="store_true", help="compile for memory, time nothing")
   p.add_argument(
     "--prng-impl",
@@ -96,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   )
   p.add_argument(
     "--mesh",
-    type=_ints,
+    type=rep.ints,
     default=[1, 1],
     metavar="DATA,TANGENTS",
     help="devices along the batch and the tangent axes (fwdgrad_jax.parallel); on a CPU "
@@ -117,6 +111,10 @@ def _name(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Runs :func:`fwdgrad_jax.training.benchmark.benchmark` with the command line's settings."""
   import jax
+
+  if args.quick:
+    args.model, args.batch_size, args.tangents, args.aggregations = "logreg", 8, [2], ["mean"]
+    args.rounds, args.steps = 2, 2
 
   if args.prng_impl:
     # Before any key exists: make_tx's PRNGKey then uses this implementation.

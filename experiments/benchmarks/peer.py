@@ -26,25 +26,18 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from experiments._lib import report as rep
 from experiments._lib import script
 from fwdgrad_jax.training import records
 
 PEER = Path(__file__).resolve().parent / "peers" / "torch_fwdgrad.py"
 
 
-def _ints(text: str) -> list[int]:
-  return [int(t) for t in text.split(",") if t.strip()]
-
-
-def _names(text: str) -> list[str]:
-  return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--tangents", type=_ints, default=[1, 4, 16])
+  p.add_argument("--tangents", type=rep.ints, default=[1, 4, 16])
   p.add_argument(
     "--schemes",
-    type=_names,
+    type=rep.names,
     default=["normal", "rademacher"],
     help="fwdgrad_jax tangent samplers to time (the peer draws torch.randn)",
   )

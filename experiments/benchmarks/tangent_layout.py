@@ -19,20 +19,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from experiments._lib import report as rep
 from experiments._lib import script
 from fwdgrad_jax.training import records
 
 
-def _ints(text: str) -> list[int]:
-  return [int(t) for t in text.split(",") if t.strip()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--tangents", type=_ints, default=[1, 4, 16])
+  p.add_argument("--tangents", type=rep.ints, default=[1, 4, 16])
   p.add_argument("--schemes", default="normal,rademacher")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--rounds", type=int, default=10)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--quick", action="store_true", help="k ∈ {1, 2}, batch 8, 2 rounds")
 
 
 def before(loss, k: int, scheme: str):
@@ -57,6 +55,9 @@ def before(loss, k: int, scheme: str):
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   import jax
+
+  if args.quick:
+    args.tangents, args.batch_size, args.rounds = [1, 2], 8, 2
 
   import fwdgrad_jax as fg
   from fwdgrad_jax.training import benchmark as bench

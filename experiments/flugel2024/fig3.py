@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import fwdgrad_jax as fg
+from experiments._lib import report as rep
 from experiments._lib import script
+from experiments.flugel2024.lib import expected_abs_cos_one_tangent
 from fwdgrad_jax.training import records
 
 #: label -> (aggregation, normalize)
@@ -54,11 +56,6 @@ def _ks(n: int) -> list[int]:
     ks.add(k)
     k *= 2
   return sorted(ks)
-
-
-def expected_abs_cos_one_tangent(n: int) -> float:
-  """E|cos(v, g)| for v ~ N(0, Iₙ): Γ(n/2) / (√π Γ((n+1)/2))."""
-  return math.exp(math.lgamma(n / 2) - math.lgamma((n + 1) / 2)) / math.sqrt(math.pi)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,8 +162,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   s = result["settings"]
   n, ks = s["n"], s["ks"]
   rows = {(r["k"], r["variant"]): r for r in result["rows"]}
-  plt = records.pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig, axes = rep.pyplot().subplots(1, 2, figsize=(11, 4))
   styles = {
     "sum": "-",
     "mean": "--",
@@ -191,12 +187,17 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   axes[1].set_ylabel("‖ĝ‖ / ‖∇f‖")
   axes[0].legend(fontsize=8)
   fig.suptitle(f"Fig. 3: fixed gradient, n = {n}, mean over {s['seeds']} seeds (dashed: k = n)")
-  fig.tight_layout()
-  png = out / "fig3_approximation.png"
-  fig.savefig(png, dpi=100)
-  plt.close(fig)
+  png = rep.save_figure(fig, out / "fig3_approximation.png")
 
-  checks = _checks(result)
+  checks = rep.Table(["quantity", "closed form", "measured ± s.e.", "z", "ok"])
+  for c in _checks(result):
+    checks.add_row(
+      c["what"],
+      f"{c['closed']:.4f}",
+      f"{c['measured']:.4f} ± {c['se']:.4f}",
+      rep.num(c["z"], "+.2f"),
+      "yes" if c["ok"] else "**no**",
+    )
   lines = [
     "# Fig. 3: approximation quality of a fixed gradient against k",
     "",
@@ -205,41 +206,18 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "",
     "## Closed forms",
     "",
-    "| quantity | closed form | measured ± s.e. | z | ok |",
-    "|---|---|---|---|---|",
+    *checks.lines(),
   ]
-  for c in checks:
-    z = "–" if c["z"] is None else f"{c['z']:+.2f}"
-    lines.append(
-      f"| {c['what']} | {c['closed']:.4f} | {c['measured']:.4f} ± {c['se']:.4f} | "
-      f"{z} | {'yes' if c['ok'] else '**no**'} |"
-    )
-  lines += [
-    "",
-    "## Cosine similarity (mean over seeds)",
-    "",
-    "| k | " + " | ".join(VARIANTS) + " |",
-    "|---" * (len(VARIANTS) + 1) + "|",
-  ]
-  for k in ks:
-    lines.append(
-      f"| {k} | " + " | ".join(f"{rows[(k, v)]['cos_mean']:.3f}" for v in VARIANTS) + " |"
-    )
-  lines += [
-    "",
-    "## Norm ratio ‖ĝ‖/‖∇f‖ (mean over seeds)",
-    "",
-    "| k | " + " | ".join(VARIANTS) + " |",
-    "|---" * (len(VARIANTS) + 1) + "|",
-  ]
-  for k in ks:
-    lines.append(
-      f"| {k} | " + " | ".join(f"{rows[(k, v)]['ratio_mean']:.3g}" for v in VARIANTS) + " |"
-    )
+  for title, key, spec in (
+    ("Cosine similarity (mean over seeds)", "cos_mean", ".3f"),
+    ("Norm ratio ‖ĝ‖/‖∇f‖ (mean over seeds)", "ratio_mean", ".3g"),
+  ):
+    table = rep.Table(["k", *VARIANTS])
+    for k in ks:
+      table.add_row(k, *(format(rows[(k, v)][key], spec) for v in VARIANTS))
+    lines += ["", f"## {title}", "", *table.lines()]
   lines += ["", "![cosine and norm ratio against k](fig3_approximation.png)", ""]
-  md = out / "fig3.md"
-  md.write_text("\n".join(lines))
-  return [md, png]
+  return [rep.write_text(out / "fig3.md", lines), png]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

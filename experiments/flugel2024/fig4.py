@@ -18,16 +18,15 @@ lengths, as in the paper.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import fwdgrad_jax as fg
+from experiments._lib import report as rep
 from experiments._lib import script
+from experiments.flugel2024.lib import best_value_of_gd, lr_grid
 from fwdgrad_jax import functions
 from fwdgrad_jax.training import lr_search, records
 
@@ -63,33 +62,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--quick", action="store_true", help="n ≤ 8, 50 steps, 2 seeds (smoke test)")
 
 
-def _objective(fn, n: int, steps: int, options: dict[str, Any] | None):
-  vg = fg.value_and_exact_grad(fn) if options is None else fg.value_and_forward_grad(fn, **options)
-
-  def run(lr, seed):
-    key = jax.random.key(seed)
-    k0, k1 = jax.random.split(key)
-    x0 = jax.random.uniform(k0, (n,), minval=-2.0, maxval=2.0)
-
-    def step(carry, k):
-      x, best = carry
-      value, g = vg(k, x)
-      best = jnp.minimum(best, jnp.where(jnp.isfinite(value), value, jnp.inf))
-      return (x - lr * g, best), None
-
-    (x, best), _ = jax.lax.scan(step, (x0, jnp.float32(jnp.inf)), jax.random.split(k1, steps))
-    last = fn(x)
-    best = jnp.minimum(best, jnp.where(jnp.isfinite(last), last, jnp.inf))
-    return jnp.where(jnp.isinf(best), jnp.nan, best)  # never finite: diverged at once
-
-  return run
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
     args.dims, args.steps, args.seeds, args.per_decade = [1, 2, 4, 8], 50, 2, 1
-  lo, hi = args.lr_range
-  lrs = lr_search.log_grid(lo, hi, round(math.log10(hi / lo) * args.per_decade) + 1)
+  lrs = lr_grid(args.lr_range, args.per_decade)
   seeds = tuple(range(args.seeds))
   rows = []
   for name in args.functions.split(","):
@@ -97,12 +73,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Rosenbrock starts at n = 2.
     for n in sorted({max(n, tf.min_dim) for n in args.dims}):
       for label, options in _variants(args.ks):
-        res = lr_search.search(
-          _objective(tf.fn, n, args.steps, options), lrs, seeds, objective_name="best value"
+        est = (
+          fg.value_and_exact_grad(tf.fn)
+          if options is None
+          else fg.value_and_forward_grad(tf.fn, **options)
         )
-        vals = None
-        if res.best_index is not None:
-          vals = res.values[res.best_index]
+        objective = best_value_of_gd(est, n, args.steps, fn=tf.fn)
+        res = lr_search.search(objective, lrs, seeds, objective_name="best value")
         rows.append(
           dict(
             function=name,
@@ -110,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             variant=label,
             best_lr=res.best_lr,
             best_mean=res.best_loss,
-            values=vals,
+            values=None if res.best_index is None else res.values[res.best_index],
             at_grid_edge=res.at_grid_edge,
             minimum=float(tf.minimum(n)),
           )
@@ -131,12 +108,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   )
 
 
+def _gap(r: dict[str, Any]) -> float:
+  """(f_best − f*)/n, NaN for a diverged run."""
+  return np.nan if r["best_mean"] is None else (r["best_mean"] - r["minimum"]) / r["n"]
+
+
+def _cell(r: dict[str, Any]) -> str:
+  if r["best_mean"] is None:
+    return "diverged"
+  return f"{_gap(r):.3g}" + ("*" if r["at_grid_edge"] else "")
+
+
 def report(result: dict[str, Any], out: Path) -> list[Path]:
   s = result["settings"]
   funcs = list(dict.fromkeys(r["function"] for r in result["rows"]))
   labels = list(dict.fromkeys(r["variant"] for r in result["rows"]))
-  plt = records.pyplot()
-  fig, axes = plt.subplots(1, len(funcs), figsize=(5 * len(funcs), 4), squeeze=False)
+  fig, axes = rep.pyplot().subplots(1, len(funcs), figsize=(5 * len(funcs), 4), squeeze=False)
   colors = {"true gradient": "k", "forward k=1": "tab:gray"}
   palette = {2: "tab:blue", 4: "tab:orange", 16: "tab:green"}
   lines = [
@@ -155,51 +142,27 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     ns = sorted({r["n"] for r in rows})
     by = {(r["n"], r["variant"]): r for r in rows}
     for label in labels:
-      gap = [
-        np.nan
-        if by[(n, label)]["best_mean"] is None
-        else (by[(n, label)]["best_mean"] - by[(n, label)]["minimum"]) / n
-        for n in ns
-      ]
       if label in colors:
         kw = dict(color=colors[label], lw=2)
       else:
         k = int(label.split("=")[1])
         kw = dict(color=palette[k], ls="-" if label.startswith("mean") else "--")
+      gap = [_gap(by[(n, label)]) for n in ns]
       ax.plot(ns, np.maximum(gap, 1e-12), marker="o", ms=3, label=label, **kw)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("dimension n")
     ax.set_title(name)
     ax.grid(alpha=0.3)
-    lines += [
-      "",
-      f"## {name}",
-      "",
-      "| n | " + " | ".join(labels) + " |",
-      "|---" * (len(labels) + 1) + "|",
-    ]
+    table = rep.Table(["n", *labels])
     for n in ns:
-      cells = []
-      for label in labels:
-        r = by[(n, label)]
-        if r["best_mean"] is None:
-          cells.append("diverged")
-        else:
-          cells.append(
-            f"{(r['best_mean'] - r['minimum']) / n:.3g}" + ("*" if r["at_grid_edge"] else "")
-          )
-      lines.append(f"| {n} | " + " | ".join(cells) + " |")
+      table.add_row(n, *(_cell(by[(n, label)]) for label in labels))
+    lines += ["", f"## {name}", "", *table.lines()]
   axes[0][0].set_ylabel("(best value − minimum) / n (floored at 1e-12)")
   axes[0][-1].legend(fontsize=7)
-  fig.tight_layout()
-  png = out / "fig4_functions.png"
-  fig.savefig(png, dpi=100)
-  plt.close(fig)
+  png = rep.save_figure(fig, out / "fig4_functions.png")
   lines += ["", "![best value against n](fig4_functions.png)", ""]
-  md = out / "fig4.md"
-  md.write_text("\n".join(lines))
-  return [md, png]
+  return [rep.write_text(out / "fig4.md", lines), png]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

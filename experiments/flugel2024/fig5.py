@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import fwdgrad_jax as fg
+from experiments._lib import report as rep
 from experiments._lib import script
+from experiments.flugel2024.lib import best_value_of_gd, lr_grid
 from fwdgrad_jax import functions
 from fwdgrad_jax.training import lr_search, records
 
@@ -66,40 +68,21 @@ def _cosine(n: int, seeds: int, k: int, agg: str, angle_deg: float | None) -> tu
   return float(cos.mean()), float(cos.std(ddof=1) / math.sqrt(cos.size))
 
 
-def _st_objective(n: int, steps: int, k: int, agg: str, angle_deg: float | None):
-  fn = functions.styblinski_tang
-  vg = fg.value_and_forward_grad(fn, num_tangents=k, aggregation=agg, tangents=_tangents(angle_deg))
-
-  def run(lr, seed):
-    k0, k1 = jax.random.split(jax.random.key(seed))
-    x0 = jax.random.uniform(k0, (n,), minval=-2.0, maxval=2.0)
-
-    def step(carry, key):
-      x, best = carry
-      value, g = vg(key, x)
-      best = jnp.minimum(best, jnp.where(jnp.isfinite(value), value, jnp.inf))
-      return (x - lr * g, best), None
-
-    (_, best), _ = jax.lax.scan(step, (x0, jnp.float32(jnp.inf)), jax.random.split(k1, steps))
-    return jnp.where(jnp.isinf(best), jnp.nan, best)
-
-  return run
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
     args.n, args.cos_seeds, args.steps, args.seeds, args.per_decade = 8, 50, 50, 2, 1
-  lo, hi = args.lr_range
-  lrs = lr_search.log_grid(lo, hi, round(math.log10(hi / lo) * args.per_decade) + 1)
+  lrs = lr_grid(args.lr_range, args.per_decade)
   seeds = tuple(range(args.seeds))
   rows = []
   for k in args.ks:
     for agg in AGGREGATIONS:
       for angle in (*args.angles, None):
         cos, cos_se = _cosine(args.n, args.cos_seeds, k, agg, angle)
-        res = lr_search.search(
-          _st_objective(args.n, args.steps, k, agg, angle), lrs, seeds, objective_name="best value"
+        est = fg.value_and_forward_grad(
+          functions.styblinski_tang, num_tangents=k, aggregation=agg, tangents=_tangents(angle)
         )
+        objective = best_value_of_gd(est, args.n, args.steps)
+        res = lr_search.search(objective, lrs, seeds, objective_name="best value")
         rows.append(
           dict(
             k=k,
@@ -133,8 +116,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   s = result["settings"]
   by = {(r["k"], r["aggregation"], r["angle_deg"]): r for r in result["rows"]}
   angles = s["angles_deg"]
-  plt = records.pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig, axes = rep.pyplot().subplots(1, 2, figsize=(11, 4))
   colors = {2: "tab:orange", 4: "tab:blue", 16: "tab:green"}
   for k in s["ks"]:
     for agg in AGGREGATIONS:
@@ -158,17 +140,12 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   fig.suptitle(
     f"Fig. 5: tangents at angle α to v₁, n = {s['n']} (thin lines: independent Gaussian tangents)"
   )
-  fig.tight_layout()
-  png = out / "fig5_cone.png"
-  fig.savefig(png, dpi=100)
-  plt.close(fig)
+  png = rep.save_figure(fig, out / "fig5_cone.png")
 
-  def cell(r, key, spec):
-    return "–" if r[key] is None else format(r[key] / (s["n"] if key == "st_best" else 1), spec)
+  def cell(r, key):
+    return rep.num(None if r[key] is None else r[key] / (s["n"] if key == "st_best" else 1))
 
   cols = [(k, agg) for k in s["ks"] for agg in AGGREGATIONS]
-  head = "| α | " + " | ".join(f"{agg} k={k}" for k, agg in cols) + " |"
-  sep = "|---" * (len(cols) + 1) + "|"
   lines = [
     "# Fig. 5: tangents at a fixed angle α to the first (cone)",
     "",
@@ -176,29 +153,18 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     f"steps, best value reached / n (minimum {s['st_minimum'] / s['n']:.3f}), mean over "
     f"{len(s['seeds'])} seeds at the best lr of a {len(s['lrs'])}-point grid. "
     f"{records.hardware_line(result.get('provenance'))}",
-    "",
-    "## Cosine similarity to ∇f",
-    "",
-    head,
-    sep,
   ]
-  for a in (*angles, None):
-    lines.append(
-      f"| {'Gaussian (no cone)' if a is None else f'{a}°'} | "
-      + " | ".join(cell(by[(k, agg, a)], "cos_mean", ".3f") for k, agg in cols)
-      + " |"
-    )
-  lines += ["", "## Best Styblinski–Tang value / n", "", head, sep]
-  for a in (*angles, None):
-    lines.append(
-      f"| {'Gaussian (no cone)' if a is None else f'{a}°'} | "
-      + " | ".join(cell(by[(k, agg, a)], "st_best", ".3f") for k, agg in cols)
-      + " |"
-    )
+  for title, key in (
+    ("Cosine similarity to ∇f", "cos_mean"),
+    ("Best Styblinski–Tang value / n", "st_best"),
+  ):
+    table = rep.Table(["α", *(f"{agg} k={k}" for k, agg in cols)])
+    for a in (*angles, None):
+      name = "Gaussian (no cone)" if a is None else f"{a}°"
+      table.add_row(name, *(cell(by[(k, agg, a)], key) for k, agg in cols))
+    lines += ["", f"## {title}", "", *table.lines()]
   lines += ["", "![cosine and Styblinski–Tang against α](fig5_cone.png)", ""]
-  md = out / "fig5.md"
-  md.write_text("\n".join(lines))
-  return [md, png]
+  return [rep.write_text(out / "fig5.md", lines), png]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

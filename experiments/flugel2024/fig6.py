@@ -34,6 +34,7 @@ from flax import nnx
 
 import fwdgrad_jax as fg
 from experiments._lib import script
+from experiments._lib.sgd import minibatch, sgd
 from fwdgrad_jax import data, models
 from fwdgrad_jax.training import lr_search, records
 from fwdgrad_jax.training import steps as steps_lib
@@ -96,7 +97,6 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _train_all_lrs(per_example_loss, loss, apply, params, ds, lrs, args, options):
   """Trains one variant at every lr (vmapped); returns per lr: val losses, test losses/errors."""
-  n = ds.x_train.shape[0]
   if options is None:
     est = fg.value_and_exact_grad(loss)
     target = loss
@@ -118,15 +118,10 @@ def _train_all_lrs(per_example_loss, loss, apply, params, ds, lrs, args, options
   # would constant-fold computations on them at compile time (minutes on CPU).
   def run(lr, seed, params, x, y, xv, yv, xt, yt):
     key = jax.random.key(seed)
-
-    def step(p, k):
-      kb, ke = jax.random.split(k)
-      idx = jax.random.randint(kb, (args.batch_size,), 0, n)
-      _, g = est(ke, p, x[idx], y[idx])
-      return jax.tree.map(lambda a, b: a - lr * b, p, g), None
+    on_batches = minibatch(est, x, y, args.batch_size)
 
     def block(p, k):
-      p, _ = jax.lax.scan(step, p, jax.random.split(k, args.eval_every))
+      p, _ = sgd(on_batches, p, k, lr, args.eval_every)
       return p, evaluate(p, xv, yv, xt, yt)
 
     _, (vl, tl, te) = jax.lax.scan(block, params, jax.random.split(key, n_evals))

@@ -26,7 +26,9 @@ import numpy as np
 from flax import nnx
 
 import fwdgrad_jax as fg
+from experiments._lib import report as rep
 from experiments._lib import script
+from experiments._lib.sgd import minibatch, sgd
 from fwdgrad_jax import data, models
 from fwdgrad_jax.training import lr_search, records
 from fwdgrad_jax.training import steps as steps_lib
@@ -60,19 +62,10 @@ def _problem(args: argparse.Namespace):
 
 
 def _objective(loss, params, train, val, *, steps, batch_size, estimator):
-  x, y = train
-  n = x.shape[0]
+  on_batches = minibatch(estimator, *train, batch_size)
 
   def run(lr, seed):
-    key = jax.random.key(seed)
-
-    def step(p, k):
-      k_batch, k_est = jax.random.split(k)
-      idx = jax.random.randint(k_batch, (batch_size,), 0, n)
-      _, g = estimator(k_est, p, x[idx], y[idx])
-      return jax.tree.map(lambda a, b: a - lr * b, p, g), None
-
-    final, _ = jax.lax.scan(step, params, jax.random.split(key, steps))
+    final, _ = sgd(on_batches, params, jax.random.key(seed), lr, steps)
     return loss(final, *val)
 
   return run
@@ -156,18 +149,18 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     for agg in AGGREGATIONS:
       raw, res = rows[(False, k, agg)], rows[(True, k, agg)]
       lines.append(
-        f"| {k} | {agg} | {_lr(raw['best_lr'])} | {_lr(res['best_lr'])} | "
-        f"{_num(raw['best_loss'])} | {_num(res['best_loss'])} |"
+        f"| {k} | {agg} | {rep.num(raw['best_lr'], '.3g')} | {rep.num(res['best_lr'], '.3g')} | "
+        f"{rep.num(raw['best_loss'])} | {rep.num(res['best_loss'])} |"
       )
   bp = result["backprop"]
   raw_spread = _spread([r for r in result["searches"] if not r["rescale"]])
   res_spread = _spread([r for r in result["searches"] if r["rescale"]])
   lines += [
     "",
-    f"Backprop on the same runs: best lr {_lr(bp['best_lr'])}, val loss {_num(bp['best_loss'])}.",
+    f"Backprop on the same runs: best lr {rep.num(bp['best_lr'], '.3g')}, val loss {rep.num(bp['best_loss'])}.",
     "",
     f"**Spread of the best lr across the 9 variants** (largest / smallest): raw "
-    f"**{_num(raw_spread, '.3g')}×**, with `rescale=True` **{_num(res_spread, '.3g')}×**.",
+    f"**{rep.num(raw_spread, '.3g')}×**, with `rescale=True` **{rep.num(res_spread, '.3g')}×**.",
     "",
     "![best loss against lr](lr_transfer.png)",
   ]
@@ -194,14 +187,6 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   md = out / "lr_transfer.md"
   md.write_text("\n".join(lines) + "\n")
   return [md, png]
-
-
-def _lr(x):
-  return "–" if x is None else f"{x:.3g}"
-
-
-def _num(x, spec=".3f"):
-  return "–" if x is None else format(x, spec)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from flax import nnx
 
 import fwdgrad_jax as fg
 from experiments._lib import script
+from experiments._lib.sgd import minibatch, sgd
 from fwdgrad_jax import data, models
 from fwdgrad_jax.training import records
 from fwdgrad_jax.training import steps as steps_lib
@@ -185,15 +186,8 @@ def _training(name: str, ds: data.Dataset, args: argparse.Namespace) -> dict[str
       )
 
     def train_and_test(p, x, y, xt, yt):
-      n = x.shape[0]
-
-      def step(p, key):
-        kb, ke = jax.random.split(key)
-        idx = jax.random.randint(kb, (args.train_batch,), 0, n)
-        value, g = est(ke, p, x[idx], y[idx])
-        return jax.tree.map(lambda a, b: a - args.lr * b, p, g), value
-
-      p, losses = jax.lax.scan(step, p, jax.random.split(jax.random.key(1), steps))
+      on_batches = minibatch(est, x, y, args.train_batch)
+      p, losses = sgd(on_batches, p, jax.random.key(1), args.lr, steps)
       # Cosine of one more estimate to the true minibatch gradient, at the end.
       xb, yb = x[: args.train_batch], y[: args.train_batch]
       _, g = est(jax.random.key(2), p, xb, yb)

@@ -20,7 +20,6 @@ convolutional models on CPU, where XLA runs reverse-mode convolutions inside a l
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import fwdgrad_jax as fg
+from experiments._lib import report as rep
 from experiments._lib import script
 from fwdgrad_jax import data
 from fwdgrad_jax.training import benchmark, records
@@ -51,6 +51,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--steps", type=int, default=10, help="steps per timed call (loop)")
   p.add_argument("--cosine-samples", type=int, default=16)
+  p.add_argument("--quick", action="store_true", help="MLP, k ∈ {1, 2}, 2 rounds of 2 steps")
 
 
 def _config(model: str, label: str | None, k: int) -> config_lib.Config:
@@ -157,6 +158,8 @@ def _one_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+  if args.quick:
+    args.models, args.ks, args.rounds, args.steps, args.cosine_samples = "mlp", "1,2", 2, 2, 2
   return dict(
     settings=dict(
       batch_size=64,
@@ -167,10 +170,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ),
     models=[_one_model(m, args) for m in args.models.split(",")],
   )
-
-
-def _f(x, spec=".2f"):
-  return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
 def report(result: dict[str, Any], out: Path) -> list[Path]:
@@ -195,8 +194,8 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
       mem = r["memory"]
       lines.append(
         f"| {r['name']} | {r['ms']['median']:.2f} | {r['x_base']:.2f} | {r['x_backprop']:.2f} | "
-        f"{_f(r.get('x_k1'))} | {mem['temp'] / 2**20:.1f} | {mem['peak'] / 2**20:.1f} | "
-        f"{_f(r['cosine'], '.4f')} |"
+        f"{rep.num(r.get('x_k1'), '.2f')} | {mem['temp'] / 2**20:.1f} | {mem['peak'] / 2**20:.1f} | "
+        f"{rep.num(r['cosine'], '.4f')} |"
       )
   lines += [
     "",

@@ -22,11 +22,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from experiments._lib import report as rep
 from experiments._lib import script
 from experiments._lib.config import APP, ROOT
 from fwdgrad_jax.training import lr_search
 from fwdgrad_jax.training import records as records_lib
-
 
 #: label -> (Hydra overrides, lr grid)
 FORWARD_LRS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -147,9 +147,9 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   for v in result["variants"]:
     b, grid = v["best"], v["search"]["lrs"]
     lines.append(
-      f"| {v['label']} | {', '.join(f'{x:g}' for x in grid)} | {_g(b['lr'])} | "
-      f"{_f(b['best_val_loss'])} | {_f(b['test_loss'])} | {_f(b['test_accuracy'])} | "
-      f"{_f(b['step_time_ms'], '.2f')} | {_f(b['runtime_ratio'], '.2f')} |"
+      f"| {v['label']} | {', '.join(f'{x:g}' for x in grid)} | {rep.num(b['lr'], 'g')} | "
+      f"{rep.num(b['best_val_loss'])} | {rep.num(b['test_loss'])} | {rep.num(b['test_accuracy'])} | "
+      f"{rep.num(b['step_time_ms'], '.2f')} | {rep.num(b['runtime_ratio'], '.2f')} |"
     )
   lines += ["", "![validation loss](training.png)", ""]
   plt = records_lib.pyplot()
@@ -158,7 +158,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     c = v["best"]["curve"]
     if not c:
       continue
-    label = f"{v['label']} (lr {_g(v['best']['lr'])})"
+    label = f"{v['label']} (lr {rep.num(v['best']['lr'], 'g')})"
     axes[0].plot([p["step"] for p in c], [p["val_loss"] for p in c], label=label)
     axes[1].plot([p["train_time_s"] for p in c], [p["val_loss"] for p in c], label=label)
   axes[0].set_xlabel("step")
@@ -174,14 +174,6 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   md = out / "training.md"
   md.write_text("\n".join(lines) + "\n")
   return [md, png]
-
-
-def _f(x, spec=".3f"):
-  return "–" if x is None else format(x, spec)
-
-
-def _g(x):
-  return "–" if x is None else f"{x:g}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -35,8 +35,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from experiments._lib import report as rep
 from experiments._lib import script
-from experiments._lib.config import ROOT
+from experiments._lib.config import APP, compose
 from fwdgrad_jax.training import lr_search, records
 
 PRESET = "repro_nn_mnist_sgd_fwd"
@@ -56,12 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     "--conditions", default="all", help="comma-separated subset of: none, cap, clip, clip+cap"
   )
+  parser.add_argument(
+    "--quick", action="store_true", help="lr 1e3, 2 seeds, 20 steps, no safeguard, small MLP"
+  )
   parser.add_argument("--spike", type=float, default=2.0, help="spike: loss > this × its min")
   parser.add_argument("--data", choices=["mnist", "fashion_mnist"], default="fashion_mnist")
   parser.add_argument("--sweeps-dir", type=Path, default=None, help="(<out>/sweeps)")
-  parser.add_argument(
-    "--app", type=Path, default=ROOT / "experiments" / "train.py", help="the Hydra training app"
-  )
+  parser.add_argument("--app", type=Path, default=APP, help="the Hydra training app")
   parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
 
 
@@ -113,9 +115,14 @@ def conditions(clip: float, cap: float, which: str = "all") -> dict[str, list[st
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """One sweep (lrs × seeds) per safeguard combination; per run its fate and curve."""
-  from fwdgrad_jax.training import config as config_lib
+  if args.quick:
+    args.lrs, args.seeds, args.steps, args.log_every, args.conditions = (1e3,), 2, 20, 2, "none"
+    args.overrides = [
+      *["data.val_size=64", "model.options.hidden=[32]", "train.batch_size=16"],
+      *args.overrides,
+    ]
 
-  preset_cfg = config_lib.compose([f"+experiment={args.preset}"], config_dir=ROOT / "configs")
+  preset_cfg = compose([f"+experiment={args.preset}"])
   if preset_cfg.estimator.name != "forward":
     raise SystemExit(f"--preset: {args.preset} is not a forward-gradient row")
   lrs = args.lrs or (float(preset_cfg.optimizer.lr),)
@@ -189,10 +196,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _f(x, fmt="{:.3f}"):
-  return "–" if not _finite(x) else fmt.format(x)
-
-
 def stats(cond: dict[str, Any]) -> dict[str, Any]:
   """Counts of a condition's runs: diverged, spiked, their steps, finished runs' losses."""
   runs = cond["runs"]
@@ -234,8 +237,8 @@ def render(doc: dict[str, Any]) -> str:
     lines.append(
       f"| {name} | {s['n']} | {s['n_summaries']} | {s['n_diverged']} | "
       f"{', '.join(map(str, s['diverged_at'])) or '–'} | {s['n_spiked']} | "
-      f"{', '.join(map(str, s['first_spikes'])) or '–'} | {_f(s['val_loss_median'])}"
-      + (f" ({_f(rng[0])}–{_f(rng[1])})" if rng else "")
+      f"{', '.join(map(str, s['first_spikes'])) or '–'} | {rep.num(s['val_loss_median'])}"
+      + (f" ({rep.num(rng[0])}–{rep.num(rng[1])})" if rng else "")
       + " |"
     )
   lines += ["", "## Commands and hardware", "", f"- `{prov.get('command', '(not recorded)')}`"]

@@ -44,12 +44,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from experiments._lib import analysis, script
-from experiments._lib.config import ROOT
+from experiments._lib import report as rep
+from experiments._lib.config import APP, compose
 from fwdgrad_jax.training import lr_search, records
 
 OPTIMIZERS = ("sgd", "nesterov", "adam")
@@ -94,11 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   )
   parser.add_argument("--seeds", type=int, default=1, help="seeds per lr")
   parser.add_argument("--data", choices=["auto", "mnist", "fashion_mnist"], default="auto")
+  parser.add_argument(
+    "--quick", action="store_true", help="SGD only, 20 steps, 4 evals, 2 lrs, small MLP"
+  )
   parser.add_argument("--name", default="fair", help="file name stem of the outputs")
   parser.add_argument("--sweeps-dir", type=Path, default=None, help="(<out>/sweeps)")
-  parser.add_argument(
-    "--app", type=Path, default=ROOT / "experiments" / "train.py", help="the Hydra training app"
-  )
+  parser.add_argument("--app", type=Path, default=APP, help="the Hydra training app")
   parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
 
 
@@ -131,14 +132,11 @@ def _summary(run_dir: str | None) -> dict[str, Any]:
 
 
 def _centre(method: str, optimizer: str, args: argparse.Namespace) -> float:
-  from fwdgrad_jax.training import config as config_lib
 
   grad = METHODS[method]["grad"]
   if method in ("activity", "activity_k16_orth") and optimizer != "adam":
     return args.beyond_lr
-  cfg = config_lib.compose(
-    [f"+experiment=repro_nn_mnist_{optimizer}_{grad}"], config_dir=ROOT / "configs"
-  )
+  cfg = compose([f"+experiment=repro_nn_mnist_{optimizer}_{grad}"])
   return float(cfg.optimizer.lr)
 
 
@@ -275,6 +273,12 @@ def compare(bp: dict[str, Any], fw: dict[str, Any]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Every optimizer × method of the options; returns the comparison's document."""
+  if args.quick:
+    args.optimizers, args.steps, args.evals, args.factors = "sgd", 20, 4, (1.0, 3.0)
+    args.overrides = [
+      *["data.val_size=64", "model.options.hidden=[32]", "train.batch_size=16"],
+      *args.overrides,
+    ]
   data, note = _data_name(args.data, list(args.overrides))
   methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
@@ -304,10 +308,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
-
-
-def _f(x, fmt="{:.3f}"):
-  return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
 
 
 def _best(entry: dict[str, Any], key: str):
@@ -348,20 +348,20 @@ def render(doc: dict[str, Any]) -> str:
           reach = f"at {to_bp['step_ratio']:.2f}× bp's iterations, {to_bp['ratio']:.2f}× its time"
         else:
           per = to_bp["per_seed"][0] if to_bp["per_seed"] else {}
-          reach = f"no (bp's best {_f(to_bp['target_val_loss'])} at it. {per.get('step_b')})"
+          reach = f"no (bp's best {rep.num(to_bp['target_val_loss'])} at it. {per.get('step_b')})"
         rev = c["backprop_to_forward_loss"]
         per = rev["per_seed"][0] if rev["per_seed"] else {}
         # Reached at backprop's first evaluation: only a lower bound on the factor.
         bound = "≥ " if per.get("backprop_step") == first_eval else ""
         cells = (
-          f"{reach} | {bound}{_f(rev['iteration_factor'], '{:.1f}×')} "
+          f"{reach} | {bound}{rep.num(rev['iteration_factor'], '{:.1f}×')} "
           f"({per.get('forward_step')} / {per.get('backprop_step')}) | "
-          f"{bound}{_f(rev['time_factor'], '{:.1f}×')}"
+          f"{bound}{rep.num(rev['time_factor'], '{:.1f}×')}"
         )
       lines.append(
-        f"| {opt} | {t['label']} | {grid} | {_f(t['best']['lr'], '{:g}')}{edge} | "
-        f"{_f(_best(t, 'best_val_loss'))} | {_f(_best(t, 'test_loss'))} | "
-        f"{_f(_best(t, 'test_accuracy'), '{:.4f}')} | {_f(_best(t, 'step_time_ms'), '{:.1f}')} | "
+        f"| {opt} | {t['label']} | {grid} | {rep.num(t['best']['lr'], '{:g}')}{edge} | "
+        f"{rep.num(_best(t, 'best_val_loss'))} | {rep.num(_best(t, 'test_loss'))} | "
+        f"{rep.num(_best(t, 'test_accuracy'), '{:.4f}')} | {rep.num(_best(t, 'step_time_ms'), '{:.1f}')} | "
         f"{cells} |"
       )
   lines += ["", "Grids (best validation loss per lr; (div) = diverged):", ""]
@@ -369,7 +369,7 @@ def render(doc: dict[str, Any]) -> str:
     for t in e["methods"].values():
       s = t["search"]
       cells = [
-        f"{lr:g}: {_f(c)}{' (div)' if lr in s['diverged_lrs'] else ''}"
+        f"{lr:g}: {rep.num(c)}{' (div)' if lr in s['diverged_lrs'] else ''}"
         for lr, c in zip(s["lrs"], s["curve"])
       ]
       lines.append(f"- {opt}, {t['label']}: " + ", ".join(cells))

@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
+from experiments._lib import report as rep
 from experiments._lib import script
-from experiments._lib.config import ROOT
+from experiments._lib.config import compose
 from fwdgrad_jax.training import records
 
 STEPS_PER_EPOCH = 859  # 55 000 training examples (60 000 − 5 000 validation) / 64
@@ -84,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--vgg-steps", type=int, default=100, help="steps of the VGG rows")
   parser.add_argument(
     "--fwd-variants", default="preset", help="comma-separated, of: " + ", ".join(FWD_VARIANTS)
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="the SGD NN rows, 0.02 epochs, 2 evals, small MLP"
   )
   parser.add_argument("--evals", type=int, default=10, help="evaluations per run")
   parser.add_argument("--data", choices=["auto", "mnist", "fashion_mnist"], default="auto")
@@ -153,10 +156,9 @@ def train_run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     ``command`` (the equivalent ``experiments/train.py`` line), ``summary`` (the keys of
     :data:`SUMMARY_KEYS`), ``curve`` (per log line: step, train_loss, val_loss, time).
   """
-  from fwdgrad_jax.training import config as config_lib
   from fwdgrad_jax.training import run as run_lib
 
-  cfg = config_lib.compose(overrides, config_dir=ROOT / "configs")
+  cfg = compose(overrides)
   summary_path = run_dir / "summary.json"
   done = None
   if summary_path.exists():
@@ -182,8 +184,13 @@ def train_run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Every row of ``--rows`` (forward rows in each of ``--fwd-variants``)."""
+  if args.quick:
+    args.rows, args.nn_epochs, args.evals = "repro_nn_mnist_sgd_bp,repro_nn_mnist_sgd_fwd", 0.02, 2
+    args.overrides = [
+      *["data.val_size=64", "model.options.hidden=[32]", "train.batch_size=16"],
+      *args.overrides,
+    ]
   from fwdgrad_jax import data as data_lib
-  from fwdgrad_jax.training import config as config_lib
 
   user = list(args.overrides)
   data_dir = _override(user, "data.data_dir")
@@ -201,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     paper_epochs, paper_loss = PAPER[row]
     data = mnist if parts["data"] == "mnist" else parts["data"]
     base = [f"+experiment={row}", f"data={data}", "train.progress=false", *user]
-    preset = config_lib.compose(base, config_dir=ROOT / "configs")
+    preset = compose(base)
     entry = {
       "row": row,
       **parts,
@@ -237,10 +244,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
-
-
-def _f(x, fmt="{:.3f}"):
-  return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
 
 
 def _settings(e: dict[str, Any]) -> str:
@@ -281,8 +284,8 @@ def render(doc: dict[str, Any]) -> str:
       s = r["summary"]
       lines.append(
         f"{head} {variant} | {e['data_run']} | {s['steps'] / STEPS_PER_EPOCH:.2f} "
-        f"({s['steps']}) | {_f(s['test_loss'])} | {_f(s['test_accuracy'], '{:.4f}')} | "
-        f"{_f(s['best_val_loss'])} | {'yes' if s['diverged'] else 'no'} |"
+        f"({s['steps']}) | {rep.num(s['test_loss'])} | {rep.num(s['test_accuracy'], '{:.4f}')} | "
+        f"{rep.num(s['best_val_loss'])} | {'yes' if s['diverged'] else 'no'} |"
       )
   parts = doc.get("parts") or [prov]
   lines += ["", "## Commands", ""]

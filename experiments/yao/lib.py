@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -30,6 +31,7 @@ from fwdgrad_jax.training import config as config_lib
 from fwdgrad_jax.training import steps as steps_lib
 
 __all__ = [
+  "host_stepped",
   "SCHEMES",
   "Problem",
   "SgdCarry",
@@ -246,3 +248,50 @@ def train_config(
     train=config_lib.TrainConfig(batch_size=batch_size),
   )
   return config_lib.validate(cfg)
+
+
+def host_stepped(
+  cfgs: Mapping[str, config_lib.Config], problem: Any, *, batch_size: int, steps: int
+) -> tuple[dict[str, Callable[[], Any]], list[tuple[Any, float]]]:
+  """CNN steps from the host, one compiled step per call, as the app's ``loop=host``.
+
+  Convolutions inside an XLA:CPU loop run ~20x slower (jax-ml/jax#12868), so the app
+  steps convolutional models from Python; so does this timer. The state advances from
+  call to call (each timed call runs ``steps`` consecutive steps, so the guided method
+  pays exactly one true gradient per call of 10 steps).
+
+  Args:
+    cfgs: name → training config (:func:`train_config`).
+    problem: :func:`fwdgrad_jax.training.benchmark.make_problem`'s model and data (at
+      least ``batch_size * steps`` examples).
+    batch_size, steps: each call runs ``steps`` steps on consecutive batches.
+
+  Returns:
+    name → a function running one call (for :func:`fwdgrad_jax.training.records.time_interleaved`),
+    and per name (compiled step, compile seconds).
+  """
+  b = batch_size
+  batches = [(problem.x[i * b : (i + 1) * b], problem.y[i * b : (i + 1) * b]) for i in range(steps)]
+  functions, exes = {}, []
+  for name, cfg in cfgs.items():
+    tx = steps_lib.make_tx(cfg, problem.est_key)
+    # Copies: the step donates its state, and the key and params are shared with others.
+    state = jax.tree.map(jax.numpy.copy, steps_lib.init_state(tx, problem.params))
+    t0 = time.perf_counter()
+    exe = (
+      jax.jit(steps_lib.make_step_fn(problem.loss, tx), donate_argnums=0)
+      .lower(state, *batches[0])
+      .compile()
+    )
+    exes.append((exe, time.perf_counter() - t0))
+    box = {"state": state}
+
+    def calls(exe=exe, box=box):
+      st = box["state"]
+      for xb, yb in batches:
+        st = exe(st, xb, yb)
+      box["state"] = st
+      return st.params
+
+    functions[name] = calls
+  return functions, exes

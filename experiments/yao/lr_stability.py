@@ -35,6 +35,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from experiments._lib import report as rep
 from experiments._lib import script
 from fwdgrad_jax.training import records
 
@@ -227,7 +228,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
       if any(d)
     ]
     lines.append(
-      f"| {sc['label']} | {_g(sc['largest_stable_prefix_lr'])} | {_g(sc['largest_lr_training'])} "
+      f"| {sc['label']} | {rep.num(sc['largest_stable_prefix_lr'], 'g')} | {rep.num(sc['largest_lr_training'], 'g')} "
       f"| {', '.join(bad) or 'none'} | {PAPER.get(sc['label'], '–')} |"
     )
   lines += [
@@ -238,7 +239,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "|---|" + "---|" * len(s["lrs"]),
   ]
   for sc in result["schemes"]:
-    cells = [_f(c) for c in sc["search"]["curve"]]
+    cells = [rep.num(c) for c in sc["search"]["curve"]]
     cells = [c if not any(d) else "–" for c, d in zip(cells, sc["search"]["diverged"])]
     lines.append(f"| {sc['label']} | " + " | ".join(cells) + " |")
   png = out / f"lr_stability_{model}.png"
@@ -277,14 +278,6 @@ def _plot(result: dict[str, Any], png: Path) -> None:
   fig.tight_layout()
   fig.savefig(png, dpi=90)
   plt.close(fig)
-
-
-def _f(x, spec=".3f"):
-  return "–" if x is None else format(x, spec)
-
-
-def _g(x):
-  return "–" if x is None else f"{x:g}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

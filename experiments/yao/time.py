@@ -28,8 +28,8 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from experiments._lib import report as rep
 from experiments._lib import script
-from fwdgrad_jax.training import records
 
 TABLE_MLP = (
   "backprop",
@@ -57,7 +57,7 @@ PAPER = {  # Table I (RTX 3080, PyTorch from scratch), seconds per iteration
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch-size", type=int, default=256)
-  p.add_argument("--ks", default="1,2,4,8,16", help="k for Fig. 13")
+  p.add_argument("--ks", type=rep.ints, default=[1, 2, 4, 8, 16], help="k for Fig. 13")
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps", type=int, default=10, help="steps per timed call (multiple of 10)")
   p.add_argument("--models", default="mlp,yao_cnn")
@@ -89,7 +89,7 @@ def _time_group(model: str, labels: dict[str, Any], args: argparse.Namespace) ->
     functions = {n: exe for n, (exe, _) in zip(lowered, exes)}
     call_args = {n: low.args for n, low in lowered.items()}
   else:
-    functions, exes = _host_stepped(cfgs, problem, args)
+    functions, exes = yao.host_stepped(cfgs, problem, batch_size=args.batch_size, steps=args.steps)
     call_args = {n: tuple for n in functions}
   timings, _ = benchmark.time_variants(
     functions,
@@ -110,53 +110,10 @@ def _time_group(model: str, labels: dict[str, Any], args: argparse.Namespace) ->
   }
 
 
-def _host_stepped(cfgs, problem, args):
-  """CNN steps from the host, one compiled step per call, as the app's ``loop=host``.
-
-  Convolutions inside an XLA:CPU loop run ~20x slower (jax-ml/jax#12868), so the app
-  steps convolutional models from Python; so does this timer. The state advances from
-  call to call (each timed call runs ``steps`` consecutive steps, so the guided method
-  pays exactly one true gradient per call of 10 steps).
-  """
-  import time
-
-  import jax
-
-  from fwdgrad_jax.training import steps as steps_lib
-
-  b = args.batch_size
-  batches = [
-    (problem.x[i * b : (i + 1) * b], problem.y[i * b : (i + 1) * b]) for i in range(args.steps)
-  ]
-  functions, exes = {}, []
-  for name, cfg in cfgs.items():
-    tx = steps_lib.make_tx(cfg, problem.est_key)
-    # Copies: the step donates its state, and the key and params are shared with others.
-    state = jax.tree.map(jax.numpy.copy, steps_lib.init_state(tx, problem.params))
-    t0 = time.perf_counter()
-    exe = (
-      jax.jit(steps_lib.make_step_fn(problem.loss, tx), donate_argnums=0)
-      .lower(state, *batches[0])
-      .compile()
-    )
-    exes.append((exe, time.perf_counter() - t0))
-    box = {"state": state}
-
-    def calls(exe=exe, box=box):
-      st = box["state"]
-      for xb, yb in batches:
-        st = exe(st, xb, yb)
-      box["state"] = st
-      return st.params
-
-    functions[name] = calls
-  return functions, exes
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
   from experiments.yao import lib as yao
 
-  ks = [int(k) for k in args.ks.split(",")]
+  ks = args.ks
   if args.quick:
     args.batch_size, args.rounds, ks = 32, 2, [1, 2]
   table = {}
@@ -189,74 +146,55 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   lines = [
     "# Yao Table I and Fig. 13: time per training step",
     "",
-    f"`{prov['command']}`",
-    "",
-    records.hardware_line(prov),
+    *rep.provenance_lines(prov),
     "",
     f"Batch {s['batch_size']}, {s['optimizer']}, the app's jitted loop, {s['steps_per_call']} "
     f"steps per timed call, {s['rounds']} interleaved rounds (median, IQR). The machine was "
     "shared with other jobs (see the load average): compare the ratios, not the "
     "milliseconds. Guided: fix_gap 10, one true gradient per 10 steps included (amortised).",
     "",
-    "| model | method | ms / step (median) | IQR | ratio to backprop | paper (s / iteration, GPU) |",
-    "|---|---|---|---|---|---|",
   ]
+  cols = ["model", "method", "ms / step (median)", "IQR", "ratio to backprop"]
+  table = rep.Table([*cols, "paper (s / iteration, GPU)"])
   for model, rows in result["table"].items():
     for name, v in rows.items():
-      lines.append(
-        f"| {model} | {name} | {v['ms']['median']:.1f} | {v['ms']['iqr']:.1f} | "
-        f"{_f(v['ratio_to_backprop'])} | {PAPER.get((model, name), '–')} |"
+      ms, ratio = v["ms"], rep.num(v["ratio_to_backprop"], ".2f")
+      table.add_row(
+        model,
+        name,
+        f"{ms['median']:.1f}",
+        f"{ms['iqr']:.1f}",
+        ratio,
+        PAPER.get((model, name), rep.DASH),
       )
-  files = []
-  if result.get("sweep"):
-    sw = result["sweep"]
-    t = sw["times"]
-    lines += [
-      "",
-      "Fig. 13, MLP: ms / step against k (ratio to backprop in brackets)",
-      "",
-      "| k | average (mean of k) | partition (k blocks, sum) |",
-      "|---|---|---|",
-    ]
-    for k in sw["ks"]:
-      a, p = t[f"average k={k}"], t[f"partition k={k}"]
-      lines.append(
-        f"| {k} | {a['ms']['median']:.1f} ({_f(a['ratio_to_backprop'])}) | "
-        f"{p['ms']['median']:.1f} ({_f(p['ratio_to_backprop'])}) |"
-      )
-    png = out / "time_vs_k.png"
-    plt = records.pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for kind in ("average", "partition"):
-      med = [t[f"{kind} k={k}"]["ms"]["median"] for k in sw["ks"]]
-      lo = [t[f"{kind} k={k}"]["ms"]["q25"] for k in sw["ks"]]
-      hi = [t[f"{kind} k={k}"]["ms"]["q75"] for k in sw["ks"]]
-      ax.errorbar(
-        sw["ks"],
-        med,
-        yerr=[np.subtract(med, lo), np.subtract(hi, med)],
-        marker="o",
-        label=kind,
-        capsize=2,
-      )
-    ax.axhline(t["backprop"]["ms"]["median"], color="k", ls="--", lw=1, label="backprop")
-    ax.set_xlabel("number of directions / partitions k")
-    ax.set_ylabel("ms per step (median, IQR)")
-    ax.set_title(f"MLP, batch {s['batch_size']} (shared 2-core CPU)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    lines += ["", f"![time vs k]({png.name})", ""]
-    files.append(png)
-  md = out / "time.md"
-  md.write_text("\n".join(lines) + "\n")
-  return [md, *files]
+  lines += table.lines()
+  if not result.get("sweep"):
+    return [rep.write_text(out / "time.md", [*lines, ""])]
+  sw, t = result["sweep"], result["sweep"]["times"]
 
+  def cell(v):
+    return f"{v['ms']['median']:.1f} ({rep.num(v['ratio_to_backprop'], '.2f')})"
 
-def _f(x, spec=".2f"):
-  return "–" if x is None else format(x, spec)
+  table = rep.Table(["k", "average (mean of k)", "partition (k blocks, sum)"])
+  for k in sw["ks"]:
+    table.add_row(k, cell(t[f"average k={k}"]), cell(t[f"partition k={k}"]))
+  lines += ["", "Fig. 13, MLP: ms / step against k (ratio to backprop in brackets)", ""]
+  lines += table.lines()
+  fig, ax = rep.pyplot().subplots(figsize=(5, 3.5))
+  for kind in ("average", "partition"):
+    ms = [t[f"{kind} k={k}"]["ms"] for k in sw["ks"]]
+    med, lo, hi = ([m[q] for m in ms] for q in ("median", "q25", "q75"))
+    err = [np.subtract(med, lo), np.subtract(hi, med)]
+    ax.errorbar(sw["ks"], med, yerr=err, marker="o", label=kind, capsize=2)
+  ax.axhline(t["backprop"]["ms"]["median"], color="k", ls="--", lw=1, label="backprop")
+  ax.set_xlabel("number of directions / partitions k")
+  ax.set_ylabel("ms per step (median, IQR)")
+  ax.set_title(f"MLP, batch {s['batch_size']} (shared 2-core CPU)", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  png = rep.save_figure(fig, out / "time_vs_k.png")
+  lines += ["", f"![time vs k]({png.name})", "", ""]
+  return [rep.write_text(out / "time.md", lines), png]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
