@@ -37,9 +37,10 @@ from typing import Any
 if not __package__:  # run as a path (python experiments/compare.py): put the root on sys.path
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments._lib import analysis  # noqa: E402
-from experiments._lib.config import APP, ROOT, compose  # noqa: E402
-from fwdgrad_jax.training import records as records_lib  # noqa: E402
+from experiments._lib import analysis
+from experiments._lib import report as rep
+from experiments._lib.config import APP, ROOT, compose
+from fwdgrad_jax.training import records as records_lib
 
 COLORS = ("tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
@@ -294,9 +295,7 @@ def plot(path: Path, result: dict[str, Any]) -> None:
     f"{result['budget_s']:g} s of training each",
     fontsize=10,
   )
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  rep.save_figure(fig, path, dpi=110)
 
 
 def _report_search(result: dict[str, Any], out: Path) -> list[Path]:
@@ -309,10 +308,7 @@ def _report_search(result: dict[str, Any], out: Path) -> list[Path]:
   ax.set(xlabel="learning rate", ylabel=f"{s['objective']} (mean over seeds)")
   ax.set_title(f"{result['row']}: {result['budget_s']:g} s per run (× diverged)", fontsize=9)
   ax.grid(alpha=0.3, which="both")
-  fig.tight_layout()
-  png = out / "lr_search.png"
-  fig.savefig(png, dpi=110)
-  plt.close(fig)
+  png = rep.save_figure(fig, out / "lr_search.png", dpi=110)
   edge = " (at the grid's edge: widen it)" if s["at_grid_edge"] else ""
   print(f"{result['row']}: best lr {s['best_lr']} ({s['objective']} {s['best_loss']}){edge}")
   print(f"diverged: {s['diverged_lrs'] or 'none'}; sweep: {result['sweep_command']}")

@@ -248,9 +248,7 @@ def plot(path: Path, presets: dict[str, Any]) -> None:
     ax.set_title(f"{e['title']}: tuned lrs (solid) vs the paper's lr (dashed)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  rep.save_figure(fig, path, dpi=110)
 
 
 def render(doc: dict[str, Any]) -> str:

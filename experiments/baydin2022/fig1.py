@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fwdgrad_jax as fg
+from experiments._lib import report as rep
 from experiments._lib import script
 from fwdgrad_jax.functions import FUNCTIONS
 from fwdgrad_jax.training import records
@@ -107,9 +108,7 @@ def plot(path, fn, x, minimizer, tangents, grads, mean, true_grad):
   )
   ax.set_aspect("equal")
   ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+  rep.save_figure(fig, path, dpi=150)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments._lib import report as rep
 from experiments._lib import script
 from fwdgrad_jax.training import records
 
@@ -254,9 +255,7 @@ def plot(path: Path, functions: dict[str, Any]) -> None:
     ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xlabel="x", ylabel="y")
     ax.set_title(f"{name}, trajectories")
     ax.legend(fontsize=8, loc="best")
-  fig.tight_layout()
-  fig.savefig(path, dpi=130)
-  plt.close(fig)
+  rep.save_figure(fig, path, dpi=130)
 
 
 def report(doc: dict[str, Any], out: Path) -> list[Path]:

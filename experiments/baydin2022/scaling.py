@@ -192,10 +192,7 @@ def plot(doc: dict[str, Any], out: Path) -> list[Path]:
     a.grid(alpha=0.3)
     a.legend(fontsize=8)
   fig.suptitle(_caption(doc), fontsize=8)
-  fig.tight_layout()
-  paths.append(out / "scaling_runtime.png")
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
+  paths.append(rep.save_figure(fig, out / "scaling_runtime.png", dpi=120))
 
   for key, xs, rows_of, xlabel, name in (
     ("depth", L, rows, "depth L (hidden layers)", "scaling_memory_depth.png"),
@@ -223,10 +220,7 @@ def plot(doc: dict[str, Any], out: Path) -> list[Path]:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.suptitle(_caption(doc), fontsize=7)
-    fig.tight_layout()
-    paths.append(out / name)
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(rep.save_figure(fig, out / name, dpi=120))
   return paths
 
 

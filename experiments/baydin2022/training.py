@@ -362,9 +362,7 @@ def plot_model(path: Path, entry: dict[str, Any]) -> None:
     f"batch {entry['batch_size']}, {entry['steps']} iterations",
     fontsize=10,
   )
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  rep.save_figure(fig, path, dpi=110)
 
 
 def _not_reached(t):

@@ -46,7 +46,7 @@ VARIANTS = {
 def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--n", type=int, default=64, help="dimension of the gradient")
   p.add_argument("--seeds", type=int, default=1000)
-  p.add_argument("--quick", action="store_true", help="n=8, 50 seeds (smoke test)")
+  p.add_argument("--quick", action="store_true", help="n=4, 50 seeds (smoke test)")
 
 
 def _ks(n: int) -> list[int]:
@@ -60,7 +60,7 @@ def _ks(n: int) -> list[int]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
-    args.n, args.seeds = 8, 50
+    args.n, args.seeds = 4, 50
   n = args.n
   g = jax.random.normal(jax.random.key(12345), (n,))
   f = lambda x: jnp.dot(g, x)

@@ -59,12 +59,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--lr-range", type=float, nargs=2, default=(1e-7, 1.0))
   p.add_argument("--per-decade", type=int, default=3)
   p.add_argument("--functions", default=",".join(FUNCTIONS))
-  p.add_argument("--quick", action="store_true", help="n ≤ 8, 50 steps, 2 seeds (smoke test)")
+  p.add_argument(
+    "--quick", action="store_true", help="n = 2, k ≤ 2, 50 steps, 2 seeds (smoke test)"
+  )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
-    args.dims, args.steps, args.seeds, args.per_decade = [1, 2, 4, 8], 50, 2, 1
+    args.dims, args.ks, args.steps, args.seeds, args.per_decade = [2], [2], 50, 2, 1
   lrs = lr_grid(args.lr_range, args.per_decade)
   seeds = tuple(range(args.seeds))
   rows = []

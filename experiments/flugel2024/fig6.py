@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 import fwdgrad_jax as fg
+from experiments._lib import report as rep
 from experiments._lib import script
 from experiments._lib.sgd import minibatch, sgd
 from fwdgrad_jax import data, models
@@ -292,10 +293,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-  fig.tight_layout()
-  png = out / "fig6_fc.png"
-  fig.savefig(png, dpi=100)
-  plt.close(fig)
+  png = rep.save_figure(fig, out / "fig6_fc.png")
   lines += ["", "![test error against k and test-loss curves](fig6_fc.png)", ""]
   md = out / "fig6.md"
   md.write_text("\n".join(lines))

@@ -180,10 +180,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("final validation loss (mean over seeds)")
   axes[1].legend(fontsize=7, ncol=3)
-  fig.tight_layout()
-  png = out / "lr_transfer.png"
-  fig.savefig(png, dpi=100)
-  plt.close(fig)
+  png = rep.save_figure(fig, out / "lr_transfer.png")
   md = out / "lr_transfer.md"
   md.write_text("\n".join(lines) + "\n")
   return [md, png]

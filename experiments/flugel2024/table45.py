@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 import fwdgrad_jax as fg
+from experiments._lib import report as rep
 from experiments._lib import script
 from experiments._lib.sgd import minibatch, sgd
 from fwdgrad_jax import data, models
@@ -315,10 +316,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
       ax.set_title(f"{t['model']}, batch {t['batch']}")
       ax.grid(alpha=0.3)
       ax.legend(fontsize=8)
-    fig.tight_layout()
-    png = out / "table45_timing.png"
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    png = rep.save_figure(fig, out / "table45_timing.png")
     paths.append(png)
     lines += ["![R against k](table45_timing.png)", ""]
   if result["training"]:

@@ -167,10 +167,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   for ax in axes:
     ax.grid(alpha=0.3)
   axes[1].legend(fontsize=7)
-  fig.tight_layout()
-  png = out / "training.png"
-  fig.savefig(png, dpi=100)
-  plt.close(fig)
+  png = rep.save_figure(fig, out / "training.png")
   md = out / "training.md"
   md.write_text("\n".join(lines) + "\n")
   return [md, png]

@@ -268,9 +268,7 @@ def plot(path: Path, doc: dict[str, Any]) -> None:
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel("train loss (log interval mean)")
   axes[0][0].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  rep.save_figure(fig, path, dpi=110)
 
 
 def report(doc: dict[str, Any], out: Path) -> list[Path]:

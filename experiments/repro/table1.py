@@ -332,9 +332,7 @@ def plot(path: Path, doc: dict[str, Any]) -> None:
     ax.set(xlabel="iteration", ylabel="validation loss", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  rep.save_figure(fig, path, dpi=110)
 
 
 def report(doc: dict[str, Any], out: Path) -> list[Path]:

@@ -32,6 +32,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from experiments._lib import report as rep
 from experiments._lib import script
 from fwdgrad_jax.training import records
 
@@ -244,9 +245,7 @@ def _plot(result: dict[str, Any], png: Path) -> None:
   for ax in axes[-1]:
     ax.set_xlabel("estimate − true gradient", fontsize=7)
   fig.suptitle("Error of one estimate per weight (fraction of entries, log scale)", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(png, dpi=90)
-  plt.close(fig)
+  rep.save_figure(fig, png, dpi=90)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from experiments._lib import report as rep
 from experiments._lib import script
 from fwdgrad_jax.training import records
 
@@ -286,9 +287,7 @@ def _plot(result: dict[str, Any], png: Path) -> None:
   axes[2].legend(fontsize=7)
   for ax in axes:
     ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(png, dpi=90)
-  plt.close(fig)
+  rep.save_figure(fig, png, dpi=90)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

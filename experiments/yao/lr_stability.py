@@ -275,9 +275,7 @@ def _plot(result: dict[str, Any], png: Path) -> None:
     ax.axis("off")
   axes[0, 0].set_ylabel("minibatch loss")
   fig.suptitle(f"{result['settings']['model']}: SGD at a constant lr, raw estimates", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(png, dpi=90)
-  plt.close(fig)
+  rep.save_figure(fig, png, dpi=90)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

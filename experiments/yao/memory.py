@@ -21,6 +21,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from experiments._lib import report as rep
 from experiments._lib import script
 from fwdgrad_jax.training import records
 
@@ -129,10 +130,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     ax.set_title(f"{model}: one SGD step", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  png = out / "memory.png"
-  fig.savefig(png, dpi=100)
-  plt.close(fig)
+  png = rep.save_figure(fig, out / "memory.png")
   lines += [f"![memory vs batch]({png.name})", ""]
   md = out / "memory.md"
   md.write_text("\n".join(lines) + "\n")
