@@ -110,17 +110,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(result: dict[str, Any], out: Path) -> list[Path]:
   s, ms, iqr, mem = result["settings"], result["ms"], result["iqr_ms"], result["temp_bytes"]
-  lines = [
-    "| scheme | k | before ms (IQR) | after ms (IQR) | before / after | temp MiB before → after |",
-    "|---|---|---|---|---|---|",
-  ]
+  table = rep.Table(
+    [
+      "scheme",
+      "k",
+      "before ms (IQR)",
+      "after ms (IQR)",
+      "before / after",
+      "temp MiB before → after",
+    ]
+  )
   for scheme in s["schemes"]:
     for k in s["tangents"]:
       b, a = f"before {scheme} k={k}", f"after {scheme} k={k}"
-      lines.append(
-        f"| {scheme} | {k} | {ms[b]:.1f} ({iqr[b]:.1f}) | {ms[a]:.1f} ({iqr[a]:.1f}) | "
-        f"{ms[b] / ms[a]:.2f}× | {mem[b] / 2**20:.1f} → {mem[a] / 2**20:.1f} |"
+      table.add_row(
+        scheme,
+        k,
+        f"{ms[b]:.1f} ({iqr[b]:.1f})",
+        f"{ms[a]:.1f} ({iqr[a]:.1f})",
+        f"{ms[b] / ms[a]:.2f}×",
+        f"{mem[b] / 2**20:.1f} → {mem[a] / 2**20:.1f}",
       )
+  lines = table.lines()
   command = result.get("provenance", {}).get("command", "(command not recorded)")
   text = (
     f"# Tangent layout: before/after\n\n`{command}`\n\n{s['model']}, batch {s['batch_size']}, "

@@ -142,16 +142,23 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     f"{len(s['lrs'])} lrs from {s['lrs'][0]:g} to {s['lrs'][-1]:g} "
     "(`fwdgrad_jax.training.lr_search.search`: the whole grid in one jitted call).",
     "",
-    "| k | aggregation | best lr, raw | best lr, rescale=True | val loss, raw | val loss, rescaled |",
-    "|---|---|---|---|---|---|",
   ]
+  table = rep.Table(
+    [
+      "k",
+      "aggregation",
+      "best lr, raw",
+      "best lr, rescale=True",
+      "val loss, raw",
+      "val loss, rescaled",
+    ]
+  )
   for k in KS:
     for agg in AGGREGATIONS:
       raw, res = rows[(False, k, agg)], rows[(True, k, agg)]
-      lines.append(
-        f"| {k} | {agg} | {rep.num(raw['best_lr'], '.3g')} | {rep.num(res['best_lr'], '.3g')} | "
-        f"{rep.num(raw['best_loss'])} | {rep.num(res['best_loss'])} |"
-      )
+      lrs = (rep.num(r["best_lr"], ".3g") for r in (raw, res))
+      table.add_row(k, agg, *lrs, rep.num(raw["best_loss"]), rep.num(res["best_loss"]))
+  lines += table.lines()
   bp = result["backprop"]
   raw_spread = _spread([r for r in result["searches"] if not r["rescale"]])
   res_spread = _spread([r for r in result["searches"] if r["rescale"]])

@@ -189,28 +189,24 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     f"{s['batch_size']}; {s['draws']} independent estimates per scheme (REDUCED: the paper "
     f"does not state its sample). ‖∇f‖ = {s['true_grad_norm']:.4g}. Raw estimates.",
     "",
-    "| scheme | layer | RMS error | closed form | RMS true grad |",
-    "|---|---|---|---|---|",
   ]
+  errors = rep.Table(["scheme", "layer", "RMS error", "closed form", "RMS true grad"])
+  cosines = rep.Table(
+    ["scheme", "cosine to ∇f: mean", "5 %", "95 %", "ĝ·∇f/‖∇f‖² (1 if unbiased) ± s.e."]
+  )
   for sc in result["schemes"]:
     for layer, v in sc["layers"].items():
-      lines.append(
-        f"| {sc['label']} | {_short(layer)} | {v['rms_error']:.3g} | "
-        f"{'–' if v['rms_error_closed_form'] is None else format(v['rms_error_closed_form'], '.3g')} | "
-        f"{v['rms_true_grad']:.3g} |"
+      closed = rep.num(v["rms_error_closed_form"], ".3g")
+      errors.add_row(
+        sc["label"], _short(layer), f"{v['rms_error']:.3g}", closed, f"{v['rms_true_grad']:.3g}"
       )
-  lines += [
-    "",
-    "| scheme | cosine to ∇f: mean | 5 % | 95 % | ĝ·∇f/‖∇f‖² (1 if unbiased) ± s.e. |",
-    "|---|---|---|---|---|",
-  ]
-  for sc in result["schemes"]:
-    c = sc["cosine"]
-    pr = sc["projection"]
-    lines.append(
-      f"| {sc['label']} | {c['mean']:.4f} | {c['q05']:.4f} | {c['q95']:.4f} | "
-      f"{pr['mean']:.3f} ± {pr['stderr']:.3f} |"
+    c, pr = sc["cosine"], sc["projection"]
+    cosines.add_row(
+      sc["label"],
+      *(f"{c[q]:.4f}" for q in ("mean", "q05", "q95")),
+      f"{pr['mean']:.3f} ± {pr['stderr']:.3f}",
     )
+  lines += [*errors.lines(), "", *cosines.lines()]
   png = out / "estimate_error.png"
   lines += ["", f"![error histograms]({png.name})", ""]
   _plot(result, png)

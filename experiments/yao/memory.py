@@ -96,25 +96,20 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "backprop at the same batch.",
     "",
   ]
-  plt = records.pyplot()
   models = result["models"]
-  fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
+  fig, axes = rep.pyplot().subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
   for ax, (model, r) in zip(axes[0], models.items()):
     methods = list(dict.fromkeys(row["method"] for row in r["rows"]))
     peak = {(row["method"], row["batch_size"]): row["peak"] for row in r["rows"]}
-    lines += [
-      f"## {model} ({r['num_params']:,} parameters)",
-      "",
-      "| method | " + " | ".join(f"batch {b}" for b in r["batches"]) + " |",
-      "|---|" + "---|" * len(r["batches"]),
-    ]
+    lines += [f"## {model} ({r['num_params']:,} parameters)", ""]
+    table = rep.Table(["method", *(f"batch {b}" for b in r["batches"])])
     for m in methods:
       cells = []
       for b in r["batches"]:
         p, bp = peak[(m, b)], peak.get(("backprop", b))
         ratio = "" if bp in (None, 0) or m == "backprop" else f" ({p / bp:.2f})"
         cells.append(f"{p / 2**20:.1f}{ratio}")
-      lines.append(f"| {m} | " + " | ".join(cells) + " |")
+      table.add_row(m, *cells)
       ax.plot(
         r["batches"],
         [peak[(m, b)] / 2**20 for b in r["batches"]],
@@ -122,7 +117,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
         label=m,
         ls="--" if m in ("backprop", "forward pass") else "-",
       )
-    lines.append("")
+    lines += [*table.lines(), ""]
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
