@@ -242,15 +242,18 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     f"the evaluation with the best validation loss. Raw estimators, Gaussian tangents. "
     f"{records.hardware_line(result.get('provenance'))}",
     "",
-    "| width | params | variant | best lr | best val loss | test error |",
-    "|---|---|---|---|---|---|",
   ]
+  table = rep.Table(["width", "params", "variant", "best lr", "best val loss", "test error"])
   for r in result["rows"]:
-    lr = "–" if r["best_lr"] is None else f"{r['best_lr']:g}" + ("*" if r["at_grid_edge"] else "")
-    val = "–" if r["best_val_loss"] is None else f"{r['best_val_loss']:.3f}"
-    err = "–" if r["test_error"] is None else f"{100 * r['test_error']:.1f}%"
-    lines.append(f"| {r['width']} | {r['num_params']:,} | {r['variant']} | {lr} | {val} | {err} |")
-  lines.append("")
+    lr = rep.num(r["best_lr"], "g") + (
+      "*" if r["best_lr"] is not None and r["at_grid_edge"] else ""
+    )
+    err = rep.num(None if r["test_error"] is None else 100 * r["test_error"], ".1f")
+    err += "" if r["test_error"] is None else "%"
+    table.add_row(
+      r["width"], f"{r['num_params']:,}", r["variant"], lr, rep.num(r["best_val_loss"]), err
+    )
+  lines += [*table.lines(), ""]
   lines.append("`*`: best lr at the edge of its grid.")
   # Left: best test error against k per width and aggregation (activity perturbation).
   ax = axes[0]

@@ -187,16 +187,17 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
       "",
       f"## {m['model']} ({m['num_params']:,} params), batch 64, timed as {how}",
       "",
-      "| variant | median ms | × base | × backprop | × k=1 | temp MiB | peak MiB | mean cos to ∇f |",
-      "|---|---|---|---|---|---|---|---|",
     ]
+    cols = ["variant", "median ms", "× base", "× backprop", "× k=1", "temp MiB", "peak MiB"]
+    table = rep.Table([*cols, "mean cos to ∇f"])
     for r in m["rows"]:
       mem = r["memory"]
-      lines.append(
-        f"| {r['name']} | {r['ms']['median']:.2f} | {r['x_base']:.2f} | {r['x_backprop']:.2f} | "
-        f"{rep.num(r.get('x_k1'), '.2f')} | {mem['temp'] / 2**20:.1f} | {mem['peak'] / 2**20:.1f} | "
-        f"{rep.num(r['cosine'], '.4f')} |"
+      ratios = (rep.num(r.get(x), ".2f") for x in ("x_base", "x_backprop", "x_k1"))
+      mib = (f"{mem[x] / 2**20:.1f}" for x in ("temp", "peak"))
+      table.add_row(
+        r["name"], f"{r['ms']['median']:.2f}", *ratios, *mib, rep.num(r["cosine"], ".4f")
       )
+    lines += table.lines()
   lines += [
     "",
     "Mean aggregation. Memory: XLA's compiled analysis of one step (state donated; "

@@ -141,16 +141,19 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     f"{s['steps']} steps; forward variants with `estimator.rescale=true`; the lr of each "
     "variant is the best of its grid by best validation loss (`lr_search.run_sweep`).",
     "",
-    "| variant | lr grid | best lr | best val loss | test loss | test acc | step ms | R |",
-    "|---|---|---|---|---|---|---|---|",
   ]
+  cols = ["variant", "lr grid", "best lr", "best val loss", "test loss", "test acc", "step ms"]
+  table = rep.Table([*cols, "R"])
   for v in result["variants"]:
     b, grid = v["best"], v["search"]["lrs"]
-    lines.append(
-      f"| {v['label']} | {', '.join(f'{x:g}' for x in grid)} | {rep.num(b['lr'], 'g')} | "
-      f"{rep.num(b['best_val_loss'])} | {rep.num(b['test_loss'])} | {rep.num(b['test_accuracy'])} | "
-      f"{rep.num(b['step_time_ms'], '.2f')} | {rep.num(b['runtime_ratio'], '.2f')} |"
+    table.add_row(
+      v["label"],
+      ", ".join(f"{x:g}" for x in grid),
+      rep.num(b["lr"], "g"),
+      *(rep.num(b[x]) for x in ("best_val_loss", "test_loss", "test_accuracy")),
+      *(rep.num(b[x], ".2f") for x in ("step_time_ms", "runtime_ratio")),
     )
+  lines += table.lines()
   lines += ["", "![validation loss](training.png)", ""]
   plt = records_lib.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)

@@ -212,14 +212,12 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "loss over the last tenth of the steps; cosine = mean over all steps of the cosine "
     "of the estimate to the true minibatch gradient.",
     "",
-    "| run | lr | final loss | mean cosine to ∇f | true gradients paid |",
-    "|---|---|---|---|---|",
   ]
+  table = rep.Table(["run", "lr", "final loss", "mean cosine to ∇f", "true gradients paid"])
   for r in runs:
-    lines.append(
-      f"| {_label(r)} | {r['lr']:g} | {_f(r['final_loss'])} | {_f(r['mean_cosine'])} | "
-      f"{r['true_grads'] if r['method'] == 'guided' else ('every step' if r['method'] == 'backprop' else 0)} |"
-    )
+    true_grads = {"guided": r["true_grads"], "backprop": "every step"}.get(r["method"], 0)
+    table.add_row(_label(r), f"{r['lr']:g}", _f(r["final_loss"]), _f(r["mean_cosine"]), true_grads)
+  lines += table.lines()
   guided = [r for r in runs if r["method"] == "guided"]
   decays = sorted({r["decay_rate"] for r in guided})
   shuffles = sorted({r["shuffle_ratio"] for r in guided})
@@ -228,15 +226,15 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
       "",
       "Final loss over the grid (rows decay_rate, columns shuffle_ratio):",
       "",
-      "| decay \\ shuffle | " + " | ".join(f"{v:g}" for v in shuffles) + " |",
-      "|---|" + "---|" * len(shuffles),
     ]
+    table = rep.Table(["decay \\ shuffle", *(f"{v:g}" for v in shuffles)])
     for d in decays:
       cells = []
       for sh in shuffles:
         m = [r for r in guided if r["decay_rate"] == d and r["shuffle_ratio"] == sh]
-        cells.append(_f(m[0]["final_loss"]) if m else "–")
-      lines.append(f"| {d:g} | " + " | ".join(cells) + " |")
+        cells.append(_f(m[0]["final_loss"]) if m else rep.DASH)
+      table.add_row(f"{d:g}", *cells)
+    lines += table.lines()
   png = out / f"guided_{model}.png"
   lines += ["", f"![loss and cosine]({png.name})", ""]
   _plot(result, png)
