@@ -286,15 +286,18 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
         f"### {t['model']} ({t['num_params']:,} params, options {t['model_options'] or 'default'}, "
         f"batch {t['batch']}, {t['rounds']} rounds)",
         "",
-        "| variant | ms / step (median) | IQR | R | × backprop | compile s |",
-        "|---|---|---|---|---|---|",
       ]
+      table = rep.Table(["variant", "ms / step (median)", "IQR", "R", "× backprop", "compile s"])
       for r in t["rows"]:
-        lines.append(
-          f"| {r['variant']} | {r['ms_median']:.1f} | {r['ms_q25']:.1f}–{r['ms_q75']:.1f} | "
-          f"{r['R']:.2f} | {r['vs_backprop']:.2f} | {r['compile_s']:.0f} |"
+        table.add_row(
+          r["variant"],
+          f"{r['ms_median']:.1f}",
+          f"{r['ms_q25']:.1f}–{r['ms_q75']:.1f}",
+          f"{r['R']:.2f}",
+          f"{r['vs_backprop']:.2f}",
+          f"{r['compile_s']:.0f}",
         )
-      lines.append("")
+      lines += [*table.lines(), ""]
     plt = records.pyplot()
     fig, axes = plt.subplots(
       1, len(result["timing"]), figsize=(5.5 * len(result["timing"]), 4), squeeze=False
@@ -328,16 +331,19 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
         f"every variant (forward: activity perturbation, rescaled estimates); test error on the "
         f"first {t['test_examples']} test images",
         "",
-        "| variant | test error | test loss | train loss (first → mean of last 10) | cos to ∇f at the end | wall s |",
-        "|---|---|---|---|---|---|",
       ]
+      cols = ["variant", "test error", "test loss", "train loss (first → mean of last 10)"]
+      table = rep.Table([*cols, "cos to ∇f at the end", "wall s"])
       for r in t["rows"]:
-        lines.append(
-          f"| {r['variant']} | {100 * r['test_error']:.1f}% | {r['test_loss']:.3f} | "
-          f"{r['train_loss_first']:.3f} → {r['train_loss_last10']:.3f} | "
-          f"{r['grad_check_cosine']:.3f} | {r['wall_s']:.0f} |"
+        table.add_row(
+          r["variant"],
+          f"{100 * r['test_error']:.1f}%",
+          f"{r['test_loss']:.3f}",
+          f"{r['train_loss_first']:.3f} → {r['train_loss_last10']:.3f}",
+          f"{r['grad_check_cosine']:.3f}",
+          f"{r['wall_s']:.0f}",
         )
-      lines.append("")
+      lines += [*table.lines(), ""]
   md = out / "table45.md"
   md.write_text("\n".join(lines))
   return [md, *paths]

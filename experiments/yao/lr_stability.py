@@ -218,30 +218,25 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     f"seeds {s['seeds']}. No NaN = every seed finite for all steps; trains = every seed's "
     "mean loss over the last tenth of the steps is below its first loss − 0.05.",
     "",
-    "| scheme | largest lr without NaN | largest lr that trains | lrs with a NaN (first NaN step) | paper |",
-    "|---|---|---|---|---|",
   ]
+  cols = ["scheme", "largest lr without NaN", "largest lr that trains"]
+  table = rep.Table([*cols, "lrs with a NaN (first NaN step)", "paper"])
   for sc in result["schemes"]:
     bad = [
       f"{r['lr']:g} ({'–' if n is None else n})" if r["ran"] else f"{r['lr']:g} (not run)"
       for r, n, d in zip(sc["runs"], sc["first_nan_step"], sc["search"]["diverged"])
       if any(d)
     ]
-    lines.append(
-      f"| {sc['label']} | {rep.num(sc['largest_stable_prefix_lr'], 'g')} | {rep.num(sc['largest_lr_training'], 'g')} "
-      f"| {', '.join(bad) or 'none'} | {PAPER.get(sc['label'], '–')} |"
-    )
-  lines += [
-    "",
-    "Final loss (mean of the last tenth of steps, mean over seeds; – diverged):",
-    "",
-    "| scheme | " + " | ".join(f"{lr:g}" for lr in s["lrs"]) + " |",
-    "|---|" + "---|" * len(s["lrs"]),
-  ]
+    largest = (rep.num(sc[x], "g") for x in ("largest_stable_prefix_lr", "largest_lr_training"))
+    table.add_row(sc["label"], *largest, ", ".join(bad) or "none", PAPER.get(sc["label"], rep.DASH))
+  lines += table.lines()
+  lines += ["", "Final loss (mean of the last tenth of steps, mean over seeds; – diverged):", ""]
+  table = rep.Table(["scheme", *(f"{lr:g}" for lr in s["lrs"])])
   for sc in result["schemes"]:
     cells = [rep.num(c) for c in sc["search"]["curve"]]
-    cells = [c if not any(d) else "–" for c, d in zip(cells, sc["search"]["diverged"])]
-    lines.append(f"| {sc['label']} | " + " | ".join(cells) + " |")
+    cells = [c if not any(d) else rep.DASH for c, d in zip(cells, sc["search"]["diverged"])]
+    table.add_row(sc["label"], *cells)
+  lines += table.lines()
   png = out / f"lr_stability_{model}.png"
   lines += ["", f"![loss curves per lr]({png.name})", ""]
   _plot(result, png)
