@@ -227,20 +227,27 @@ def render(doc: dict[str, Any]) -> str:
     "(REDUCED: the study trains 50 epochs = 42 950 iterations). A spike: a logged train loss "
     f"(mean over the log interval) above {doc['spike_factor']:g}× the lowest logged before it.",
     "",
-    "| safeguards | runs | summaries written | diverged (non-finite loss) | diverged at iteration "
-    "| runs with a spike | first spike at | final val loss of the others (median, range) |",
-    "|---|---|---|---|---|---|---|---|",
   ]
+  cols = ["safeguards", "runs", "summaries written", "diverged (non-finite loss)"]
+  cols += ["diverged at iteration", "runs with a spike", "first spike at"]
+  table = rep.Table([*cols, "final val loss of the others (median, range)"])
   for name, cond in doc["conditions"].items():
     s = stats(cond)
     rng = s["val_loss_range"]
-    lines.append(
-      f"| {name} | {s['n']} | {s['n_summaries']} | {s['n_diverged']} | "
-      f"{', '.join(map(str, s['diverged_at'])) or '–'} | {s['n_spiked']} | "
-      f"{', '.join(map(str, s['first_spikes'])) or '–'} | {rep.num(s['val_loss_median'])}"
-      + (f" ({rep.num(rng[0])}–{rep.num(rng[1])})" if rng else "")
-      + " |"
+    final = rep.num(s["val_loss_median"]) + (
+      f" ({rep.num(rng[0])}–{rep.num(rng[1])})" if rng else ""
     )
+    table.add_row(
+      name,
+      s["n"],
+      s["n_summaries"],
+      s["n_diverged"],
+      ", ".join(map(str, s["diverged_at"])) or rep.DASH,
+      s["n_spiked"],
+      ", ".join(map(str, s["first_spikes"])) or rep.DASH,
+      final,
+    )
+  lines += table.lines()
   lines += ["", "## Commands and hardware", "", f"- `{prov.get('command', '(not recorded)')}`"]
   for name, cond in doc["conditions"].items():
     lines.append(f"  - {name}: `{cond['command']}`")
