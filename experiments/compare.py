@@ -221,10 +221,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _num(value: float | None, spec: str) -> str:
-  return "–" if value is None else format(value, spec)
-
-
 def table(result: dict[str, Any]) -> str:
   """The comparison as a Markdown table, with R_f/R_b and what it says."""
   rows = result["rows"]
@@ -242,10 +238,10 @@ def table(result: dict[str, Any]) -> str:
       lines.append(f"| {label} | {r['lr']:g} | diverged at step {r['steps']} | | | | | | | |")
       continue
     lines.append(
-      f"| {label} | {r['lr']:g} | {r['steps']} | {_num(r['train_time_s'], '.1f')} | "
-      f"{_num(r['test_accuracy'], '.4f')} | {_num(r['test_loss'], '.4f')} | "
-      f"{_num(r['best_val_loss'], '.4f')} | {_num(r['step_time_ms'], '.2f')} | "
-      f"{_num(r['runtime_ratio'], '.2f')} | {_num(r['cosine_to_true_grad'], '.4f')} |"
+      f"| {label} | {r['lr']:g} | {r['steps']} | {rep.num(r['train_time_s'], '.1f')} | "
+      f"{rep.num(r['test_accuracy'], '.4f')} | {rep.num(r['test_loss'], '.4f')} | "
+      f"{rep.num(r['best_val_loss'], '.4f')} | {rep.num(r['step_time_ms'], '.2f')} | "
+      f"{rep.num(r['runtime_ratio'], '.2f')} | {rep.num(r['cosine_to_true_grad'], '.4f')} |"
     )
   lines += [
     "",
@@ -260,9 +256,11 @@ def table(result: dict[str, Any]) -> str:
       f"diverged at step {r['steps']}"
       if r["diverged"]
       else f"ran {r['steps'] / bp['steps']:.2f}× backprop's steps and reached test accuracy "
-      f"{_num(r['test_accuracy'], '.3f')} against {_num(bp['test_accuracy'], '.3f')}"
+      f"{rep.num(r['test_accuracy'], '.3f')} against {rep.num(bp['test_accuracy'], '.3f')}"
     )
-    step_ratio = _num(r["step_time_ms"] / bp["step_time_ms"] if r["step_time_ms"] else None, ".2f")
+    step_ratio = rep.num(
+      r["step_time_ms"] / bp["step_time_ms"] if r["step_time_ms"] else None, ".2f"
+    )
     lines.append(
       f"- {label}: a step takes {step_ratio}× a backprop step (R_f/R_b = "
       f"{r['runtime_ratio'] / bp['runtime_ratio']:.2f}, each R against its run's own base "

@@ -106,7 +106,7 @@ def memory_row(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _mib(x: int | None) -> str:
-  return "–" if x is None else f"{x / _MIB:.1f}"
+  return rep.num(None if x is None else x / _MIB, ".1f")
 
 
 def render(doc: dict[str, Any]) -> str:

@@ -200,8 +200,8 @@ def render(result: dict[str, Any]) -> str:
   for k in s["tangents"]:
     peer = _peer_ms(result, k)
     ours = [ms.get(f"fwdgrad_jax {sc} k={k}") for sc in s["schemes"]]
-    row = [str(k), *[f"{t:.2f}" for t in ours], "–" if peer is None else f"{peer:.2f}"]
-    row += ["–" if peer is None else f"{peer / t:.2f}×" for t in ours]
+    row = [str(k), *[f"{t:.2f}" for t in ours], rep.num(peer, ".2f")]
+    row += [rep.num(peer and peer / t, "{:.2f}×") for t in ours]
     lines.append("| " + " | ".join(row) + " |")
   peer_info = result.get("peer") or result.get("peer_standalone")
   who = f"PyTorch {peer_info['torch']} ({peer_info['threads']} threads)" if peer_info else "no peer"

@@ -182,11 +182,6 @@ def _label(r: dict[str, Any]) -> str:
   return f"{r['method']} lr {r['lr']:g}"
 
 
-def _f(x, spec=".4f"):
-  # NaN is written to JSON as null: a diverged run.
-  return "NaN (diverged)" if x is None else format(x, spec)
-
-
 def _smooth(x: np.ndarray, w: int = 10) -> np.ndarray:
   if len(x) < w:
     return x
@@ -216,7 +211,13 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
   table = rep.Table(["run", "lr", "final loss", "mean cosine to ∇f", "true gradients paid"])
   for r in runs:
     true_grads = {"guided": r["true_grads"], "backprop": "every step"}.get(r["method"], 0)
-    table.add_row(_label(r), f"{r['lr']:g}", _f(r["final_loss"]), _f(r["mean_cosine"]), true_grads)
+    table.add_row(
+      _label(r),
+      f"{r['lr']:g}",
+      rep.num(r["final_loss"], ".4f", "NaN (diverged)"),
+      rep.num(r["mean_cosine"], ".4f", "NaN (diverged)"),
+      true_grads,
+    )
   lines += table.lines()
   guided = [r for r in runs if r["method"] == "guided"]
   decays = sorted({r["decay_rate"] for r in guided})
@@ -232,7 +233,7 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
       cells = []
       for sh in shuffles:
         m = [r for r in guided if r["decay_rate"] == d and r["shuffle_ratio"] == sh]
-        cells.append(_f(m[0]["final_loss"]) if m else rep.DASH)
+        cells.append(rep.num(m[0]["final_loss"], ".4f", "NaN (diverged)") if m else rep.DASH)
       table.add_row(f"{d:g}", *cells)
     lines += table.lines()
   png = out / f"guided_{model}.png"
