@@ -7,5 +7,6 @@
   ("number or dash", learning rates), argparse list types, figure saving.
 * :mod:`.config`: the repository root and Hydra composition of ``configs/``.
 * :mod:`.sgd`: the one jittable, vmappable "SGD on an estimator" loop in ``lax.scan``.
+* :mod:`.run_dirs`: the training app's run directories (metrics, summary), the data set choice.
 * :mod:`.analysis`: reading training curves (time to a loss, T_f/T_b, curves over seeds).
 """

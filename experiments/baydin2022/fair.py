@@ -25,11 +25,10 @@ per lr and seed) go under ``--sweeps-dir`` (default ``<out>/sweeps``).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from experiments._lib import analysis, script
+from experiments._lib import analysis, run_dirs, script
 from experiments._lib import report as rep
 from experiments._lib.config import APP, compose
 from fwdgrad_jax.training import lr_search, records
@@ -91,32 +90,20 @@ def _data_name(choice: str, data_dir: str | None) -> tuple[str, list[str]]:
   return "fashion_mnist", ["mnist is not prepared here (offline); used fashion_mnist"]
 
 
-def _records(run_dir: str | None) -> list[dict[str, Any]]:
-  if run_dir is None:
-    return []
-  path = Path(run_dir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _summary(run_dir: str | None) -> dict[str, Any]:
-  path = Path(run_dir) / "summary.json" if run_dir else None
-  return json.loads(path.read_text()) if path and path.exists() else {}
-
-
 def _pick(search: lr_search.LrSearch, lr: float | None) -> dict[str, Any] | None:
   """The runs of one lr of a search: per seed, its run dir, summary and curve."""
   if lr is None:
     return None
   i = search.lrs.index(lr)
   runs = search.extra["runs"][i]
-  summaries = [_summary(r) for r in runs]
+  summaries = [run_dirs.summary(r) for r in runs]
   return {
     "lr": lr,
     "loss": search.curve[i],
     "test_accuracy": analysis.finite_median(s.get("test_accuracy") for s in summaries),
     "diverged": any(search.diverged[i]),
     "run_dirs": runs,
-    "curves": [analysis.curve(_records(r)) for r in runs],
+    "curves": [analysis.curve(run_dirs.metrics(r)) for r in runs],
   }
 
 
@@ -124,7 +111,7 @@ def _time_to_loss(bp: dict[str, Any] | None, fw: dict[str, Any] | None) -> dict[
   if bp is None or fw is None:
     return None
   pairs = [
-    analysis.time_to_backprop_loss(_records(b), _records(f))
+    analysis.time_to_backprop_loss(run_dirs.metrics(b), run_dirs.metrics(f))
     for b, f in zip(bp["run_dirs"], fw["run_dirs"])
   ]
   return analysis.aggregate_time_to_loss(pairs)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments._lib import report as rep
-from experiments._lib import script
+from experiments._lib import run_dirs, script
 from experiments._lib.config import APP, compose
 from fwdgrad_jax.training import lr_search, records
 
@@ -65,18 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--sweeps-dir", type=Path, default=None, help="(<out>/sweeps)")
   parser.add_argument("--app", type=Path, default=APP, help="the Hydra training app")
   parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
-
-
-def _records(run_dir: str | None) -> list[dict[str, Any]]:
-  if not run_dir or not (Path(run_dir) / "metrics.jsonl").exists():
-    return []
-  out = []
-  for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-    try:
-      out.append(json.loads(line))
-    except json.JSONDecodeError:
-      pass
-  return out
 
 
 def _finite(x: Any) -> bool:
@@ -163,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         run_dir = search.extra["runs"][i][j]
         path = Path(run_dir) / "summary.json" if run_dir else None
         s = json.loads(path.read_text()) if path and path.exists() else {}
-        recs = _records(run_dir)
+        recs = run_dirs.metrics(run_dir)
         losses = [r.get("train_loss") for r in recs if "train_loss" in r]
         steps = [r["step"] for r in recs if "train_loss" in r]
         spike_at = [steps[k] for k in spikes(losses, args.spike)]

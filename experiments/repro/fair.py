@@ -43,11 +43,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-from experiments._lib import analysis, script
+from experiments._lib import analysis, run_dirs, script
 from experiments._lib import report as rep
 from experiments._lib.config import APP, compose
 from fwdgrad_jax.training import lr_search, records
@@ -104,31 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_name(choice: str, overrides: list[str]) -> tuple[str, str | None]:
-  from fwdgrad_jax import data
-
-  if choice != "auto":
-    return choice, None
   data_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("data.data_dir=")), None)
-  if data.is_prepared("mnist", data_dir=data_dir):
-    return "mnist", None
-  return "fashion_mnist", "MNIST is not prepared here (offline, no network): ran on Fashion-MNIST"
-
-
-def _records(run_dir: str | None) -> list[dict[str, Any]]:
-  if not run_dir or not (Path(run_dir) / "metrics.jsonl").exists():
-    return []
-  out = []
-  for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-    try:
-      out.append(json.loads(line))
-    except json.JSONDecodeError:
-      pass
-  return out
-
-
-def _summary(run_dir: str | None) -> dict[str, Any]:
-  path = Path(run_dir) / "summary.json" if run_dir else None
-  return json.loads(path.read_text()) if path and path.exists() else {}
+  return run_dirs.mnist_or_fashion(choice, data_dir)
 
 
 def _centre(method: str, optimizer: str, args: argparse.Namespace) -> float:
@@ -152,7 +128,7 @@ def _finished(sweep_dir: Path, grid, seeds: int, steps: int) -> lr_search.LrSear
     return None
   for row in search.extra["runs"]:
     for run_dir in row:
-      s = _summary(run_dir)
+      s = run_dirs.summary(run_dir)
       if not s or not (s.get("diverged") or s.get("steps") == steps):
         return None
   return search
@@ -198,13 +174,13 @@ def tune(method: str, optimizer: str, args: argparse.Namespace, data: str) -> di
   best = {"lr": search.best_lr, "runs": []}
   if search.best_index is not None:
     for run_dir in search.extra["runs"][search.best_index]:
-      s = _summary(run_dir)
+      s = run_dirs.summary(run_dir)
       best["runs"].append(
         {
           "run_dir": run_dir,
           "records": [
             {k: r.get(k) for k in ("step", "train_loss", "val_loss", "train_time_s")}
-            for r in _records(run_dir)
+            for r in run_dirs.metrics(run_dir)
           ],
           **{
             k: s.get(k)

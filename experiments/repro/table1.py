@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments._lib import report as rep
-from experiments._lib import script
+from experiments._lib import run_dirs, script
 from experiments._lib.config import compose
 from fwdgrad_jax.training import records
 
@@ -96,34 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   )
 
 
-def _mnist_data(choice: str, data_dir: str | None) -> tuple[str, str | None]:
-  from fwdgrad_jax import data
-
-  if choice != "auto":
-    return choice, None
-  if data.is_prepared("mnist", data_dir=data_dir):
-    return "mnist", None
-  return "fashion_mnist", "MNIST is not prepared here (offline, no network): ran on Fashion-MNIST"
-
-
 def _override(overrides: list[str], key: str) -> str | None:
   for o in overrides:
     if o.startswith(key + "="):
       return o.split("=", 1)[1]
   return None
-
-
-def _records(run_dir: Path) -> list[dict[str, Any]]:
-  path = run_dir / "metrics.jsonl"
-  if not path.exists():
-    return []
-  out = []
-  for line in path.read_text().splitlines():
-    try:
-      out.append(json.loads(line))
-    except json.JSONDecodeError:
-      pass
-  return out
 
 
 def _relative(path: Path) -> str:
@@ -170,7 +147,7 @@ def train_run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     done = run_lib.train(cfg, run_dir, dataset=_dataset(cfg))
   curve = [
     {k: r.get(k) for k in ("step", "train_loss", "val_loss", "val_accuracy", "train_time_s")}
-    for r in _records(run_dir)
+    for r in run_dirs.metrics(run_dir)
   ]
   return {
     "command": records.command_line(
@@ -194,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   user = list(args.overrides)
   data_dir = _override(user, "data.data_dir")
-  mnist, note = _mnist_data(args.data, data_dir)
+  mnist, note = run_dirs.mnist_or_fashion(args.data, data_dir)
   runs_dir = (args.runs_dir or args.out / "runs").absolute()
   variants = [v.strip() for v in args.fwd_variants.split(",") if v.strip()]
   unknown = [v for v in variants if v not in FWD_VARIANTS]
