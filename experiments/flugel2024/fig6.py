@@ -93,7 +93,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     help="validation examples evaluated at each eval (of the held-out split)",
   )
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--quick", action="store_true", help="width 32, k ∈ {1, 4}, 20 steps")
+  p.add_argument("--quick", action="store_true", help="width 32, k ∈ {1, 2}, 20 steps")
 
 
 def _train_all_lrs(per_example_loss, loss, apply, params, ds, lrs, args, options):
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
     args.widths, args.ks, args.weights_widths, args.steps, args.eval_every = (
       [32],
-      [1, 4],
+      [2],
       [32],
       20,
       10,

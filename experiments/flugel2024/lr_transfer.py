@@ -46,7 +46,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--lr-range", type=float, nargs=2, default=(1e-6, 1e4))
   p.add_argument("--per-decade", type=int, default=3, help="grid points per decade")
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--quick", action="store_true", help="tiny grid and run (smoke test)")
+  p.add_argument(
+    "--quick", action="store_true", help="tiny grid, MLP 784-8-10 and run (smoke test)"
+  )
 
 
 def _problem(args: argparse.Namespace):
@@ -74,6 +76,7 @@ def _objective(loss, params, train, val, *, steps, batch_size, estimator):
 def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
     args.steps, args.seeds, args.per_decade, args.train_examples = 20, 1, 1, 512
+    args.hidden, args.val_examples = 8, 256
     args.lr_range = (1e-3, 1e1)
   lo, hi = args.lr_range
   lrs = lr_search.log_grid(lo, hi, round(np.log10(hi / lo) * args.per_decade) + 1)

@@ -51,7 +51,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--steps", type=int, default=10, help="steps per timed call (loop)")
   p.add_argument("--cosine-samples", type=int, default=16)
-  p.add_argument("--quick", action="store_true", help="MLP, k ∈ {1, 2}, 2 rounds of 2 steps")
+  p.add_argument("--quick", action="store_true", help="MLP, k = 1, 2 rounds of 2 steps")
 
 
 def _config(model: str, label: str | None, k: int) -> config_lib.Config:
@@ -159,7 +159,7 @@ def _one_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
-    args.models, args.ks, args.rounds, args.steps, args.cosine_samples = "mlp", "1,2", 2, 2, 2
+    args.models, args.ks, args.rounds, args.steps, args.cosine_samples = "mlp", "1", 2, 2, 2
   return dict(
     settings=dict(
       batch_size=64,

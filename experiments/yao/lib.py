@@ -5,7 +5,7 @@ gradient and three variance reductions (averaging k directions, the direction pa
 input-generated tangents) plus the guided ("momentum") forward mode. Each is one
 :class:`fwdgrad_jax.training.config.EstimatorConfig` here, always with the RAW estimate
 (``rescale=False``): the paper's learning rates are for it. The scripts
-``experiments/yao_*.py`` build on :func:`sgd_run`, a ``lax.scan`` of plain SGD steps
+``experiments/yao/*.py`` build on :func:`sgd_run`, a ``lax.scan`` of plain SGD steps
 (no lr schedule, as in the paper) that is jittable and vmappable over the learning rate
 and the seed, so an lr grid × seeds runs as one compiled call.
 

@@ -43,7 +43,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batches", default="64,256,1024,4096")
   p.add_argument("--cnn-batches", default="64,256,1024")
   p.add_argument("--models", default="mlp,yao_cnn")
-  p.add_argument("--quick", action="store_true", help="batches 16, 64; two methods")
+  p.add_argument("--quick", action="store_true", help="MLP only, batches 16, 64; two methods")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     methods = METHODS[model]
     if args.quick:
       batches, methods = [16, 64], methods[:2]
+      if model != "mlp":
+        continue
     problem = benchmark.make_problem(
       model,
       model_options=yao.MODEL_OPTIONS[model],

@@ -62,7 +62,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--steps", type=int, default=10, help="steps per timed call (multiple of 10)")
   p.add_argument("--models", default="mlp,yao_cnn")
   p.add_argument("--no-sweep", action="store_true", help="skip Fig. 13")
-  p.add_argument("--quick", action="store_true", help="batch 32, 2 rounds, k 1,2")
+  p.add_argument(
+    "--quick", action="store_true", help="MLP, backprop and naive, k = 2, batch 32, 2 rounds"
+  )
 
 
 def _time_group(model: str, labels: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -115,10 +117,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   ks = args.ks
   if args.quick:
-    args.batch_size, args.rounds, ks = 32, 2, [1, 2]
+    args.batch_size, args.rounds, ks, args.models = 32, 2, [2], "mlp"
   table = {}
   for model in args.models.split(","):
     names = TABLE_MLP if model == "mlp" else TABLE_CNN
+    names = names[:2] if args.quick else names
     table[model] = _time_group(model, {n: yao.estimator_config(n) for n in names}, args)
     print(model, {n: round(v["ms"]["median"], 2) for n, v in table[model].items()}, flush=True)
   sweep = None
