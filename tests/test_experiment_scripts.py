@@ -17,14 +17,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 
-#: Scripts whose quick run is more than a few seconds on 2 cores, with the reason.
+#: Scripts whose quick run takes more than ~30 s on 2 shared cores, with the reason
+#: (run them with ``-m slow``); the others together take a few minutes at most.
 SLOW = {
   "experiments.baydin2022.fair": "tunes both methods through the Hydra app in subprocesses",
   "experiments.baydin2022.training": "trains three models with both methods on Fashion-MNIST",
+  "experiments.flugel2024.lr_transfer": "19 lr searches, each a compiled vmapped training run",
+  "experiments.flugel2024.table45": "compiles ResNet18 and ViT steps for every variant",
+  "experiments.perturbation.benchmark": "compiles and times every tangent scheme, then cosines",
   "experiments.perturbation.training": "an Optuna lr sweep of the Hydra app per variant",
   "experiments.repro.explosions": "a sweep of the Hydra app in subprocesses",
   "experiments.repro.fair": "tunes every method and optimizer through the Hydra app",
   "experiments.repro.table1": "trains every row of Table I",
+  "experiments.yao.guided": "Yao's CNN stepped from the host, backprop and guided runs",
+  "experiments.yao.time": "compiles the app's training loop for every method and times it",
 }
 #: Scripts that need what a test machine may not have.
 NEEDS = {
