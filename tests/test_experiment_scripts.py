@@ -26,9 +26,9 @@ SLOW = {
   "experiments.flugel2024.table45": "compiles ResNet18 and ViT steps for every variant",
   "experiments.perturbation.benchmark": "compiles and times every tangent scheme, then cosines",
   "experiments.perturbation.training": "an Optuna lr sweep of the Hydra app per variant",
-  "experiments.repro.explosions": "a sweep of the Hydra app in subprocesses",
-  "experiments.repro.fair": "tunes every method and optimizer through the Hydra app",
-  "experiments.repro.table1": "trains every row of Table I",
+  "experiments.repro.explosions": "a sweep of the Hydra app in subprocesses, on the real data",
+  "experiments.repro.fair": "tunes both methods through the Hydra app, on the real data",
+  "experiments.repro.table1": "trains two Table I rows through the app, on the real data",
   "experiments.yao.guided": "Yao's CNN stepped from the host, backprop and guided runs",
   "experiments.yao.time": "compiles the app's training loop for every method and times it",
 }
