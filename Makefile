@@ -33,7 +33,7 @@ demo: install data
 # Beale and Rosenbrock minimised with forward gradients and jax.grad (Baydin et al. Fig. 2,
 # fewer iterations); writes the figure and its JSON under outputs/baydin2022_fig2/.
 functions: install
-	$(PY) experiments/baydin2022_fig2.py --quick
+	$(PY) -m experiments.baydin2022.fig2 --quick
 
 test: install
 	$(PY) -m pytest -q --nbmake tests notebooks

@@ -34,10 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fwdgrad_jax import analysis
+if not __package__:  # run as a path (python experiments/compare.py): put the root on sys.path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments._lib import analysis
+from experiments._lib import report as rep
+from experiments._lib.config import APP, ROOT, compose
 from fwdgrad_jax.training import records as records_lib
 
-ROOT = Path(__file__).resolve().parents[1]
 COLORS = ("tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
@@ -63,9 +67,8 @@ def load_rows(path: Path) -> dict[str, Any]:
 
 
 def _compose(overrides: list[str]):
-  from fwdgrad_jax.training import config as config_lib
 
-  return config_lib.compose(overrides, config_dir=ROOT / "configs")
+  return compose(overrides)
 
 
 def plan(
@@ -188,7 +191,7 @@ def tune(args: argparse.Namespace, demo: dict[str, Any]) -> dict[str, Any]:
   lrs = [float(x) for x in args.lrs.split(",")]
   seeds = [int(s) for s in args.seeds.split(",")]
   res = lr_search.run_sweep(
-    ROOT / "experiments" / "train.py",
+    APP,
     (args.out / "sweep").absolute(),
     lrs,
     seeds=seeds,
@@ -218,10 +221,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def _num(value: float | None, spec: str) -> str:
-  return "–" if value is None else format(value, spec)
-
-
 def table(result: dict[str, Any]) -> str:
   """The comparison as a Markdown table, with R_f/R_b and what it says."""
   rows = result["rows"]
@@ -239,10 +238,10 @@ def table(result: dict[str, Any]) -> str:
       lines.append(f"| {label} | {r['lr']:g} | diverged at step {r['steps']} | | | | | | | |")
       continue
     lines.append(
-      f"| {label} | {r['lr']:g} | {r['steps']} | {_num(r['train_time_s'], '.1f')} | "
-      f"{_num(r['test_accuracy'], '.4f')} | {_num(r['test_loss'], '.4f')} | "
-      f"{_num(r['best_val_loss'], '.4f')} | {_num(r['step_time_ms'], '.2f')} | "
-      f"{_num(r['runtime_ratio'], '.2f')} | {_num(r['cosine_to_true_grad'], '.4f')} |"
+      f"| {label} | {r['lr']:g} | {r['steps']} | {rep.num(r['train_time_s'], '.1f')} | "
+      f"{rep.num(r['test_accuracy'], '.4f')} | {rep.num(r['test_loss'], '.4f')} | "
+      f"{rep.num(r['best_val_loss'], '.4f')} | {rep.num(r['step_time_ms'], '.2f')} | "
+      f"{rep.num(r['runtime_ratio'], '.2f')} | {rep.num(r['cosine_to_true_grad'], '.4f')} |"
     )
   lines += [
     "",
@@ -257,9 +256,11 @@ def table(result: dict[str, Any]) -> str:
       f"diverged at step {r['steps']}"
       if r["diverged"]
       else f"ran {r['steps'] / bp['steps']:.2f}× backprop's steps and reached test accuracy "
-      f"{_num(r['test_accuracy'], '.3f')} against {_num(bp['test_accuracy'], '.3f')}"
+      f"{rep.num(r['test_accuracy'], '.3f')} against {rep.num(bp['test_accuracy'], '.3f')}"
     )
-    step_ratio = _num(r["step_time_ms"] / bp["step_time_ms"] if r["step_time_ms"] else None, ".2f")
+    step_ratio = rep.num(
+      r["step_time_ms"] / bp["step_time_ms"] if r["step_time_ms"] else None, ".2f"
+    )
     lines.append(
       f"- {label}: a step takes {step_ratio}× a backprop step (R_f/R_b = "
       f"{r['runtime_ratio'] / bp['runtime_ratio']:.2f}, each R against its run's own base "
@@ -292,9 +293,7 @@ def plot(path: Path, result: dict[str, Any]) -> None:
     f"{result['budget_s']:g} s of training each",
     fontsize=10,
   )
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  rep.save_figure(fig, path, dpi=110)
 
 
 def _report_search(result: dict[str, Any], out: Path) -> list[Path]:
@@ -307,10 +306,7 @@ def _report_search(result: dict[str, Any], out: Path) -> list[Path]:
   ax.set(xlabel="learning rate", ylabel=f"{s['objective']} (mean over seeds)")
   ax.set_title(f"{result['row']}: {result['budget_s']:g} s per run (× diverged)", fontsize=9)
   ax.grid(alpha=0.3, which="both")
-  fig.tight_layout()
-  png = out / "lr_search.png"
-  fig.savefig(png, dpi=110)
-  plt.close(fig)
+  png = rep.save_figure(fig, out / "lr_search.png", dpi=110)
   edge = " (at the grid's edge: widen it)" if s["at_grid_edge"] else ""
   print(f"{result['row']}: best lr {s['best_lr']} ({s['objective']} {s['best_loss']}){edge}")
   print(f"diverged: {s['diverged_lrs'] or 'none'}; sweep: {result['sweep_command']}")

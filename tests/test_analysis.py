@@ -1,8 +1,8 @@
-"""Tests of fwdgrad_jax.analysis: time/iterations to a loss and Baydin's T_f/T_b."""
+"""Tests of experiments._lib.analysis: time/iterations to a loss and Baydin's T_f/T_b."""
 
 import pytest
 
-from fwdgrad_jax import analysis
+from experiments._lib import analysis
 
 
 def _records(points):

@@ -7,14 +7,16 @@ write their JSON with provenance, and rebuild their report from it alone.
 import json
 from pathlib import Path
 
-import _scripts
 import pytest
+
+from experiments.baydin2022 import fair as baydin2022_fair
+from experiments.baydin2022 import training as baydin2022_training
 
 
 @pytest.mark.slow
 def test_training_quick_run_writes_results_and_reports_again(tiny_data, tmp_path):
   data_dir, _ = tiny_data
-  script = _scripts.load("baydin2022_training")
+  script = baydin2022_training
   out = tmp_path / "results"
   argv = ["--quick", "--models", "logreg", "--data", "auto", "--data-dir", str(data_dir)]
   script.main([*argv, "--val-size", "64", "--out", str(out)])
@@ -49,7 +51,7 @@ def test_training_quick_run_writes_results_and_reports_again(tiny_data, tmp_path
   again = tmp_path / "again"
   other = json.loads((out / "training.json").read_text())
   other["models"] = {"mlp": {**e, "model": "mlp", "title": "MLP 784-1024-1024-10, lr 2e-5"}}
-  other["provenance"]["command"] = "python experiments/baydin2022_training.py --models mlp"
+  other["provenance"]["command"] = "python -m experiments.baydin2022.training --models mlp"
   (tmp_path / "other.json").write_text(json.dumps(other))
   script.main(
     ["--report-only", str(out / "training.json"), str(tmp_path / "other.json"), "--out", str(again)]
@@ -63,7 +65,7 @@ def test_training_quick_run_writes_results_and_reports_again(tiny_data, tmp_path
 def test_fair_quick_run_tunes_each_method_with_the_lr_search(tiny_data, tmp_path):
   pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
   data_dir, _ = tiny_data
-  script = _scripts.load("baydin2022_fair")
+  script = baydin2022_fair
   out = tmp_path / "fair"
   argv = ["--quick", "--presets", "baydin_logreg", "--data-dir", str(data_dir)]
   argv += ["--steps", "20", "--eval-every", "10", "--val-size", "64", "--out", str(out)]

@@ -9,9 +9,10 @@ one more parameter-sized buffer in the compiled step.
 import json
 import time
 
-import _scripts
 import pytest
 
+from experiments.baydin2022 import scaling as baydin2022_scaling
+from experiments.benchmarks import benchmark
 from fwdgrad_jax.training import benchmark as bench
 from fwdgrad_jax.training import records as records_lib
 
@@ -131,7 +132,7 @@ def test_time_configs_times_training_configs():
 
 
 def test_markdown_has_a_row_per_variant_and_the_hardware(tiny):
-  prov = records_lib.provenance([], program="experiments/benchmark.py")
+  prov = records_lib.provenance([], program="experiments/benchmarks/benchmark.py")
   md = bench.render_markdown({**tiny, "provenance": prov})
   for r in tiny["variants"]:
     assert sum(line.startswith(f"| {r['name']} |") for line in md.splitlines()) == 1
@@ -142,7 +143,7 @@ def test_markdown_has_a_row_per_variant_and_the_hardware(tiny):
 def test_cli_writes_json_with_provenance_and_md(tmp_path, capsys):
   argv = ["--model", "logreg", "--batch-size", "4", "--tangents", "2", "--aggregations"]
   argv += ["orthogonal", "--memory-only", "--model-option", "use_bias=false"]
-  res = _scripts.load("benchmark").main([*argv, "--out", str(tmp_path)])
+  res = benchmark.main([*argv, "--out", str(tmp_path)])
   assert [r["name"] for r in res["variants"]] == ["base", "backprop", "forward k=2 orthogonal"]
   rec = json.loads((tmp_path / "logreg_b4.json").read_text())
   assert rec["settings"]["model_options"] == {"use_bias": False}
@@ -153,7 +154,7 @@ def test_cli_writes_json_with_provenance_and_md(tmp_path, capsys):
   assert "| forward k=2 orthogonal |" in md and "median ms" not in md
   assert "| backprop |" in capsys.readouterr().out
   # The report alone, again, from the JSON.
-  _scripts.load("benchmark").main(
+  benchmark.main(
     ["--report-only", str(tmp_path / "logreg_b4.json"), "--out", str(tmp_path / "again")]
   )
   assert (tmp_path / "again" / "logreg_b4.md").read_text() == md
@@ -163,7 +164,7 @@ def test_cli_writes_json_with_provenance_and_md(tmp_path, capsys):
 def test_scaling_quick_writes_its_files(tmp_path):
   # One timed depth (each costs six compiles) and a second, compile-only batch size.
   argv = ["--quick", "--depths", "2", "--width", "32", "--out", str(tmp_path)]
-  doc = _scripts.load("baydin2022_scaling").main(argv)
+  doc = baydin2022_scaling.main(argv)
   for name in ("scaling.json", "scaling.md"):
     assert (tmp_path / name).stat().st_size > 500
   for name in ("scaling_runtime.png", "scaling_memory_depth.png", "scaling_memory_batch.png"):

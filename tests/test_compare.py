@@ -2,8 +2,9 @@
 
 import json
 
-import _scripts
 import pytest
+
+from experiments import compare as compare_script
 
 SMALL = [
   "data.val_size=64",
@@ -25,7 +26,7 @@ def _rows(tmp_path, budget=1.0):
 
 
 def test_the_demo_rows_are_tuned_and_compose():
-  compare = _scripts.load("compare")
+  compare = compare_script
   demo = compare.load_rows(compare.ROOT / "configs" / "demo.yaml")
   assert {"backprop", "forward k=1", "activity k=16 orthogonal"} <= set(demo["rows"])
   for label, row in demo["rows"].items():
@@ -44,7 +45,7 @@ def test_the_demo_rows_are_tuned_and_compose():
 @pytest.mark.slow
 def test_compare_gives_every_row_the_same_time_budget(tiny_data, tmp_path, capsys):
   data_dir, _ = tiny_data
-  compare = _scripts.load("compare")
+  compare = compare_script
   argv = ["--config", str(_rows(tmp_path)), f"data.data_dir={data_dir}", *SMALL]
   assert compare.main([*argv, "--out", str(tmp_path / "out")]) == 0
   result = json.loads((tmp_path / "out" / "comparison.json").read_text())
@@ -70,7 +71,7 @@ def test_compare_gives_every_row_the_same_time_budget(tiny_data, tmp_path, capsy
 def test_the_demo_rows_run_twice_into_the_same_directory_fresh(tiny_data, tmp_path):
   # configs/demo.yaml's own rows, on a small MLP for 10 steps.
   data_dir, _ = tiny_data
-  compare = _scripts.load("compare")
+  compare = compare_script
   argv = [f"data.data_dir={data_dir}", *SMALL, "train.steps=10", "train.log_every=5"]
   argv += ["train.eval_every=5", "--out", str(tmp_path)]
   for _ in range(2):  # the second run starts fresh instead of resuming finished runs
@@ -81,7 +82,7 @@ def test_the_demo_rows_run_twice_into_the_same_directory_fresh(tiny_data, tmp_pa
 
 
 def test_compare_rejects_a_bad_value_with_exit_code_2(tmp_path, capsys):
-  compare = _scripts.load("compare")
+  compare = compare_script
   argv = ["--config", str(_rows(tmp_path)), "estimator.num_tangents=0", "--out", str(tmp_path)]
   assert compare.main(argv) == 2
   assert "estimator.num_tangents=0" in capsys.readouterr().err
@@ -91,7 +92,7 @@ def test_compare_rejects_a_bad_value_with_exit_code_2(tmp_path, capsys):
 def test_tune_runs_the_row_lr_search(tiny_data, tmp_path, capsys):
   pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
   data_dir, _ = tiny_data
-  compare = _scripts.load("compare")
+  compare = compare_script
   argv = ["--config", str(_rows(tmp_path, budget=0.5)), f"data.data_dir={data_dir}", *SMALL]
   argv += ["--tune", "backprop", "--lrs", "0.01,1e8", "--out", str(tmp_path / "tune")]
   assert compare.main(argv) == 0

@@ -2,13 +2,15 @@
 
 import json
 
-import _scripts
 import numpy as np
 import pytest
 
+from experiments.baydin2022 import fig1 as baydin2022_fig1
+from experiments.baydin2022 import fig2 as baydin2022_fig2
+
 
 def test_fig1_writes_the_png_and_consistent_numbers(tmp_path):
-  _scripts.load("baydin2022_fig1").main(["--out", str(tmp_path), "--seed", "1"])
+  baydin2022_fig1.main(["--out", str(tmp_path), "--seed", "1"])
   assert (tmp_path / "fig1_beale_samples.png").stat().st_size > 10_000
   rec = json.loads((tmp_path / "fig1_beale_samples.json").read_text())
   true = np.array(rec["true_gradient"])
@@ -27,7 +29,7 @@ def test_fig1_writes_the_png_and_consistent_numbers(tmp_path):
 
 def test_fig2_quick_writes_the_png_and_sane_numbers(tmp_path):
   argv = ["--quick", "--runs", "3", "--timing-reps", "3", "--out", str(tmp_path)]
-  _scripts.load("baydin2022_fig2").main(argv)
+  baydin2022_fig2.main(argv)
   assert (tmp_path / "fig2_test_functions.png").stat().st_size > 10_000
   rec = json.loads((tmp_path / "fig2_test_functions.json").read_text())
   assert set(rec["functions"]) == {"beale", "rosenbrock"}
@@ -57,7 +59,7 @@ def test_fig2_quick_writes_the_png_and_sane_numbers(tmp_path):
       assert len(m["trajectories"][0]) == len(its) and len(m["trajectories"][0][0]) == 2
   # The report alone redraws the figure from the JSON.
   again = tmp_path / "again"
-  _scripts.load("baydin2022_fig2").main(
+  baydin2022_fig2.main(
     ["--report-only", str(tmp_path / "fig2_test_functions.json"), "--out", str(again)]
   )
   assert (again / "fig2_test_functions.png").stat().st_size > 10_000

@@ -7,15 +7,18 @@ subprocesses) run on the tiny data set in the slow tests.
 
 import json
 
-import _scripts
 import pytest
+
+from experiments.repro import explosions as repro_explosions
+from experiments.repro import fair as repro_fair
+from experiments.repro import table1 as repro_table1
 
 SMALL = ["data.val_size=64", "model.options.hidden=[32]", "train.batch_size=16"]
 
 
 def test_table1_runs_the_rows_reuses_them_and_lists_cifar_as_not_run(tiny_data, tmp_path):
   data_dir, _ = tiny_data
-  table1 = _scripts.load("repro_table1")
+  table1 = repro_table1
   rows = "repro_nn_mnist_sgd_bp,repro_nn_mnist_sgd_fwd,repro_vgg_cifar10_sgd_fwd"
   argv = ["--rows", rows, "--nn-epochs", "0.02", "--evals", "2", "--out", str(tmp_path)]
   argv += ["--fwd-variants", "preset,clip 1"]
@@ -54,7 +57,7 @@ def test_table1_runs_the_rows_reuses_them_and_lists_cifar_as_not_run(tiny_data, 
 
 
 def test_table1_merge_orders_rows_as_the_paper_and_keeps_every_command():
-  table1 = _scripts.load("repro_table1")
+  table1 = repro_table1
   row = lambda name: {"row": name, "runs": {}}  # noqa: E731
   a = {"data_note": "n", "rows": [row("repro_nn_mnist_sgd_bp")], "provenance": {"command": "A"}}
   b = {"data_note": None, "rows": [row("repro_nn_mnist_sgd_fwd")], "provenance": {"command": "B"}}
@@ -78,7 +81,7 @@ def _run(curve, step_ms=1.0):
 
 
 def test_fair_compare_measures_both_directions():
-  fair = _scripts.load("repro_fair")
+  fair = repro_fair
   bp = {"best": {"runs": [_run([(100, 1.0), (200, 0.5), (300, 0.4), (400, 0.45)])]}}
   # Forward never reaches bp's best (0.4); its best, 0.5 at step 400, bp had at step 200.
   fw = {"best": {"runs": [_run([(100, 1.2), (200, 0.8), (300, 0.6), (400, 0.5)], step_ms=2.0)]}}
@@ -96,7 +99,7 @@ def test_fair_compare_measures_both_directions():
 
 
 def test_explosion_spikes_and_conditions():
-  exp = _scripts.load("repro_explosions")
+  exp = repro_explosions
   # Index 3 (5.0 > 2 × 2.0) and index 5 (4.5 > 2 × 2.0) are spikes; None (diverged) is skipped.
   assert exp.spikes([3.0, 2.5, 2.0, 5.0, 3.9, 4.5, None], 2.0) == [3, 5]
   assert exp.spikes([2.0, 1.0, 0.5], 2.0) == []
@@ -122,7 +125,7 @@ def test_explosions_sweep_goes_on_after_a_divergence(tiny_data, tmp_path):
   # An lr far too large without safeguards: every seed diverges, each job still writes
   # its summary and the sweep runs the next one.
   data_dir, _ = tiny_data
-  exp = _scripts.load("repro_explosions")
+  exp = repro_explosions
   argv = ["--lrs", "1e3", "--seeds", "2", "--steps", "20", "--log-every", "2"]
   doc = exp.main(
     [*argv, "--conditions", "none", "--out", str(tmp_path), f"data.data_dir={data_dir}", *SMALL]
@@ -136,7 +139,7 @@ def test_explosions_sweep_goes_on_after_a_divergence(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_fair_tunes_each_method_and_compares(tiny_data, tmp_path):
   data_dir, _ = tiny_data
-  fair = _scripts.load("repro_fair")
+  fair = repro_fair
   argv = ["--optimizers", "sgd", "--steps", "20", "--evals", "4", "--factors", "1,3"]
   doc = fair.main([*argv, "--out", str(tmp_path), f"data.data_dir={data_dir}", *SMALL])
   methods = doc["optimizers"]["sgd"]["methods"]

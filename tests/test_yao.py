@@ -1,11 +1,11 @@
-"""fwdgrad_jax.yao: the SGD runs the Yao experiments are built on."""
+"""experiments.yao.lib: the SGD runs the Yao experiments are built on."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fwdgrad_jax import yao
+from experiments.yao import lib as yao
 
 
 @pytest.fixture(scope="module")

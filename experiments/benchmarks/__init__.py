@@ -1,0 +1,1 @@
+"""Step time and memory of the estimators, against peers and tangent layouts."""

@@ -1,0 +1,1 @@
+"""Where tangents enter (weights, activities): step time, memory, cosine and training."""

@@ -1,0 +1,1 @@
+"""The reproduction study: Table I, the fair per-optimizer comparison, explosions."""

@@ -1,0 +1,1 @@
+"""Yao, "Studies on Forward Mode Gradient Descent": lr stability, estimate error, guided, time, memory."""

@@ -1,0 +1,78 @@
+"""Every experiment script runs its ``--quick`` smoke test in-process and writes its result.
+
+The scripts are found, not listed: every module below ``experiments/<folder>/`` with a
+``main(argv)`` (the shared command line, :func:`experiments._lib.script.main`). Each runs
+as ``main(["--quick", "--out", tmp])`` in this process (one jax import for all) and must
+write its result JSON (with the recorded command) and a report.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+
+#: Scripts whose quick run takes more than ~30 s on 2 shared cores, with the reason
+#: (run them with ``-m slow``); the others together take a few minutes at most.
+SLOW = {
+  "experiments.baydin2022.fair": "tunes both methods through the Hydra app in subprocesses",
+  "experiments.baydin2022.training": "trains three models with both methods on Fashion-MNIST",
+  "experiments.flugel2024.lr_transfer": "19 lr searches, each a compiled vmapped training run",
+  "experiments.flugel2024.table45": "compiles ResNet18 and ViT steps for every variant",
+  "experiments.perturbation.benchmark": "compiles and times every tangent scheme, then cosines",
+  "experiments.perturbation.training": "an Optuna lr sweep of the Hydra app per variant",
+  "experiments.repro.explosions": "a sweep of the Hydra app in subprocesses, on the real data",
+  "experiments.repro.fair": "tunes both methods through the Hydra app, on the real data",
+  "experiments.repro.table1": "trains two Table I rows through the app, on the real data",
+  "experiments.yao.guided": "Yao's CNN stepped from the host, backprop and guided runs",
+  "experiments.yao.time": "compiles the app's training loop for every method and times it",
+}
+#: Scripts that need what a test machine may not have.
+NEEDS = {
+  "experiments.benchmarks.peer": "a Python with torch ($FWDGRAD_PEER_PYTHON) for the peer",
+}
+
+
+def _scripts() -> list[str]:
+  out = []
+  for path in sorted(EXPERIMENTS.glob("*/*.py")):
+    if path.parent.name.startswith("_") or path.stem in ("__init__", "lib"):
+      continue
+    if "def main(" in path.read_text():
+      out.append(".".join(path.relative_to(ROOT).with_suffix("").parts))
+  return out
+
+
+SCRIPTS = _scripts()
+
+
+def _param(name: str):
+  marks = []
+  if name in SLOW:
+    marks.append(pytest.mark.slow)
+  if name in NEEDS:
+    marks.append(pytest.mark.skip(reason=NEEDS[name]))
+  return pytest.param(name, marks=marks, id=name.removeprefix("experiments."))
+
+
+def test_the_scripts_are_found():
+  assert len(SCRIPTS) >= 20 and "experiments.flugel2024.fig4" in SCRIPTS
+  assert set(SLOW) | set(NEEDS) <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", [_param(n) for n in SCRIPTS])
+def test_quick_run_writes_its_result(name, tmp_path, capsys):
+  module = importlib.import_module(name)
+  result = module.main(["--quick", "--out", str(tmp_path)])
+  assert isinstance(result, dict) and result["provenance"]["command"].startswith(
+    f"python -m {name} --quick"
+  )
+  written = [p for p in tmp_path.rglob("*.json") if p.parent == tmp_path]
+  assert written, f"{name} wrote no result JSON under --out"
+  assert any(json.loads(p.read_text()).get("provenance") for p in written)
+  assert list(tmp_path.glob("*.md")) or list(tmp_path.glob("*.png")), "no report written"
