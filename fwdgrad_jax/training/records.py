@@ -441,6 +441,7 @@ def script_main(
   merge: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
   argv: Sequence[str] | None = None,
   outputs: str | os.PathLike[str] = "outputs",
+  module: str | None = None,
 ) -> dict[str, Any]:
   """The shared command line: run → JSON (with provenance) → report, or only the report.
 
@@ -468,16 +469,21 @@ def script_main(
       separate commands); without it only one file is accepted.
     argv: the arguments (default ``sys.argv[1:]``).
     outputs: parent of the default output directories (relative to the cwd).
+    module: the script's module name when it runs as ``python -m <module>`` (e.g.
+      ``experiments.flugel2024.fig4``): the recorded command and ``--help`` use that form,
+      and the default output folder is named after the module below its package
+      (``flugel2024_fig4``). None: the script runs as a path.
 
   Returns:
     The result as written (with ``provenance``), or the merged result of
     ``--report-only``.
   """
   script = Path(file)
+  stem = "_".join(module.split(".")[1:]) if module else script.stem
   doc = (description or "").strip()
   head, _, rest = doc.partition("\n")
   parser = argparse.ArgumentParser(
-    prog=f"python {_relpath(script)}",
+    prog=f"python -m {module}" if module else f"python {_relpath(script)}",
     description=head or None,
     epilog=rest.strip() or None,
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -488,7 +494,7 @@ def script_main(
     "--out",
     type=Path,
     default=None,
-    help=f"output directory (default: a fresh {outputs}/{script.stem}/<date-time>)",
+    help=f"output directory (default: a fresh {outputs}/{stem}/<date-time>)",
   )
   parser.add_argument(
     "--report-only",
@@ -502,7 +508,7 @@ def script_main(
   args = parser.parse_args(argv)
   if args.report_only is not None and len(args.report_only) > 1 and merge is None:
     parser.error("--report-only: this script reports one result file at a time")
-  out = args.out if args.out is not None else fresh_dir(outputs, script.stem)
+  out = args.out if args.out is not None else fresh_dir(outputs, stem)
   out.mkdir(parents=True, exist_ok=True)
   args.out = out
 
@@ -514,7 +520,10 @@ def script_main(
       merged = write_json(out / name, result, provenance_record=result.get("provenance"))
       print(f"wrote {merged}", flush=True)
   else:
+    # Taken before the run: the code may change during a long one.
     record = provenance(argv, program=_relpath(script))
+    if module:
+      record["command"] = shlex.join(["python", "-m", module, *argv])
     name = result_file(args) if callable(result_file) else result_file
     path = write_json(out / name, run(args), provenance_record=record)
     result = read_json(path)  # exactly what a later --report-only will see
