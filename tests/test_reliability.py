@@ -134,7 +134,7 @@ def test_a_failing_save_says_disk_full_from_tensorstores_words(tmp_path, monkeyp
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", full)
   ckpts = rundir.Checkpoints(tmp_path)
-  with pytest.raises(rundir.RunDirError, match="No space left on device"):
+  with pytest.raises(rundir.RunDirError, match=r"\(disk full: No space left on device\)"):
     ckpts.save(1, {"w": 1})
   ckpts.close()
 
