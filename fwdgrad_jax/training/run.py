@@ -327,7 +327,6 @@ def _init(
     )
   graphdef, params, rest = models.split(model)
   num_params = models.count_params(params)  # before the first chunk donates the buffers
-  _check_tangent_memory(cfg, num_params)
   eval_apply = models.apply_with_state_fn(models.eval_graphdef(graphdef, params, rest))
   loss = make_stateful_loss(graphdef)
   # What the estimator differentiates: per-example losses for activity perturbation.
@@ -623,6 +622,7 @@ def train(
     _check_resumable(run_dir, cfg)
     previous = rundir.read_json(run_dir / "summary.json")
     model = _create_model(cfg, dataset)  # bad model options fail before data loading
+    _check_tangent_memory(cfg, models.count_params(models.split(model)[1]))
     dataset = dataset if dataset is not None else _load_data(cfg)
     run, state = _init(cfg, model, dataset)
     ckpts = rundir.Checkpoints(run_dir)
