@@ -79,6 +79,23 @@ def _save_hydra_config(run_dir: Path, raw: DictConfig) -> None:
   OmegaConf.save(hydra_cfg.overrides.task, hydra_dir / "overrides.yaml")
 
 
+def _quiet_late_save_callbacks() -> None:
+  """Drops the "Event loop is closed" tracebacks of a failed checkpoint save.
+
+  TensorStore's callbacks for the writes of a failed orbax save arrive after orbax closed
+  its event loop; each prints a 6-line traceback through sys.excepthook, after the run
+  already said in one line why the save failed.
+  """
+  previous = sys.excepthook
+
+  def hook(kind, value, tb):
+    if issubclass(kind, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(kind, value, tb)
+
+  sys.excepthook = hook
+
+
 # Set once Hydra has prepared the run directory and called main: errors after that are
 # main's own to report.
 _main_called = []
@@ -97,6 +114,10 @@ def main(raw: DictConfig) -> float:
   from fwdgrad_jax.training import rundir
 
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
+  # On a full disk train.log's handler fails on every line, each a traceback on stderr;
+  # the run reports the full disk once (metrics, checkpoint) and the console keeps the log.
+  logging.raiseExceptions = False
+  _quiet_late_save_callbacks()
   run_dir = Path(HydraConfig.get().runtime.output_dir)
   started = []
 

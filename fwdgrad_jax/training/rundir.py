@@ -354,6 +354,11 @@ class Checkpoints:
     if step in self._manager.all_steps():
       return
     ocp = self._ocp
+    # orbax logs a failing save's error from each of its threads (absl ERROR lines, with
+    # the TensorStore spec): the RunDirError below says it once.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
     try:
       self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
       self._manager.wait_until_finished()
@@ -361,6 +366,8 @@ class Checkpoints:
       raise RunDirError(
         f"{self.directory}: saving the checkpoint of step {step} failed ({_reason(e)})"
       ) from e
+    finally:
+      absl.setLevel(level)
 
   def close(self) -> None:
     """Waits for pending work and closes orbax's manager (errors are not raised here)."""
@@ -483,6 +490,16 @@ class MetricsLog:
         f"{self.path}: writing the record of step {record.get('step')} failed ({_reason(e)})"
       ) from e
     self.records.append(record)
+    if self._tb is not None and not _tensorboard_alive(self._tb):
+      # Its writer thread died (a full disk): events would fill its queue and the next
+      # put would block the run forever.
+      log.warning(
+        "%s: TensorBoard's writer stopped; scalars are no longer written there (metrics.jsonl "
+        "has them all)",
+        self.path.parent / "tensorboard",
+      )
+      _close_tensorboard(self._tb, self.path.parent / "tensorboard", dead=True)
+      self._tb = None
     if self._tb is not None:
       for key, value in record.items():
         if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
@@ -493,4 +510,35 @@ class MetricsLog:
     with contextlib.suppress(OSError):
       os.close(self._fd)
     if self._tb is not None:
-      self._tb.close()
+      _close_tensorboard(self._tb, self.path.parent / "tensorboard")
+
+
+def _event_writers(writer: Any) -> list[Any]:
+  return [w.event_writer for w in (getattr(writer, "all_writers", None) or {}).values()]
+
+
+def _tensorboard_alive(writer: Any) -> bool:
+  """Whether every writer thread of a tensorboardX writer still runs."""
+  workers = [getattr(events, "_worker", None) for events in _event_writers(writer)]
+  return all(w is None or not hasattr(w, "is_alive") or w.is_alive() for w in workers)
+
+
+def _close_tensorboard(writer: Any, directory: Path, dead: bool = False) -> None:
+  """Closes a tensorboardX writer; on a full disk, drops its unwritten events in one line.
+
+  The scalars are a copy of metrics.jsonl's. tensorboardX retries a failed flush in its
+  writer thread and at exit, each time with a traceback: both are stopped here.
+  """
+  try:
+    if dead:
+      raise OSError(errno.EIO, "its writer thread stopped")
+    writer.close()
+  except OSError as e:
+    if not dead:
+      log.warning("%s: the last TensorBoard events were not written (%s)", directory, _reason(e))
+    for events in _event_writers(writer):
+      worker = events._worker
+      if worker is not None and worker.is_alive():
+        with contextlib.suppress(Exception):
+          worker.stop()
+      events._closed = True  # its atexit cleanup then does nothing
