@@ -29,6 +29,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import hydra
@@ -79,21 +80,22 @@ def _save_hydra_config(run_dir: Path, raw: DictConfig) -> None:
   OmegaConf.save(hydra_cfg.overrides.task, hydra_dir / "overrides.yaml")
 
 
-def _quiet_late_save_callbacks() -> None:
-  """Drops the "Event loop is closed" tracebacks of a failed checkpoint save.
+def _quiet_tensorboard_thread() -> None:
+  """Drops the traceback of tensorboardX's writer thread dying on a full disk.
 
-  TensorStore's callbacks for the writes of a failed orbax save arrive after orbax closed
-  its event loop; each prints a 6-line traceback through sys.excepthook, after the run
-  already said in one line why the save failed.
+  The run notices the dead writer and says so in one line (MetricsLog.write); the
+  thread's own 13-line traceback would come first.
   """
-  previous = sys.excepthook
+  previous = threading.excepthook
 
-  def hook(kind, value, tb):
-    if issubclass(kind, RuntimeError) and str(value) == "Event loop is closed":
+  def hook(args):
+    if type(args.thread).__module__.startswith("tensorboardX") and issubclass(
+      args.exc_type, OSError
+    ):
       return
-    previous(kind, value, tb)
+    previous(args)
 
-  sys.excepthook = hook
+  threading.excepthook = hook
 
 
 # Set once Hydra has prepared the run directory and called main: errors after that are
@@ -117,7 +119,7 @@ def main(raw: DictConfig) -> float:
   # On a full disk train.log's handler fails on every line, each a traceback on stderr;
   # the run reports the full disk once (metrics, checkpoint) and the console keeps the log.
   logging.raiseExceptions = False
-  _quiet_late_save_callbacks()
+  _quiet_tensorboard_thread()
   run_dir = Path(HydraConfig.get().runtime.output_dir)
   started = []
 
