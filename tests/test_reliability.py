@@ -271,3 +271,28 @@ def test_a_refused_job_does_not_stop_the_sweep(tiny_data, tmp_path):
   assert len(errors) == 1 and "Traceback" not in out.stderr
   assert errors[0].startswith(f"error: job 1 in {sweep / '1'}: optimizer.lr=-1.0: must be")
   assert "job 1" in (sweep / "1" / "train.log").read_text()
+
+
+def test_tensorboard_on_a_full_disk_neither_blocks_nor_raises(tmp_path, monkeypatch, caplog):
+  tensorboardX = pytest.importorskip("tensorboardX")
+  log = rundir.MetricsLog(tmp_path, resume_step=0)
+  assert log._tb is not None
+  with caplog.at_level(logging.WARNING):
+    # Its writer thread died on ENOSPC: the run goes on without TensorBoard, saying so.
+    monkeypatch.setattr(rundir, "_tensorboard_alive", lambda writer: False)
+    log.write({"step": 1, "train_loss": 1.0})
+    assert log._tb is None
+    log.write({"step": 2, "train_loss": 1.0})
+  assert [r["step"] for r in rundir.read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+  assert any("TensorBoard's writer stopped" in r.message for r in caplog.records)
+  log.close()
+
+  def full(self):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(tensorboardX.SummaryWriter, "close", full)
+  (tmp_path / "other").mkdir()
+  other = rundir.MetricsLog(tmp_path / "other", resume_step=0)
+  with caplog.at_level(logging.WARNING):
+    other.close()  # the final flush fails: one line, no exception
+  assert any("TensorBoard events were not written" in r.message for r in caplog.records)

@@ -6,13 +6,17 @@ what clusters and people do to a run:
 * :func:`lock` — one run per directory: a second one is refused at once, naming the
   directory; the lock is released on exit, and the lock file of a run that died
   (``kill -9``, a lost node) is taken over.
+  :func:`check_lock` notices a lock file removed or replaced under a live run
+  (``rm .lock``), which then stops before another run can mix records with it.
 * :class:`Checkpoints` — orbax checkpoints in ``checkpoints/``. Restore falls back to
   the newest readable step, saying which one it skipped and why (a truncated file, an
   empty step directory) and moving it aside; a save that fails (a full disk) raises
   :class:`RunDirError` at once, naming the directory.
 * :class:`MetricsLog` — ``metrics.jsonl``: a half-written last line is dropped with a
   note, and a resumed run rewrites the file to exactly the records up to the restored
-  step, so nothing is duplicated or out of order.
+  step, so nothing is duplicated or out of order; a line that is not a record is dropped
+  with a note. A failed write (a full disk) is undone, so no line is torn, and a file
+  replaced under the run stops it.
 * :func:`write_json` — ``config.json`` and ``summary.json``, replaced atomically.
 
 Every error message names the path it is about.
