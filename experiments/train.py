@@ -15,9 +15,11 @@ before it started — a bad or unknown key, a value of the wrong type, a resume 
 changed config, missing data, a run directory in use or not writable — with one line
 naming the key or path; 1 the run failed after it started (e.g. a checkpoint could not
 be saved: the disk is full), after writing summary.json if at all possible; 128 + the
-signal number when SIGTERM/SIGINT stopped it (checkpoint and summary.json written:
-rerun to resume). The app returns the validation loss (inf for a diverged run) for
-Hydra sweepers.
+signal number when SIGTERM/SIGINT/SIGHUP/SIGUSR1 stopped it (checkpoint and
+summary.json written: rerun to resume; a second signal stops at once, in one line). In a
+sweep (``-m``) a refused or failed job is logged and the sweep goes on (the job's
+objective is inf); the sweep then exits with that code, naming the first such job. The
+app returns the validation loss (inf for a diverged run) for Hydra sweepers.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import hydra
@@ -44,6 +47,28 @@ def _fail(message: str, code: int = 2) -> None:
   sys.exit(code)
 
 
+# Jobs of a sweep that were refused or failed: (exit code, job, message).
+_failed_jobs: list[tuple[int, str, str]] = []
+
+
+def _job_fails(message: str, code: int = 2) -> float:
+  """A single run exits with ``code``; a sweep's job is recorded and the sweep goes on.
+
+  One refused job (a bad lr among the sweep's values, a locked run directory) must not
+  cancel the jobs after it: it is logged to the console and its train.log, returns inf as
+  a diverged run does, and the sweep exits with ``code`` at its end.
+  """
+  from hydra.types import RunMode
+
+  hydra_cfg = HydraConfig.get()
+  if hydra_cfg.mode != RunMode.MULTIRUN:
+    _fail(message, code)
+  job = f"job {hydra_cfg.job.num} in {hydra_cfg.runtime.output_dir}"
+  log.error("%s failed (exit %d): %s", job, code, message)
+  _failed_jobs.append((code, job, message))
+  return math.inf
+
+
 def _save_hydra_config(run_dir: Path, raw: DictConfig) -> None:
   # Hydra's own copy (hydra.output_subdir) would be written before the run is checked,
   # overwriting the record of a run this one is then refused to resume.
@@ -53,6 +78,24 @@ def _save_hydra_config(run_dir: Path, raw: DictConfig) -> None:
   OmegaConf.save(raw, hydra_dir / "config.yaml")
   OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), hydra_dir / "hydra.yaml")
   OmegaConf.save(hydra_cfg.overrides.task, hydra_dir / "overrides.yaml")
+
+
+def _quiet_tensorboard_thread() -> None:
+  """Drops the traceback of tensorboardX's writer thread dying on a full disk.
+
+  The run notices the dead writer and says so in one line (MetricsLog.write); the
+  thread's own 13-line traceback would come first.
+  """
+  previous = threading.excepthook
+
+  def hook(args):
+    if type(args.thread).__module__.startswith("tensorboardX") and issubclass(
+      args.exc_type, OSError
+    ):
+      return
+    previous(args)
+
+  threading.excepthook = hook
 
 
 # Set once Hydra has prepared the run directory and called main: errors after that are
@@ -66,13 +109,17 @@ def main(raw: DictConfig) -> float:
   try:
     cfg = config_lib.from_hydra(raw)
   except config_lib.ConfigError as e:
-    _fail(str(e))
+    return _job_fails(str(e))
   # Imported after validation: a bad value fails in about a second, not after jax/tfds load.
   from fwdgrad_jax import data
   from fwdgrad_jax.training import run as run_lib
   from fwdgrad_jax.training import rundir
 
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
+  # On a full disk train.log's handler fails on every line, each a traceback on stderr;
+  # the run reports the full disk once (metrics, checkpoint) and the console keeps the log.
+  logging.raiseExceptions = False
+  _quiet_tensorboard_thread()
   run_dir = Path(HydraConfig.get().runtime.output_dir)
   started = []
 
@@ -83,9 +130,11 @@ def main(raw: DictConfig) -> float:
   try:
     summary = run_lib.train(cfg, run_dir, on_start=on_start)
   except (config_lib.ConfigError, data.DatasetUnavailableError) as e:
-    _fail(str(e))
+    return _job_fails(str(e))
   except rundir.RunDirError as e:
-    _fail(str(e), code=1 if started else 2)
+    return _job_fails(str(e), code=1 if started else 2)
+  except run_lib.StoppedAtOnce as e:
+    _fail(str(e), code=128 + e.signum)  # a sweep stops too: that is what a signal asks
   log.info(_describe(summary, run_dir))  # to the console and run.log
   if summary["interrupted"]:
     sys.exit(128 + signal.Signals[summary["interrupted_by"]].value)
@@ -139,6 +188,11 @@ def _run() -> None:
 
   try:
     main()
+    if _failed_jobs:
+      # The sweep went on past them; its exit status still says that not every job ran.
+      code, job, message = _failed_jobs[0]
+      more = f" (and {len(_failed_jobs) - 1} more, see above)" if len(_failed_jobs) > 1 else ""
+      _fail(f"{job}: {message}{more}", max(c for c, _, _ in _failed_jobs))
   except HydraException as e:
     message = config_lib.hydra_error_message(e, [a for a in sys.argv[1:] if "=" in a])
     if message is None:

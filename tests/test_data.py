@@ -160,6 +160,18 @@ def test_array_cache_matches_tfds_and_survives_corruption(tiny):
     assert fresh["images"].shape == (N_TRAIN, 28, 28, 1)
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_a_truncated_array_cache_falls_back_to_tfds(tiny, keep):
+  # `truncate -s` of the cache: the zip's directory (at its end) is gone, or one member is cut.
+  cache_file = tiny.data_dir / "fwdgrad_jax_arrays" / "fashion_mnist" / "3.0.1" / "train.npz"
+  data.load("fashion_mnist", data_dir=tiny.data_dir, val_size=0)  # the cache exists
+  whole = cache_file.read_bytes()
+  cache_file.write_bytes(whole[: int(len(whole) * keep)])
+  ds = data.load("fashion_mnist", data_dir=tiny.data_dir, val_size=0)
+  assert ds.x_train.shape[0] == N_TRAIN
+  assert cache_file.read_bytes() == whole  # rewritten whole
+
+
 def test_channel_stats_are_per_channel_and_chunked():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (7, 4, 5, 3), dtype=np.uint8)

@@ -25,6 +25,8 @@ import socket
 import tempfile
 import threading
 import urllib.parse
+import zipfile
+import zlib
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -284,7 +286,9 @@ def read_split(
     with np.load(path, allow_pickle=False) as cached:
       if str(cached["fingerprint"]) == fingerprint:
         return cached["images"], cached["labels"]
-  except (OSError, KeyError, ValueError, EOFError):
+  # A truncated .npz is a damaged zip archive (BadZipFile is neither OSError nor
+  # ValueError); a damaged member fails in zlib or as a short read.
+  except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
     pass
   images, labels = _read_split_tfds(builder, split)
   tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

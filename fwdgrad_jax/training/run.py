@@ -47,6 +47,7 @@ from flax import nnx
 
 from fwdgrad_jax import data as data_lib
 from fwdgrad_jax import models, parallel
+from fwdgrad_jax import tangents as tangents_lib
 from fwdgrad_jax.training import config as config_lib
 from fwdgrad_jax.training import records as records_lib
 from fwdgrad_jax.training import rundir
@@ -94,10 +95,31 @@ def _finite_or_none(x: Any) -> float | None:
   return x if math.isfinite(x) else None
 
 
-class _Interrupts:
-  """SIGTERM/SIGINT while training: note it, finish the chunk, checkpoint, summarize.
+class StoppedAtOnce(KeyboardInterrupt):
+  """A second stop signal: the run stops where it is (the last checkpoint is kept)."""
 
-  A second signal stops at once (KeyboardInterrupt). Handlers can only be installed in
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+  def __str__(self) -> str:
+    return (
+      f"{signal.Signals(self.signum).name} again: stopped at once, without a checkpoint or "
+      "summary.json of this session (the last checkpoint is kept: rerun to resume)"
+    )
+
+
+# What clusters and terminals send to stop a job: each one a graceful stop. SIGHUP (a
+# closed terminal or ssh session) and SIGUSR1 (SLURM's --signal warning) would otherwise
+# kill the run at once, with all the work since the last checkpoint.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+class _Interrupts:
+  """A stop signal while training: note it, finish the chunk, checkpoint, summarize.
+
+  Any of :data:`STOP_SIGNALS`. A second signal stops at once (:class:`StoppedAtOnce`, a
+  KeyboardInterrupt). Handlers can only be installed in
   the main thread; elsewhere (a notebook's worker thread) signals keep their meaning, as
   does a signal the parent told this process to ignore (``nohup``, a background job).
   """
@@ -108,7 +130,7 @@ class _Interrupts:
 
   def __enter__(self) -> _Interrupts:
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in STOP_SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:
           self._previous[sig] = signal.signal(sig, self._handle)
     return self
@@ -116,7 +138,7 @@ class _Interrupts:
   def _handle(self, signum: int, frame: Any) -> None:
     del frame
     if self.signum is not None:
-      raise KeyboardInterrupt
+      raise StoppedAtOnce(signum)
     self.signum = signum
     log.warning(
       "%s: stopping after this chunk of steps (a checkpoint and summary.json follow; send it "
@@ -162,14 +184,35 @@ def _check_resumable(run_dir: Path, cfg: config_lib.Config) -> None:
   """Refuses a run whose config differs from the checkpointed run in ``run_dir``.
 
   A directory without checkpoints is fresh whatever its ``config.json`` says (a run
-  that failed its checks before starting must not block its corrected rerun).
+  that failed its checks before starting must not block its corrected rerun). With
+  checkpoints, a missing or damaged ``config.json`` is refused too: without it nothing
+  says which run the checkpoints belong to, and resuming them under another config would
+  mix two runs in one metrics file.
+
+  Raises:
+    ConfigError: a changed key, or checkpoints without a readable ``config.json``.
+    RunDirError: ``checkpoints`` is not a directory.
   """
   ckpt_dir = run_dir / rundir.CHECKPOINTS_NAME
-  if not (ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())):
+  if ckpt_dir.exists() and not ckpt_dir.is_dir():
+    # Found here, not at the run's final save after hours of training.
+    raise rundir.RunDirError(
+      f"{ckpt_dir}: not a directory; move it away or use a new run directory"
+    )
+  steps = (
+    sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.is_dir() else []
+  )
+  if not steps:
     return
-  old = rundir.read_json(run_dir / "config.json")
-  if old is None:
-    return
+  config_path = run_dir / "config.json"
+  old = rundir.read_json(config_path)
+  if not isinstance(old, dict):
+    what = "missing" if not config_path.exists() else "damaged (not a JSON config)"
+    raise config_lib.ConfigError(
+      f"{config_path}: {what}, so the checkpoints up to step {steps[-1]} cannot be matched "
+      "to this config; restore the file (the summary.json of the run holds a copy under "
+      "'config') or use a new run directory"
+    )
   change = rundir.changed_key(old, config_lib.to_dict(cfg), _MAY_CHANGE_ON_RESUME)
   if change is not None:
     key, was, now = change
@@ -191,8 +234,12 @@ def _create_model(cfg: config_lib.Config, dataset: data_lib.Dataset | None) -> n
       rngs=nnx.Rngs(cfg.seed),
       **cfg.model.options,
     )
-  except (TypeError, ValueError) as e:
-    raise config_lib.ConfigError(f"model.options: {e}") from e
+  except (TypeError, ValueError, ArithmeticError) as e:
+    # ArithmeticError: e.g. a zero width (hidden=[0]) divides by zero in an initializer.
+    options = ", ".join(f"{k}={v!r}" for k, v in cfg.model.options.items())
+    raise config_lib.ConfigError(
+      f"model.options: {cfg.model.name}({options}) cannot be built ({type(e).__name__}: {e})"
+    ) from e
 
 
 def _load_data(cfg: config_lib.Config) -> data_lib.Dataset:
@@ -229,6 +276,42 @@ def _on_mesh(mesh: Any, dataset: data_lib.Dataset, state: TrainState):
   splits = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
   placed = parallel.replicate({s: getattr(dataset, s) for s in splits}, mesh)
   return dataclasses.replace(dataset, **placed), parallel.replicate(state, mesh)
+
+
+def _device_memory() -> tuple[int | None, str]:
+  """Bytes of memory of the first device (an accelerator's limit, else the host's RAM)."""
+  device = jax.devices()[0]
+  stats = None
+  with contextlib.suppress(Exception):  # not every backend reports memory
+    stats = device.memory_stats()
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.platform}:{device.device_kind}"
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "the host's memory"
+  except (ValueError, OSError):
+    return None, "the host's memory"
+
+
+def _check_tangent_memory(cfg: config_lib.Config, num_params: int) -> None:
+  """Refuses dense weight tangents that cannot fit on the device, before compiling.
+
+  k dense tangents are k copies of the parameters; XLA finds out only after compiling
+  (tens of seconds) and reports it in ~50 lines without naming the key.
+  """
+  est = cfg.estimator
+  dense = est.name == "forward" and est.perturbation == "weights" and not est.regenerate
+  if not (dense and est.tangents in tangents_lib.SAMPLERS):
+    return
+  k = est.num_tangents // cfg.mesh.tangents  # per device
+  need = k * num_params * 4  # float32; a lower bound: XLA keeps more than one copy
+  available, where = _device_memory()
+  if available is not None and need > available:
+    raise config_lib.ConfigError(
+      f"estimator.num_tangents={est.num_tangents}: the tangents alone need "
+      f"{need / 2**30:.1f} GiB ({k} × {num_params} parameters × 4 bytes), more than the "
+      f"{available / 2**30:.1f} GiB of {where}; use fewer tangents, estimator.regenerate=true "
+      "or mesh.tangents"
+    )
 
 
 def _init(
@@ -381,7 +464,9 @@ def _loop(
 
   with _progress(run.cfg, step) as bar:
     while step < tr.steps and not should_stop():
-      n = min(run.chunk, tr.steps - step)
+      # Up to the next multiple of the chunk, so that a run resumed from any step (with
+      # the same or new intervals) lands on every interval's multiples again.
+      n = min(run.chunk - step % run.chunk, tr.steps - step)
       t0 = time.perf_counter()
       state, losses, finite = run.run_chunk(state, jnp.int32(n), x, y)
       losses = np.asarray(losses[:n])  # the one host sync per chunk
@@ -401,29 +486,33 @@ def _loop(
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
       last = step == tr.steps or should_stop()
       record = _periodic_record(run, step, state, pending, out.train_time, last)
-      if record:
-        metrics_log.write(record)
-        log.info(_describe(record))
-      if step % tr.log_every == 0 or last:
-        pending = []  # train_loss is the mean over the log interval
-      if tr.checkpoint_every and step % tr.checkpoint_every == 0 and step < tr.steps:
-        try:
+      try:
+        if record:
+          rundir.check_lock(ckpts.run_dir)
+          metrics_log.write(record)
+          log.info(_describe(record))
+        if step % tr.log_every == 0 or last:
+          pending = []  # train_loss is the mean over the log interval
+        if tr.checkpoint_every and step % tr.checkpoint_every == 0 and step < tr.steps:
+          rundir.check_lock(ckpts.run_dir)
           ckpts.save(step, state)
-        except rundir.RunDirError as e:
-          out.error = e
-          break
+      except rundir.RunDirError as e:
+        out.error = e
+        break
   out.state, out.step = state, step
-  if out.diverged:
-    metrics_log.write(
-      {"step": step, "train_loss": None, "diverged": True, "train_time_s": out.train_time}
-    )
-    log.warning("step %d: non-finite loss; stopped (the last good checkpoint is kept)", step)
-  elif out.error is None:
-    # Always a checkpoint at the end, at an interrupt and on the time budget.
-    try:
+  try:
+    if out.diverged:
+      rundir.check_lock(ckpts.run_dir)
+      metrics_log.write(
+        {"step": step, "train_loss": None, "diverged": True, "train_time_s": out.train_time}
+      )
+      log.warning("step %d: non-finite loss; stopped (the last good checkpoint is kept)", step)
+    elif out.error is None:
+      # Always a checkpoint at the end, at an interrupt and on the time budget.
+      rundir.check_lock(ckpts.run_dir)
       ckpts.save(step, state)
-    except rundir.RunDirError as e:
-      out.error = e
+  except rundir.RunDirError as e:
+    out.error = e
   return out
 
 
@@ -483,6 +572,20 @@ def _summarize(run: _Run, out: _Outcome, records: list[dict[str, Any]], base_tim
   }
 
 
+def _keep_timings(summary: dict[str, Any], previous: Any) -> None:
+  """The timings of the session that ran the steps, for a session that ran none.
+
+  Rerunning a finished run (a sweep started again) times no chunk; its summary would
+  otherwise replace the measured step time and runtime ratio with null.
+  """
+  if not (isinstance(previous, dict) and previous.get("steps") == summary["steps"]):
+    return
+  if previous.get("step_time_ms") is None:
+    return
+  for key in ("step_time_ms", "base_time_ms", "runtime_ratio"):
+    summary[key] = previous.get(key)
+
+
 def train(
   cfg: config_lib.Config,
   run_dir: str | os.PathLike[str],
@@ -517,12 +620,20 @@ def train(
   make_run_mesh(cfg.mesh)  # too few devices fails here, before the data are loaded
   with rundir.lock(run_dir) as run_dir, _Interrupts() as interrupts:
     _check_resumable(run_dir, cfg)
+    previous = rundir.read_json(run_dir / "summary.json")
     model = _create_model(cfg, dataset)  # bad model options fail before data loading
+    _check_tangent_memory(cfg, models.count_params(models.split(model)[1]))
     dataset = dataset if dataset is not None else _load_data(cfg)
     run, state = _init(cfg, model, dataset)
     ckpts = rundir.Checkpoints(run_dir)
     try:
       state = _restore(ckpts, state)
+      if int(state.step) > cfg.train.steps:
+        # Resuming would "finish" at the checkpoint's step under a config saying fewer.
+        raise config_lib.ConfigError(
+          f"train.steps={cfg.train.steps}: the run in {run_dir} is already at step "
+          f"{int(state.step)}; use train.steps >= {int(state.step)} or a new run directory"
+        )
       what = f"{cfg.model.name} on {cfg.data.name}, {cfg.estimator.name} + {cfg.optimizer.name}"
       log.info("%s: %s, lr %g, %d steps", run_dir, what, cfg.optimizer.lr, cfg.train.steps)
       rundir.write_json(run_dir / "config.json", config_lib.to_dict(cfg))
@@ -537,6 +648,10 @@ def train(
     finally:
       ckpts.close()
     summary = _summarize(run, out, metrics_log.records, base_time)
+    if not out.chunk_times:
+      _keep_timings(summary, previous)
+    if isinstance(out.error, rundir.RunDirLost):
+      raise out.error  # the directory may be another run's now: write nothing more there
     try:
       rundir.write_json(run_dir / "summary.json", summary)
     except rundir.RunDirError as e:

@@ -6,13 +6,17 @@ what clusters and people do to a run:
 * :func:`lock` — one run per directory: a second one is refused at once, naming the
   directory; the lock is released on exit, and the lock file of a run that died
   (``kill -9``, a lost node) is taken over.
+  :func:`check_lock` notices a lock file removed or replaced under a live run
+  (``rm .lock``), which then stops before another run can mix records with it.
 * :class:`Checkpoints` — orbax checkpoints in ``checkpoints/``. Restore falls back to
   the newest readable step, saying which one it skipped and why (a truncated file, an
   empty step directory) and moving it aside; a save that fails (a full disk) raises
   :class:`RunDirError` at once, naming the directory.
 * :class:`MetricsLog` — ``metrics.jsonl``: a half-written last line is dropped with a
   note, and a resumed run rewrites the file to exactly the records up to the restored
-  step, so nothing is duplicated or out of order.
+  step, so nothing is duplicated or out of order; a line that is not a record is dropped
+  with a note. A failed write (a full disk) is undone, so no line is torn, and a file
+  replaced under the run stops it.
 * :func:`write_json` — ``config.json`` and ``summary.json``, replaced atomically.
 
 Every error message names the path it is about.
@@ -49,8 +53,33 @@ class RunDirLocked(RunDirError):
   """Another live run holds the run directory."""
 
 
+class RunDirLost(RunDirError):
+  """This run's lock file or metrics file was removed or replaced while it ran.
+
+  Another run may now own the directory: the run stops and writes nothing more there.
+  """
+
+
+def _disk_full(error: BaseException) -> bool:
+  """Whether ``error`` or anything it was raised from says the disk is full.
+
+  TensorStore reports ENOSPC as a ValueError whose text carries the OS's words.
+  """
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+      return True
+    if "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 def _reason(error: BaseException) -> str:
   """The first line of an error, for a one-line message."""
+  if _disk_full(error):
+    return "disk full: No space left on device"
   if isinstance(error, OSError) and error.strerror:
     return error.strerror
   text = str(error).strip().splitlines()
@@ -84,11 +113,7 @@ def _acquire(path: Path) -> int:
       ) from None
     # A releasing holder unlinks the file before unlocking it: if it did so between our
     # open and flock, we hold a lock on a file nobody else can see. Start again.
-    try:
-      current = os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-      current = False
-    if current:
+    if _same_file(path, fd):
       break
     os.close(fd)
   stale = os.pread(fd, 200, 0).decode(errors="replace").strip()
@@ -97,6 +122,36 @@ def _acquire(path: Path) -> int:
   os.ftruncate(fd, 0)
   os.pwrite(fd, _owner().encode(), 0)
   return fd
+
+
+# run directory -> the descriptor of the lock file this process holds on it.
+_held: dict[Path, int] = {}
+
+
+def _same_file(path: Path, fd: int) -> bool:
+  try:
+    return os.stat(path).st_ino == os.fstat(fd).st_ino
+  except FileNotFoundError:
+    return False
+
+
+def check_lock(run_dir: str | os.PathLike[str]) -> None:
+  """Raises when the lock this process holds on ``run_dir`` is no longer its lock file.
+
+  An advisory lock cannot stop ``rm``: once ``.lock`` is deleted or replaced, a second
+  run can take the directory. A run that checks before each write stops instead of
+  mixing its records with another run's.
+
+  Raises:
+    RunDirLost: ``.lock`` was removed or replaced (one line naming it).
+  """
+  path = Path(run_dir) / LOCK_NAME
+  fd = _held.get(Path(run_dir).absolute())
+  if fd is not None and not _same_file(path, fd):
+    raise RunDirLost(
+      f"{path}: removed or replaced while this run held it; stopped so that no other run "
+      "shares the directory (nothing written after this point)"
+    )
 
 
 @contextlib.contextmanager
@@ -126,10 +181,15 @@ def lock(run_dir: str | os.PathLike[str]) -> Iterator[Path]:
     raise
   except OSError as e:
     raise RunDirError(f"{e.filename or run_dir}: {_reason(e)}") from e
+  _held[run_dir.absolute()] = fd
   try:
     yield run_dir
   finally:
-    path.unlink(missing_ok=True)  # before unlocking: see _acquire
+    del _held[run_dir.absolute()]
+    # Before unlocking (see _acquire), and only our own file: after an `rm .lock` the
+    # path may be another run's lock.
+    if _same_file(path, fd):
+      path.unlink(missing_ok=True)
     os.close(fd)
 
 
@@ -298,15 +358,20 @@ class Checkpoints:
     if step in self._manager.all_steps():
       return
     ocp = self._ocp
+    # orbax logs a failing save's error from each of its threads (absl ERROR lines, with
+    # the TensorStore spec): the RunDirError below says it once.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
     try:
       self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
       self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001 - TensorStore reports I/O errors as ValueError
-      full = isinstance(e, OSError) and e.errno == errno.ENOSPC
-      what = "disk full" if full else _reason(e)
       raise RunDirError(
-        f"{self.directory}: saving the checkpoint of step {step} failed ({what})"
+        f"{self.directory}: saving the checkpoint of step {step} failed ({_reason(e)})"
       ) from e
+    finally:
+      absl.setLevel(level)
 
   def close(self) -> None:
     """Waits for pending work and closes orbax's manager (errors are not raised here)."""
@@ -334,10 +399,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not line.strip():
       continue
     try:
-      records.append(json.loads(line))
+      record = json.loads(line)
     except ValueError:
       where = "half-written last line" if number == len(lines) else f"unreadable line {number}"
       log.warning("%s: dropped a %s", path, where)
+      continue
+    # Valid JSON is not yet a record: a list or a number written by hand or another tool
+    # would fail every reader that looks up its step.
+    if not isinstance(record, dict):
+      log.warning("%s: dropped line %d (not a record: %.40s)", path, number, line.strip())
+      continue
+    records.append(record)
   return records
 
 
@@ -368,8 +440,12 @@ class MetricsLog:
     try:
       tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
       os.replace(tmp, self.path)
-      self._file = self.path.open("a")
+      # Unbuffered: a failed write is undone at once (no torn line, nothing left in a
+      # buffer to fail again at close).
+      self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
     except OSError as e:
+      with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
       raise RunDirError(f"{self.path}: {_reason(e)}") from e
     self._tb = None
     try:
@@ -379,11 +455,55 @@ class MetricsLog:
     else:
       self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
+  def _check_same_file(self) -> None:
+    # Another run (after an `rm .lock`) or a user replaced or deleted the file: records
+    # appended to the old one would be lost without a word.
+    try:
+      same = os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+    except FileNotFoundError:
+      same = False
+    if not same:
+      raise RunDirLost(
+        f"{self.path}: removed or replaced by another process while this run wrote it; "
+        f"stopped (the records up to step {self.last_step} were in the file it had open)"
+      )
+
+  @property
+  def last_step(self) -> int:
+    """The step of the last record written (0 when none)."""
+    return self.records[-1]["step"] if self.records else 0
+
   def write(self, record: dict[str, Any]) -> None:
-    """Appends one record (flushed at once: a killed run keeps what it logged)."""
+    """Appends one whole record (written at once: a killed run keeps what it logged).
+
+    Raises:
+      RunDirError: the file was replaced or deleted under the run, or the write failed
+        (e.g. the disk is full); the file is left without a torn line. One line naming it.
+    """
+    self._check_same_file()
+    data = (json.dumps(record) + "\n").encode()
+    size = os.fstat(self._fd).st_size
+    try:
+      written = 0
+      while written < len(data):
+        written += os.write(self._fd, data[written:])
+    except OSError as e:
+      with contextlib.suppress(OSError):
+        os.ftruncate(self._fd, size)  # no half record for the next resume to drop
+      raise RunDirError(
+        f"{self.path}: writing the record of step {record.get('step')} failed ({_reason(e)})"
+      ) from e
     self.records.append(record)
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    if self._tb is not None and not _tensorboard_alive(self._tb):
+      # Its writer thread died (a full disk): events would fill its queue and the next
+      # put would block the run forever.
+      log.warning(
+        "%s: TensorBoard's writer stopped; scalars are no longer written there (metrics.jsonl "
+        "has them all)",
+        self.path.parent / "tensorboard",
+      )
+      _close_tensorboard(self._tb, self.path.parent / "tensorboard", dead=True)
+      self._tb = None
     if self._tb is not None:
       for key, value in record.items():
         if key != "step" and isinstance(value, int | float) and not isinstance(value, bool):
@@ -392,6 +512,37 @@ class MetricsLog:
   def close(self) -> None:
     """Closes the file (and the TensorBoard writer)."""
     with contextlib.suppress(OSError):
-      self._file.close()
+      os.close(self._fd)
     if self._tb is not None:
-      self._tb.close()
+      _close_tensorboard(self._tb, self.path.parent / "tensorboard")
+
+
+def _event_writers(writer: Any) -> list[Any]:
+  return [w.event_writer for w in (getattr(writer, "all_writers", None) or {}).values()]
+
+
+def _tensorboard_alive(writer: Any) -> bool:
+  """Whether every writer thread of a tensorboardX writer still runs."""
+  workers = [getattr(events, "_worker", None) for events in _event_writers(writer)]
+  return all(w is None or not hasattr(w, "is_alive") or w.is_alive() for w in workers)
+
+
+def _close_tensorboard(writer: Any, directory: Path, dead: bool = False) -> None:
+  """Closes a tensorboardX writer; on a full disk, drops its unwritten events in one line.
+
+  The scalars are a copy of metrics.jsonl's. tensorboardX retries a failed flush in its
+  writer thread and at exit, each time with a traceback: both are stopped here.
+  """
+  try:
+    if dead:
+      raise OSError(errno.EIO, "its writer thread stopped")
+    writer.close()
+  except OSError as e:
+    if not dead:
+      log.warning("%s: the last TensorBoard events were not written (%s)", directory, _reason(e))
+    for events in _event_writers(writer):
+      worker = events._worker
+      if worker is not None and worker.is_alive():
+        with contextlib.suppress(Exception):
+          worker.stop()
+      events._closed = True  # its atexit cleanup then does nothing
