@@ -296,3 +296,22 @@ def test_tensorboard_on_a_full_disk_neither_blocks_nor_raises(tmp_path, monkeypa
   with caplog.at_level(logging.WARNING):
     other.close()  # the final flush fails: one line, no exception
   assert any("TensorBoard events were not written" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("key", ["run", "sweep"])
+def test_two_launches_in_the_same_second_get_their_own_run_directories(key):
+  # The default run directory is a time stamp: to the second, two runs started together
+  # shared one directory and the second was refused (rc 2). Format the configured pattern
+  # at two instants 1 ms apart in the same second, as Hydra's ${now:...} resolver does.
+  import datetime
+  import re
+
+  from omegaconf import OmegaConf
+  from test_train import CONFIG_DIR
+
+  pattern = OmegaConf.load(CONFIG_DIR / "config.yaml").hydra[key]._get_node("dir")._value()
+  stamps = re.findall(r"\$\{now:([^}]*)\}", pattern)
+  assert stamps, pattern
+  t0 = datetime.datetime(2026, 12, 6, 9, 30, 0, 1000)
+  t1 = t0 + datetime.timedelta(milliseconds=1)
+  assert [t0.strftime(s) for s in stamps] != [t1.strftime(s) for s in stamps]
