@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install data demo functions test lint clean
+.PHONY: install data demo functions test test-fast test-durations lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ functions: install
 
 test: install
 	$(PY) -m pytest -q --nbmake tests notebooks
+
+# The inner loop (<= 3 min on 2 cores): every test file's quick tests.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+# Re-measure which tests are slow (tests/durations.json) after adding or changing tests.
+test-durations: install
+	$(PY) -m pytest -q --durations=0 tests > .durations.log || true
+	$(PY) tests/_durations.py .durations.log --budget-s 150 --workers 2
 
 lint: install
 	$(VENV)/bin/ruff check fwdgrad_jax experiments tests

@@ -2,6 +2,7 @@
 
 import socket
 
+import _durations
 import _tiny_tfds
 import pytest
 
@@ -30,3 +31,14 @@ def tiny_data(tmp_path_factory, no_network):
   data_dir = tmp_path_factory.mktemp("tiny_tfds")
   ds, _ = _tiny_tfds.make(manual, data_dir, N_TRAIN, N_TEST, seed=7, val_size=VAL_SIZE)
   return data_dir, ds
+
+
+_SECONDS, _THRESHOLD = _durations.load()
+
+
+def pytest_collection_modifyitems(config, items):
+  """Marks ``slow`` the tests measured above the threshold of ``durations.json``."""
+  slow = _durations.slow_ids(_SECONDS, _THRESHOLD)
+  for item in items:
+    if item.nodeid in slow:
+      item.add_marker(pytest.mark.slow)
