@@ -22,22 +22,20 @@ from jax.interpreters import ad, batching, mlir
 
 PyTree = Any
 
-site_p = Primitive("fwdgrad_site")
-site_p.def_impl(lambda x: x)
-site_p.def_abstract_eval(lambda aval: aval)
-mlir.register_lowering(site_p, lambda ctx, x: [x])
+
+def _identity_primitive(name: str) -> Primitive:
+  """A marker: the identity under every transformation, its jvp and batching included."""
+  p = Primitive(name)
+  p.def_impl(lambda x: x)
+  p.def_abstract_eval(lambda aval: aval)
+  mlir.register_lowering(p, lambda ctx, x: [x])
+  ad.primitive_jvps[p] = lambda primals, tangents: (p.bind(primals[0]), tangents[0])
+  batching.primitive_batchers[p] = lambda args, dims: (p.bind(args[0]), dims[0])
+  return p
 
 
-def _site_jvp(primals, tangents):
-  return site_p.bind(primals[0]), tangents[0]
-
-
-def _site_batch(args, dims):
-  return site_p.bind(args[0]), dims[0]
-
-
-ad.primitive_jvps[site_p] = _site_jvp
-batching.primitive_batchers[site_p] = _site_batch
+site_p = _identity_primitive("fwdgrad_site")
+local_loss_p = _identity_primitive("fwdgrad_local_loss")
 
 
 def fwdgrad_site(x: jax.Array) -> jax.Array:
@@ -61,24 +59,6 @@ def site(x: PyTree) -> PyTree:
     ``x`` unchanged.
   """
   return jax.tree.map(fwdgrad_site, x)
-
-
-local_loss_p = Primitive("fwdgrad_local_loss")
-local_loss_p.def_impl(lambda x: x)
-local_loss_p.def_abstract_eval(lambda aval: aval)
-mlir.register_lowering(local_loss_p, lambda ctx, x: [x])
-
-
-def _local_loss_jvp(primals, tangents):
-  return local_loss_p.bind(primals[0]), tangents[0]
-
-
-def _local_loss_batch(args, dims):
-  return local_loss_p.bind(args[0]), dims[0]
-
-
-ad.primitive_jvps[local_loss_p] = _local_loss_jvp
-batching.primitive_batchers[local_loss_p] = _local_loss_batch
 
 
 def local_loss(x: jax.Array) -> jax.Array:
