@@ -106,10 +106,14 @@ class MLP(nnx.Module):
       widths[-1], num_classes, use_bias=use_bias, kernel_init=head_init, rngs=rngs
     )
 
-  def _features(self, x: jax.Array) -> list[jax.Array]:
+  def local_logits(self, x: jax.Array) -> list[jax.Array]:
+    """The logits of every hidden layer's head, the last one ``head``'s."""
     h, out = flatten(x), []
     for i, layer in enumerate(self.hidden):
       if self.local_losses and i:
+        # A head reads h before the stop-gradient: the activity interpreter assigns an op
+        # to the first block in program order that reads it (see the module docstring).
+        out.append(self.local_heads[i - 1](h))
         h = jax.lax.stop_gradient(h)
       h = layer(h)
       if self.norms:
@@ -117,18 +121,10 @@ class MLP(nnx.Module):
       h = self.activation(h)
       if self.dropout is not None:
         h = self.dropout(h)
-      out.append(h)
-    return out or [h]
-
-  def local_logits(self, x: jax.Array) -> list[jax.Array]:
-    """The logits of every hidden layer's head, the last one ``head``'s."""
-    hs = self._features(x)
-    return [head(h) for head, h in zip(self.local_heads, hs[:-1], strict=True)] + [
-      self.head(hs[-1])
-    ]
+    return [*out, self.head(h)]
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.head(self._features(x)[-1])
+    return self.local_logits(x)[-1]
 
 
 class _BlockCNN(nnx.Module):

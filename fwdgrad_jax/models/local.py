@@ -15,6 +15,12 @@ The convention the training app reads:
 estimator with ``perturbation="activity"`` credits each activity only with the losses it
 reaches (LG-FG-A). :func:`train_loss` is the app's loss of any model, local or not.
 
+Order matters for ``perturbation="activity"``: compute a block's head *before* the next
+block reads ``stop_gradient`` of the same features. The activity interpreter gives an
+op (the block's last activation) to the first block in program order that reads it, and
+refuses a program in which a later head reads an activation already given to the next
+block (its local VJP would miss that path).
+
 References:
   Ren, Kornblith, Liao, Hinton, 2023. Scaling Forward Gradient With Local Losses. ICLR 2023,
   arXiv:2210.03310.
@@ -31,7 +37,7 @@ from flax import nnx
 
 from fwdgrad_jax.models.layers import get_activation
 from fwdgrad_jax.models.registry import Shape, register
-from fwdgrad_jax.perturbation.markers import local_loss
+from fwdgrad_jax.perturbation.markers import local_loss, site
 
 _zeros = nnx.initializers.zeros_init()
 
@@ -141,8 +147,11 @@ class _MixerBlock(nnx.Module):
     a_groups = jnp.split(a, self.groups, axis=-1)
     u_groups = jnp.split(u, self.groups, axis=-1)
     outs = [ug + fc(ag) for ug, fc, ag in zip(u_groups, self.fc2, a_groups, strict=True)]
-    logits = [head(o) for head, o in zip(self.heads, outs, strict=True)]  # (B, P, classes) each
-    return jnp.concatenate(outs, axis=-1), logits
+    # The block's output is its activity-perturbation site (see LocalMixer).
+    z = site(jnp.concatenate(outs, axis=-1))
+    groups = jnp.split(z, self.groups, axis=-1)
+    logits = [head(o) for head, o in zip(self.heads, groups, strict=True)]  # (B, P, classes) each
+    return z, logits
 
 
 @register("local_mixer")
@@ -159,6 +168,15 @@ class LocalMixer(nnx.Module):
   and every group's loss is marked (see the module docstring); without, the model is an
   ordinary MLP-Mixer trained end to end on the last block's output. ``model(x)`` averages
   the last block's logits over patches and groups.
+
+  Each block's output carries a :func:`fwdgrad_jax.site` marker: with
+  ``perturbation="activity"`` the tangents go there (one per example), the block's
+  parameters get their estimate by a VJP local to the block, and the heads, after the
+  sites, by the exact local gradient (as in Ren et al.'s code). Per-layer sites inside a
+  block are not possible here: LayerNorm's statistics and the channel MLP's first layer
+  are shared by the groups, and the activity interpreter refuses a value read across
+  sites. The block's site reaches only its own block's losses (stop-gradient), so it is
+  credited with those: LG-FG-A at block granularity.
 
   Simplifications against Ren et al.: no per-patch stop-gradient in the token mixing, no
   Kaiming-capped init (flax's default).
