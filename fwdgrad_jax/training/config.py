@@ -328,7 +328,7 @@ def validate(cfg: Config) -> Config:
   _choice("optimizer.schedule", opt.schedule, SCHEDULES)
   _nonnegative_int("optimizer.warmup_steps", opt.warmup_steps)
   _require(
-    opt.warmup_steps < cfg.train.steps or not _is_int(cfg.train.steps),
+    opt.warmup_steps < cfg.train.steps or not (_is_int(cfg.train.steps) and cfg.train.steps > 0),
     "optimizer.warmup_steps",
     opt.warmup_steps,
     f"must be < train.steps={cfg.train.steps}",
