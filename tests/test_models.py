@@ -107,6 +107,7 @@ _SMALL = {
   "yao_cnn": {"channels": (4, 4, 4), "hidden": 16},
   "resnet18": {"width": 4},
   "vit": {"hidden": 16, "heads": 2, "mlp": 16, "layers": 2},
+  "local_mixer": {"patches": 2, "channels": 8, "hidden": 8, "groups": 2, "blocks": 1},
 }
 
 

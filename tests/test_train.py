@@ -462,7 +462,7 @@ def test_unknown_keys_name_the_closest_known_key():
     ("seed=abc", "seed=abc: Value 'abc'"),
     ("model=resnet1000", "model=resnet1000: no such model config; use one of cnn"),
     ("train.checkpoint_evry=100", "train.checkpoint_evry: unknown key; did you mean train.che"),
-    ("+optimizer.weight_decay=0.1", "optimizer.weight_decay: unknown key; did you mean optimi"),
+    ("+optimizer.decay_rate=0.1", "optimizer.decay_rate: unknown key; did you mean optimizer.d"),
   ],
 )
 def test_compose_reports_hydra_errors_in_one_line_naming_the_key(override, line):
@@ -546,8 +546,8 @@ def test_app_runs_each_estimator_and_logs_to_train_log(tiny_data, tmp_path, esti
     (["seed=abc"], "seed=abc: Value 'abc'"),
     (["model=resnet1000"], "model=resnet1000: no such model config"),
     (
-      ["+optimizer.weight_decay=0.1", "+train.checkpoint_evry=100", "train.steps=50"],
-      "optimizer.weight_decay: unknown key; did you mean optimizer.decay? Also unknown: "
+      ["+optimizer.decay_rate=0.1", "+train.checkpoint_evry=100", "train.steps=50"],
+      "optimizer.decay_rate: unknown key; did you mean optimizer.decay? Also unknown: "
       "train.checkpoint_evry (did you mean train.checkpoint_every?)",
     ),
   ],

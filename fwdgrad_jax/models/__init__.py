@@ -14,7 +14,8 @@ The package holds one module per family, none reaching into another's privates:
   a cheap-to-compile conv initialiser, pooling);
 * :mod:`.baydin` -- logistic regression, MLP, the small CNNs, VGG-like, deep MLP;
 * :mod:`.flugel2024` -- ResNet18 and a small ViT (Flügel et al. 2024);
-* :mod:`.yao` -- Yao's CNN.
+* :mod:`.yao` -- Yao's CNN;
+* :mod:`.local` -- local losses (heads, the marked total) and Ren et al.'s LocalMixer.
 
 The estimators (forward gradient via ``jax.jvp``, backprop via ``jax.grad``) work on pure
 functions ``loss(params, batch)`` over a pytree of float arrays, so a model is cut into
@@ -49,6 +50,13 @@ threaded into the next step, so two steps see different dropout masks.
 from fwdgrad_jax.models import flugel2024, yao  # noqa: F401
 from fwdgrad_jax.models.baydin import MLP, BaydinCNN, DeepMLP, LogReg, VGGLike
 from fwdgrad_jax.models.layers import ACTIVATIONS
+from fwdgrad_jax.models.local import (
+  LocalHead,
+  LocalMixer,
+  has_local_losses,
+  local_losses_total,
+  train_loss,
+)
 from fwdgrad_jax.models.registry import (
   MODELS,
   Shape,
@@ -67,6 +75,8 @@ __all__ = [
   "MODELS",
   "BaydinCNN",
   "DeepMLP",
+  "LocalHead",
+  "LocalMixer",
   "LogReg",
   "Shape",
   "VGGLike",
@@ -75,6 +85,9 @@ __all__ = [
   "count_params",
   "create",
   "eval_graphdef",
+  "has_local_losses",
+  "local_losses_total",
   "register",
   "split",
+  "train_loss",
 ]

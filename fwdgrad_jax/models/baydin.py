@@ -17,6 +17,7 @@ from fwdgrad_jax.models.layers import (
   get_kernel_init,
   max_pool_2x2,
 )
+from fwdgrad_jax.models.local import LocalHead, pooled
 from fwdgrad_jax.models.registry import Shape, register
 
 # ---------------------------------------------------------------------------------------
@@ -63,6 +64,10 @@ class MLP(nnx.Module):
     batch_norm: BatchNorm after every hidden Linear (running statistics in ``rest``).
     dropout: Dropout rate after every hidden activation (0 = none); its RNG state is
       in ``rest`` and advances with every call in train mode.
+    local_losses: Ren et al. 2023's local greedy losses: a zero-initialised head from
+      every hidden layer's width (the last one is ``head``, also zero-initialised) and
+      ``stop_gradient`` between hidden layers, so each layer learns from its own head's
+      loss; ``local_logits(x)`` lists the heads' logits (:mod:`fwdgrad_jax.models.local`).
   """
 
   def __init__(
@@ -77,6 +82,7 @@ class MLP(nnx.Module):
     kernel_init: str = "lecun_normal",
     batch_norm: bool = False,
     dropout: float = 0.0,
+    local_losses: bool = False,
   ):
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
@@ -91,25 +97,52 @@ class MLP(nnx.Module):
     )
     self.norms = nnx.List([nnx.BatchNorm(w, rngs=rngs) for w in widths[1:]] if batch_norm else [])
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
-    self.head = nnx.Linear(widths[-1], num_classes, use_bias=use_bias, kernel_init=init, rngs=rngs)
+    self.local_losses = bool(local_losses)
+    head_init = nnx.initializers.zeros_init() if local_losses else init
+    self.local_heads = nnx.List(
+      [LocalHead(w, num_classes, rngs=rngs) for w in widths[1:-1]] if local_losses else []
+    )
+    self.head = nnx.Linear(
+      widths[-1], num_classes, use_bias=use_bias, kernel_init=head_init, rngs=rngs
+    )
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    h = flatten(x)
+  def local_logits(self, x: jax.Array) -> list[jax.Array]:
+    """The logits of every hidden layer's head, the last one ``head``'s."""
+    h, out = flatten(x), []
     for i, layer in enumerate(self.hidden):
+      if self.local_losses and i:
+        # A head reads h before the stop-gradient: the activity interpreter assigns an op
+        # to the first block in program order that reads it (see the module docstring).
+        out.append(self.local_heads[i - 1](h))
+        h = jax.lax.stop_gradient(h)
       h = layer(h)
       if self.norms:
         h = self.norms[i](h)
       h = self.activation(h)
       if self.dropout is not None:
         h = self.dropout(h)
-    return self.head(h)
+    return [*out, self.head(h)]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.local_logits(x)[-1]
 
 
 class _BlockCNN(nnx.Module):
-  """Blocks of [conv3x3-ReLU, conv3x3-ReLU, maxpool 2x2], then Linear-ReLU, Linear."""
+  """Blocks of [conv3x3-ReLU, conv3x3-ReLU, maxpool 2x2], then Linear-ReLU, Linear.
+
+  With ``local_losses`` each conv block has a zero-initialised head on its mean-pooled
+  output, the Linear-ReLU-Linear top is the last block (its last Linear zero-initialised),
+  and every block's input is ``stop_gradient``-ed (:mod:`fwdgrad_jax.models.local`).
+  """
 
   def __init__(
-    self, input_shape: Shape, num_classes: int, rngs: nnx.Rngs, channels: Sequence[int], hidden: int
+    self,
+    input_shape: Shape,
+    num_classes: int,
+    rngs: nnx.Rngs,
+    channels: Sequence[int],
+    hidden: int,
+    local_losses: bool = False,
   ):
     h, w, c = input_shape
     convs = []
@@ -119,16 +152,32 @@ class _BlockCNN(nnx.Module):
       cin = cout
       h, w = h // 2, w // 2
     self.convs = nnx.List(convs)
+    self.local_losses = bool(local_losses)
+    self.local_heads = nnx.List(
+      [LocalHead(cout, num_classes, rngs=rngs) for cout in channels] if local_losses else []
+    )
     self.fc1 = nnx.Linear(h * w * cin, hidden, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, num_classes, rngs=rngs)
+    fc2_init = {"kernel_init": nnx.initializers.zeros_init()} if local_losses else {}
+    self.fc2 = nnx.Linear(hidden, num_classes, rngs=rngs, **fc2_init)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def local_logits(self, x: jax.Array) -> list[jax.Array]:
+    """The logits of every conv block's head (mean-pooled features), then ``fc2``'s."""
+    out = []
     for i, conv in enumerate(self.convs):
+      if self.local_losses and i and i % 2 == 0:
+        x = jax.lax.stop_gradient(x)
       x = jax.nn.relu(conv(x))
       if i % 2 == 1:
         x = max_pool_2x2(x)
+        if self.local_losses:
+          out.append(self.local_heads[i // 2](pooled(x)))
+    if self.local_losses:
+      x = jax.lax.stop_gradient(x)
     x = jax.nn.relu(self.fc1(flatten(x)))
-    return self.fc2(x)
+    return [*out, self.fc2(x)]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.local_logits(x)[-1]
 
 
 @register("cnn")
@@ -148,8 +197,9 @@ class BaydinCNN(_BlockCNN):
     rngs: nnx.Rngs,
     channels: int = 64,
     hidden: int = 1024,
+    local_losses: bool = False,
   ):
-    super().__init__(input_shape, num_classes, rngs, (channels, channels), hidden)
+    super().__init__(input_shape, num_classes, rngs, (channels, channels), hidden, local_losses)
 
 
 @register("vgg")
@@ -169,8 +219,9 @@ class VGGLike(_BlockCNN):
     rngs: nnx.Rngs,
     channels: Sequence[int] = (64, 128, 256),
     hidden: int = 4096,
+    local_losses: bool = False,
   ):
-    super().__init__(input_shape, num_classes, rngs, tuple(channels), hidden)
+    super().__init__(input_shape, num_classes, rngs, tuple(channels), hidden, local_losses)
 
 
 @register("deep_mlp")

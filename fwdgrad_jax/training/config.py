@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +46,24 @@ class ModelConfig:
   """A model from ``fwdgrad_jax.models.MODELS`` and its constructor options.
 
   Attributes:
-    name: registry name (``logreg``, ``mlp``, ``cnn``, ``vgg``, ``deep_mlp``, …).
+    name: registry name (``logreg``, ``mlp``, ``cnn``, ``vgg``, ``deep_mlp``,
+      ``local_mixer``, …).
     options: keyword options of that model class (e.g. ``hidden``, ``depth``).
+    local_losses: Ren et al.'s local greedy losses (a head and a loss per layer/block,
+      ``stop_gradient`` between them; evaluation uses the last head), for models whose
+      class takes ``local_losses`` (``mlp``, ``cnn``, ``vgg``, ``local_mixer``); None =
+      the model's default.
   """
 
   name: str = "mlp"
   options: dict[str, Any] = field(default_factory=dict)
+  local_losses: bool | None = None
+
+
+def model_options(cfg: ModelConfig) -> dict[str, Any]:
+  """The constructor options of ``cfg``'s model: ``options`` and ``local_losses`` if set."""
+  extra = {} if cfg.local_losses is None else {"local_losses": cfg.local_losses}
+  return {**cfg.options, **extra}
 
 
 @dataclass
@@ -109,6 +122,13 @@ class OptimizerConfig:
     b2: Adam's β2.
     eps: Adam's ε.
     clip_norm: clip the estimate by this global norm before the optimizer (None = off).
+    schedule: ``constant``, ``cosine`` (optax cosine decay from ``lr`` to 0 over
+      ``train.steps``) or ``warmup_cosine`` (linear from 0 to ``lr`` over ``warmup_steps``,
+      then cosine to 0 at ``train.steps``); the ``lr`` field of ``metrics.jsonl``.
+    warmup_steps: steps of linear warmup (``warmup_cosine`` only; < ``train.steps``).
+    weight_decay: weight decay: ``adamw``'s decoupled decay for ``adam``; for ``sgd`` and
+      ``nesterov`` ``weight_decay · params`` added to the estimate (L2, as PyTorch's SGD
+      and Ren et al.); 0 = none.
   """
 
   name: str = "sgd"
@@ -119,6 +139,12 @@ class OptimizerConfig:
   b2: float = 0.999
   eps: float = 1e-8
   clip_norm: float | None = None
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+
+
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
 
 
 @dataclass
@@ -240,6 +266,19 @@ def validate(cfg: Config) -> Config:
   _choice("data.name", cfg.data.name, data.SUPPORTED)
   _nonnegative_int("data.val_size", cfg.data.val_size)
   _choice("model.name", cfg.model.name, models.MODELS)
+  if cfg.model.local_losses is not None:
+    _require(
+      isinstance(cfg.model.local_losses, bool),
+      "model.local_losses",
+      cfg.model.local_losses,
+      "must be a boolean or null",
+    )
+    _require(
+      "local_losses" in inspect.signature(models.MODELS[cfg.model.name].__init__).parameters,
+      "model.local_losses",
+      cfg.model.local_losses,
+      f"model {cfg.model.name!r} has no local losses; use mlp, cnn, vgg or local_mixer",
+    )
   est = cfg.estimator
   _choice("estimator.name", est.name, registry.ESTIMATORS)
   _positive_int("estimator.num_tangents", est.num_tangents)
@@ -286,6 +325,32 @@ def validate(cfg: Config) -> Config:
     _require(opt.momentum > 0, "optimizer.momentum", opt.momentum, "nesterov needs momentum > 0")
   _require(_is_real(opt.eps) and opt.eps > 0, "optimizer.eps", opt.eps, "must be > 0")
   _optional_positive("optimizer.clip_norm", opt.clip_norm)
+  _choice("optimizer.schedule", opt.schedule, SCHEDULES)
+  _nonnegative_int("optimizer.warmup_steps", opt.warmup_steps)
+  _require(
+    opt.warmup_steps < cfg.train.steps or not (_is_int(cfg.train.steps) and cfg.train.steps > 0),
+    "optimizer.warmup_steps",
+    opt.warmup_steps,
+    f"must be < train.steps={cfg.train.steps}",
+  )
+  _require(
+    opt.warmup_steps == 0 or opt.schedule == "warmup_cosine",
+    "optimizer.warmup_steps",
+    opt.warmup_steps,
+    "applies to optimizer.schedule=warmup_cosine only",
+  )
+  _require(
+    opt.decay == 0 or opt.schedule == "constant",
+    "optimizer.decay",
+    opt.decay,
+    f"Baydin's decay is its own schedule; use optimizer.schedule=constant, not {opt.schedule!r}",
+  )
+  _require(
+    _is_real(opt.weight_decay) and opt.weight_decay >= 0,
+    "optimizer.weight_decay",
+    opt.weight_decay,
+    "must be >= 0",
+  )
   tr = cfg.train
   for key in ("steps", "batch_size", "log_every", "eval_batch_size"):
     _positive_int(f"train.{key}", getattr(tr, key))

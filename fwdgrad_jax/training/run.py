@@ -55,6 +55,7 @@ from fwdgrad_jax.training.steps import (
   TrainState,
   host_loop,
   init_state,
+  lr_at,
   make_base_fn,
   make_chunk_fn,
   make_eval_fn,
@@ -232,7 +233,7 @@ def _create_model(cfg: config_lib.Config, dataset: data_lib.Dataset | None) -> n
       input_shape=shape,
       num_classes=classes,
       rngs=nnx.Rngs(cfg.seed),
-      **cfg.model.options,
+      **config_lib.model_options(cfg.model),
     )
   except (TypeError, ValueError, ArithmeticError) as e:
     # ArithmeticError: e.g. a zero width (hidden=[0]) divides by zero in an initializer.
@@ -420,6 +421,7 @@ def _periodic_record(
   if not record:
     return record
   record.setdefault("train_loss", float(np.mean(pending)) if pending else None)
+  record["lr"] = lr_at(run.cfg.optimizer, max(step - 1, 0), tr.steps)  # the last step's lr
   return {"step": step, **record, "train_time_s": train_time}
 
 

@@ -59,12 +59,15 @@ def make_loss(
   """``loss(params, x, y)`` of a split NNX model without state updates (``rest`` fixed).
 
   ``per_example``: the (batch,) vector of losses (activity perturbation gives every
-  example its own directional derivative from it).
+  example its own directional derivative from it). A model with local losses
+  (:func:`fwdgrad_jax.models.has_local_losses`) gives the marked total of its heads'
+  losses (:func:`fwdgrad_jax.models.train_loss`).
   """
-  apply = models.apply_fn(graphdef, rest)
 
   def loss(params, x, y):
-    return cross_entropy(apply(params, x), y, per_example=per_example)
+    # copy=True as in models.apply_fn: the closed-over `rest` is never written to.
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    return models.train_loss(model, x, y, per_example=per_example)
 
   return loss
 
@@ -76,13 +79,14 @@ def make_stateful_loss(
 
   For a transform built with ``has_aux=True``: the new BatchNorm statistics and Dropout
   RNG state come back as aux. A model without such state has an empty ``model_state``.
-  ``per_example`` as for :func:`make_loss`.
+  ``per_example`` and local losses as for :func:`make_loss`.
   """
-  apply = models.apply_with_state_fn(graphdef)
 
   def loss(params, x, y, model_state):
-    logits, new_state = apply(params, model_state, x)
-    return cross_entropy(logits, y, per_example=per_example), new_state
+    # As models.apply_with_state_fn: the writes happen on a copy, read back out.
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    value = models.train_loss(model, x, y, per_example=per_example)
+    return value, nnx.split(model, nnx.Param, ...)[2]
 
   return loss
 
@@ -92,16 +96,58 @@ def per_example_losses(cfg: config_lib.EstimatorConfig) -> bool:
   return cfg.name == "forward" and cfg.perturbation == "activity"
 
 
-def make_optimizer(cfg: config_lib.OptimizerConfig) -> optax.GradientTransformation:
-  """The optax optimizer of ``cfg`` with Baydin's decay η_i = η_0 · exp(−i · decay)."""
-  lr = cfg.lr
+def learning_rate(
+  cfg: config_lib.OptimizerConfig, total_steps: int | None = None
+) -> float | optax.Schedule:
+  """``cfg``'s learning rate: a float, or an optax schedule of the optimizer step count.
+
+  Baydin's decay η_i = η_0 · exp(−i · decay); ``cosine``: optax's cosine decay from ``lr``
+  to 0 over ``total_steps``; ``warmup_cosine``: 0 → ``lr`` linearly over
+  ``warmup_steps``, then cosine to 0 at ``total_steps`` (Ren et al. 2023's schedule).
+
+  Raises:
+    ValueError: a decaying schedule without ``total_steps``, or an unknown schedule.
+  """
   if cfg.decay > 0:
-    lr = optax.exponential_decay(cfg.lr, transition_steps=1, decay_rate=math.exp(-cfg.decay))
+    return optax.exponential_decay(cfg.lr, transition_steps=1, decay_rate=math.exp(-cfg.decay))
+  if cfg.schedule == "constant":
+    return cfg.lr
+  if total_steps is None:
+    raise ValueError(f"optimizer.schedule={cfg.schedule!r} needs the run's total steps")
+  if cfg.schedule == "cosine":
+    return optax.cosine_decay_schedule(cfg.lr, decay_steps=total_steps)
+  if cfg.schedule == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, total_steps)
+  raise ValueError(f"optimizer.schedule={cfg.schedule!r}: use one of {config_lib.SCHEDULES}")
+
+
+def lr_at(cfg: config_lib.OptimizerConfig, step: int, total_steps: int | None = None) -> float:
+  """The learning rate of optimizer step ``step`` (optax's count; the first step is 0)."""
+  lr = learning_rate(cfg, total_steps)
+  return float(lr(step)) if callable(lr) else float(lr)
+
+
+def make_optimizer(
+  cfg: config_lib.OptimizerConfig, total_steps: int | None = None
+) -> optax.GradientTransformation:
+  """The optax optimizer of ``cfg`` with its :func:`learning_rate` and weight decay.
+
+  Args:
+    cfg: the optimizer config.
+    total_steps: the run's ``train.steps`` (the end of ``cosine``/``warmup_cosine``).
+  """
+  lr = learning_rate(cfg, total_steps)
   if cfg.name == "adam":
+    if cfg.weight_decay:
+      return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     return optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   if cfg.name == "nesterov":
-    return optax.sgd(lr, momentum=cfg.momentum, nesterov=True)
-  return optax.sgd(lr, momentum=cfg.momentum or None)
+    sgd = optax.sgd(lr, momentum=cfg.momentum, nesterov=True)
+  else:
+    sgd = optax.sgd(lr, momentum=cfg.momentum or None)
+  if cfg.weight_decay:
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), sgd)
+  return sgd
 
 
 def estimator_options(cfg: config_lib.EstimatorConfig) -> dict[str, Any]:
@@ -128,7 +174,7 @@ def make_tx(
   parts = [registry.gradient_transform(est.name, key=key, has_aux=has_aux, **options)]
   if cfg.optimizer.clip_norm is not None:
     parts.append(optax.clip_by_global_norm(cfg.optimizer.clip_norm))
-  parts.append(make_optimizer(cfg.optimizer))
+  parts.append(make_optimizer(cfg.optimizer, cfg.train.steps))
   return optax.chain(*parts)
 
 
