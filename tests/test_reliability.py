@@ -76,6 +76,22 @@ def test_lowering_train_steps_below_the_checkpoint_is_refused(tiny_data, tmp_pat
   assert _snapshot(tmp_path) == before
 
 
+def test_a_scheduled_run_is_not_extended_but_resumes_at_its_steps(tiny_data, tmp_path):
+  # A cosine schedule is laid out over train.steps: extending the run would change the lr
+  # of steps already taken; the same train.steps resumes.
+  data_dir, ds = tiny_data
+  cfg = _quiet(data_dir, steps=20)
+  cfg.optimizer.schedule = "cosine"
+  run_lib.train(cfg, tmp_path, dataset=ds)
+  before = _snapshot(tmp_path)
+  longer = _quiet(data_dir, steps=40)
+  longer.optimizer.schedule = "cosine"
+  with pytest.raises(config_lib.ConfigError, match=r"^train\.steps: 40 differs from 20 .*cosine"):
+    run_lib.train(longer, tmp_path, dataset=ds)
+  assert _snapshot(tmp_path) == before
+  assert run_lib.train(cfg, tmp_path, dataset=ds)["steps"] == 20
+
+
 # ---- 2. new intervals on resume ---------------------------------------------------------
 
 

@@ -171,6 +171,22 @@ def test_changed_key_names_the_leaf():
   assert rundir.changed_key(new, wider, set())[0] == "model.options.hidden"
 
 
+def test_a_key_an_older_run_did_not_record_counts_as_its_default():
+  # A run directory written before optimizer.schedule existed resumes with the default,
+  # and is refused with a non-default value naming the key.
+  old = {"optimizer": {"lr": 0.1}}
+  defaults = {"optimizer": {"lr": 1e-4, "schedule": "constant"}}
+  same = {"optimizer": {"lr": 0.1, "schedule": "constant"}}
+  assert rundir.changed_key(old, same, set()) == ("optimizer.schedule", None, "constant")
+  assert rundir.changed_key(old, same, set(), defaults) is None
+  other = {"optimizer": {"lr": 0.1, "schedule": "cosine"}}
+  assert rundir.changed_key(old, other, set(), defaults) == (
+    "optimizer.schedule",
+    "constant",
+    "cosine",
+  )
+
+
 def test_write_json_is_atomic_and_names_the_path_on_failure(tmp_path):
   path = tmp_path / "summary.json"
   rundir.write_json(path, {"a": 1})

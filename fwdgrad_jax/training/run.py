@@ -214,12 +214,22 @@ def _check_resumable(run_dir: Path, cfg: config_lib.Config) -> None:
       "to this config; restore the file (the summary.json of the run holds a copy under "
       "'config') or use a new run directory"
     )
-  change = rundir.changed_key(old, config_lib.to_dict(cfg), _MAY_CHANGE_ON_RESUME)
+  defaults = config_lib.to_dict(config_lib.Config())
+  change = rundir.changed_key(old, config_lib.to_dict(cfg), _MAY_CHANGE_ON_RESUME, defaults)
   if change is not None:
     key, was, now = change
     raise config_lib.ConfigError(
       f"{key}: {now!r} differs from {was!r} of the run being resumed in {run_dir}; use a new "
       "run directory (train.steps, the intervals and the time budget may change on resume)"
+    )
+  schedule = old.get("optimizer", {}).get("schedule", "constant")
+  old_steps = old.get("train", {}).get("steps")
+  if schedule != "constant" and old_steps != cfg.train.steps:
+    # The schedule is laid out over train.steps: more steps would rewrite its past.
+    raise config_lib.ConfigError(
+      f"train.steps: {cfg.train.steps} differs from {old_steps} of the run being resumed in "
+      f"{run_dir}, whose optimizer.schedule={schedule} decays over train.steps; resume with "
+      f"train.steps={old_steps} or use a new run directory"
     )
 
 

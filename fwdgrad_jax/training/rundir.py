@@ -233,7 +233,10 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def changed_key(
-  old: Mapping[str, Any], new: Mapping[str, Any], may_change: Collection[str]
+  old: Mapping[str, Any],
+  new: Mapping[str, Any],
+  may_change: Collection[str],
+  defaults: Mapping[str, Any] | None = None,
 ) -> tuple[str, Any, Any] | None:
   """The first dotted key whose value differs between two nested configs.
 
@@ -241,14 +244,19 @@ def changed_key(
     old: the config recorded in the run directory.
     new: the config of this run.
     may_change: dotted keys allowed to differ (e.g. ``train.steps``).
+    defaults: the schema's defaults (nested like the configs): a key that ``old`` lacks
+      (it was recorded before the key existed) counts as its default, so a run directory
+      of an older version resumes when the new key keeps that default.
 
   Returns:
     ``(key, old value, new value)``, or None when only ``may_change`` keys differ.
   """
   a, b = _flatten(old), _flatten(new)
+  d = _flatten(defaults or {})
   for key in sorted(set(a) | set(b)):
-    if key not in may_change and a.get(key) != b.get(key):
-      return key, a.get(key), b.get(key)
+    before = a.get(key, d.get(key))
+    if key not in may_change and before != b.get(key):
+      return key, before, b.get(key)
   return None
 
 
