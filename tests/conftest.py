@@ -1,10 +1,23 @@
-"""Shared fixtures: a tiny tfds-prepared data set for the training tests (no network)."""
+"""Shared fixtures: a tiny tfds-prepared data set for the training tests (no network).
 
+Compiled programs are shared through JAX's persistent compilation cache in ``.jax_cache/``
+of the checkout (so a clean clone starts empty): many tests, the xdist workers and the
+app's subprocesses compile the same steps of the same small models.
+"""
+
+import os
 import socket
+from pathlib import Path
 
-import _durations
-import _tiny_tfds
-import pytest
+_CACHE = Path(__file__).resolve().parents[1] / ".jax_cache"
+# Before jax is imported here, and inherited by the app's subprocesses.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import _durations  # noqa: E402
+import _tiny_tfds  # noqa: E402
+import pytest  # noqa: E402
 
 N_TRAIN, N_TEST, VAL_SIZE = 320, 64, 64
 

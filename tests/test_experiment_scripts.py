@@ -32,6 +32,17 @@ SLOW = {
   "experiments.yao.guided": "Yao's CNN stepped from the host, backprop and guided runs",
   "experiments.yao.time": "compiles the app's training loop for every method and times it",
 }
+#: Scripts whose --quick run (or a smaller one, on the tiny data set) a dedicated test makes
+#: and checks in more detail: run once, there.
+COVERED = {
+  "experiments.baydin2022.fair": "tests/test_baydin2022_training.py",
+  "experiments.baydin2022.training": "tests/test_baydin2022_training.py",
+  "experiments.baydin2022.scaling": "tests/test_benchmark.py (test_scaling_quick_writes_its_files)",
+  "experiments.baydin2022.fig2": "tests/test_experiments_fig.py",
+  "experiments.repro.fair": "tests/test_repro.py",
+  "experiments.repro.explosions": "tests/test_repro.py",
+  "experiments.repro.table1": "tests/test_repro.py",
+}
 #: Scripts that need what a test machine may not have.
 NEEDS = {
   "experiments.benchmarks.peer": "a Python with torch ($FWDGRAD_PEER_PYTHON) for the peer",
@@ -57,12 +68,14 @@ def _param(name: str):
     marks.append(pytest.mark.slow)
   if name in NEEDS:
     marks.append(pytest.mark.skip(reason=NEEDS[name]))
+  if name in COVERED:
+    marks.append(pytest.mark.skip(reason=f"its quick run is tested in {COVERED[name]}"))
   return pytest.param(name, marks=marks, id=name.removeprefix("experiments."))
 
 
 def test_the_scripts_are_found():
   assert len(SCRIPTS) >= 20 and "experiments.flugel2024.fig4" in SCRIPTS
-  assert set(SLOW) | set(NEEDS) <= set(SCRIPTS)
+  assert set(SLOW) | set(NEEDS) | set(COVERED) <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("name", [_param(n) for n in SCRIPTS])

@@ -53,9 +53,13 @@ VARIANTS: dict[str, tuple[list[str], tuple[float, ...]]] = {
 def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--steps", type=int, default=500)
   p.add_argument("--eval-every", type=int, default=50)
-  p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated labels")
+  p.add_argument(
+    "--variants", default=None, help="comma-separated labels (default: all; --quick: two)"
+  )
   p.add_argument("--sweeps-dir", type=Path, default=None, help="run dirs (<out>/sweeps)")
-  p.add_argument("--quick", action="store_true", help="20 steps, two lrs (smoke test)")
+  p.add_argument(
+    "--quick", action="store_true", help="20 steps, two lrs, two variants (smoke test)"
+  )
 
 
 def _common(args: argparse.Namespace) -> list[str]:
@@ -82,6 +86,8 @@ def _curve(job: Path) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
     args.steps, args.eval_every = 20, 10
+  if args.variants is None:
+    args.variants = "backprop,activity k=1" if args.quick else ",".join(VARIANTS)
   sweeps = (args.sweeps_dir or args.out / "sweeps").absolute()
   results = []
   for label in args.variants.split(","):
