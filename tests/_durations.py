@@ -9,7 +9,7 @@ the file (new ones) count as fast until the next measurement.
 Regenerate after adding or changing tests (``make test-durations``)::
 
     python -m pytest -q --durations=0 tests > .durations.log
-    python tests/_durations.py .durations.log --budget-s 150 --workers 2
+    python tests/_durations.py .durations.log --budget-s 105 --workers 2
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def load() -> tuple[dict[str, float], float]:
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("log", type=Path, help="output of pytest --durations=0")
-  parser.add_argument("--budget-s", type=float, default=150.0, help="inner loop's wall time (s)")
+  parser.add_argument("--budget-s", type=float, default=105.0, help="inner loop's wall time (s)")
   parser.add_argument("--workers", type=int, default=2, help="pytest-xdist workers (cores)")
   args = parser.parse_args(argv)
   seconds = parse(args.log.read_text())
