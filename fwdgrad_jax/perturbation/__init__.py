@@ -69,8 +69,6 @@ from fwdgrad_jax.perturbation.options import (
   ACTIVITY_TANGENTS,
   PERTURBATIONS,
   STRUCTURED_TANGENTS,
-  check_options,
-  uses_interpreter,
 )
 from fwdgrad_jax.perturbation.program import Op, Program, evaluate, flatten, trace
 from fwdgrad_jax.perturbation.rules import FACTORED_RULES, LINEAR_PRIMITIVES, VIEW_RULES
@@ -96,7 +94,6 @@ __all__ = [
   "STRUCTURED_TANGENTS",
   "VIEW_RULES",
   "activity_estimate",
-  "check_options",
   "credited",
   "evaluate",
   "flatten",
@@ -110,6 +107,5 @@ __all__ = [
   "site",
   "site_p",
   "trace",
-  "uses_interpreter",
   "weight_tangents_and_jvps",
 ]
