@@ -45,7 +45,7 @@ test-fast: install
 # Re-measure which tests are slow (tests/durations.json) after adding or changing tests.
 test-durations: install
 	$(PY) -m pytest -q --durations=0 tests > .durations.log || true
-	$(PY) tests/_durations.py .durations.log --budget-s 105 --workers 2
+	$(PY) tests/_durations.py .durations.log --budget-s 70 --workers 2
 
 lint: install
 	$(VENV)/bin/ruff check fwdgrad_jax experiments tests
