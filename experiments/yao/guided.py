@@ -37,7 +37,9 @@ SHUFFLE_RATIOS = (0.0, 0.2, 0.4, 0.5)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--model", default="yao_cnn", choices=("mlp", "yao_cnn"))
+  p.add_argument(
+    "--model", default=None, choices=("mlp", "yao_cnn"), help="default yao_cnn (--quick: mlp)"
+  )
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--lr", type=float, default=1e-6)
   p.add_argument("--ref-lr", type=float, default=1e-2, help="backprop reference lr")
@@ -68,6 +70,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   grid = [tuple(float(v) for v in pair.split(":")) for pair in args.grid.split(",")]
   if args.quick:
     args.steps, grid = 10, [(1.0, 0.0), (0.9, 0.0), (0.9, 0.5)]
+  if args.model is None:  # the CNN is stepped from the host: slow for a smoke test
+    args.model = "mlp" if args.quick else "yao_cnn"
   ds = data.load("fashion_mnist")
   problem = yao.make_problem(args.model, ds.x_train, ds.y_train, seed=args.seed)
   # One compilation per (method, shuffle_ratio): the lrs of backprop and the guided
