@@ -20,8 +20,11 @@ curve gets about ``evals`` points whatever its step time.
   python experiments/compare.py --report-only outputs/compare/<date-time>/comparison.json
 
 ``--tune ROW`` runs that row's lr grid search at the same budget and settings (the Hydra
-app in a subprocess, one job per lr) and writes ``lr_search.json`` and ``lr_search.png``;
-put the lr it prints into configs/demo.yaml.
+app in a subprocess, one job per lr) and writes ``lr_search.json``, ``lr_search.md`` (the
+grid with each lr's status) and ``lr_search.png``; put the lr it prints into
+configs/demo.yaml. Runs are scored by lr_search's one rule: the final validation loss
+(mean of the last 3 evaluations); a run that ends above 1.5 × its best is unstable and,
+like a diverged one, not eligible.
 """
 
 from __future__ import annotations
@@ -117,6 +120,8 @@ def _row_result(summary: dict[str, Any], records: list[dict[str, Any]]) -> dict[
     "test_accuracy",
     "test_loss",
     "val_loss",
+    "final_val_loss",
+    "unstable",
     "best_val_loss",
     "step_time_ms",
     "base_time_ms",
@@ -229,7 +234,7 @@ def table(result: dict[str, Any]) -> str:
     f"{result['budget_s']:g} s of training per row; each row at its own tuned lr "
     "(configs/demo.yaml).",
     "",
-    "| method | lr | steps | train s | test acc | test loss | best val loss | step ms | R "
+    "| method | lr | steps | train s | test acc | test loss | final val loss | step ms | R "
     "| cos to ∇f |",
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
@@ -240,13 +245,15 @@ def table(result: dict[str, Any]) -> str:
     lines.append(
       f"| {label} | {r['lr']:g} | {r['steps']} | {rep.num(r['train_time_s'], '.1f')} | "
       f"{rep.num(r['test_accuracy'], '.4f')} | {rep.num(r['test_loss'], '.4f')} | "
-      f"{rep.num(r['best_val_loss'], '.4f')} | {rep.num(r['step_time_ms'], '.2f')} | "
+      f"{rep.num(r.get('final_val_loss'), '.4f')}{' (unstable)' if r.get('unstable') else ''} | "
+      f"{rep.num(r['step_time_ms'], '.2f')} | "
       f"{rep.num(r['runtime_ratio'], '.2f')} | {rep.num(r['cosine_to_true_grad'], '.4f')} |"
     )
   lines += [
     "",
     "R = step time / (forward pass + loss) time: R_b for backprop, R_f for forward "
-    "gradients. cos to ∇f: median cosine of the step's estimate to jax.grad on the same batch.",
+    "gradients. cos to ∇f: median cosine of the step's estimate to jax.grad on the same batch. "
+    "final val loss: mean of the last 3 evaluations (unstable: above 1.5 × the run's best).",
   ]
   bp = rows.get("backprop")
   for label, r in rows.items():
@@ -304,13 +311,25 @@ def _report_search(result: dict[str, Any], out: Path) -> list[Path]:
   fig, ax = plt.subplots(figsize=(6, 4))
   lr_search.draw(ax, s)
   ax.set(xlabel="learning rate", ylabel=f"{s['objective']} (mean over seeds)")
-  ax.set_title(f"{result['row']}: {result['budget_s']:g} s per run (× diverged)", fontsize=9)
+  ax.set_title(
+    f"{result['row']}: {result['budget_s']:g} s per run (× diverged, ◇ unstable)", fontsize=9
+  )
   ax.grid(alpha=0.3, which="both")
   png = rep.save_figure(fig, out / "lr_search.png", dpi=110)
+  table = lr_search.markdown_table(s)
+  md = out / "lr_search.md"
+  md.write_text(
+    f"# lr search: {result['row']}, {result['budget_s']:g} s per run\n\n"
+    f"`{result['sweep_command']}`\n\n{table}"
+  )
   edge = " (at the grid's edge: widen it)" if s["at_grid_edge"] else ""
+  print("\n" + table)
   print(f"{result['row']}: best lr {s['best_lr']} ({s['objective']} {s['best_loss']}){edge}")
-  print(f"diverged: {s['diverged_lrs'] or 'none'}; sweep: {result['sweep_command']}")
-  return [png]
+  print(
+    f"diverged: {s['diverged_lrs'] or 'none'}; unstable: {s.get('unstable_lrs') or 'none'}; "
+    f"sweep: {result['sweep_command']}"
+  )
+  return [md, png]
 
 
 def report(result: dict[str, Any], out: Path) -> list[Path]:

@@ -19,7 +19,10 @@ signal number when SIGTERM/SIGINT/SIGHUP/SIGUSR1 stopped it (checkpoint and
 summary.json written: rerun to resume; a second signal stops at once, in one line). In a
 sweep (``-m``) a refused or failed job is logged and the sweep goes on (the job's
 objective is inf); the sweep then exits with that code, naming the first such job. The
-app returns the validation loss (inf for a diverged run) for Hydra sweepers.
+app returns the final validation loss for Hydra sweepers (Optuna): the mean of the last
+3 evaluations, the lr searches' one rule (``fwdgrad_jax.training.lr_search.score``), and
+inf for a run that diverged or was unstable (final > 1.5 × its best), as they are not
+eligible there either.
 """
 
 from __future__ import annotations
@@ -138,9 +141,10 @@ def main(raw: DictConfig) -> float:
   log.info(_describe(summary, run_dir))  # to the console and run.log
   if summary["interrupted"]:
     sys.exit(128 + signal.Signals[summary["interrupted_by"]].value)
-  if summary["diverged"] or summary["val_loss"] is None:
+  final = summary.get("final_val_loss")
+  if summary["diverged"] or summary.get("unstable") or final is None:
     return math.inf
-  return summary["val_loss"]
+  return final
 
 
 def _describe(s: dict, run_dir: Path) -> str:

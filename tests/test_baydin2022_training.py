@@ -78,9 +78,9 @@ def test_fair_quick_run_tunes_each_method_with_the_lr_search(tiny_data, tmp_path
   assert e["searches"]["backprop"]["lrs"] == [1e-4, 0.3]
   for method in ("forward", "backprop"):
     s = e["searches"][method]
-    assert s["objective"] == "best_val_loss" and s["at_grid_edge"]
+    assert s["objective"] == "final_val_loss" and s["at_grid_edge"] and s["final_evals"] == 3
     assert e["tuned"][method]["lr"] == s["best_lr"]
-    assert e["tuned"][method]["loss"] == min(c for c in s["curve"] if c is not None)
+    assert e["tuned"][method]["loss"] == s["curve"][s["best_index"]]
     assert e["same_lr"][method]["lr"] == 1e-4
     assert "+experiment=[baydin_logreg,lr_search_grid]" in s["extra"]["command"]
   assert e["T_same_lr"]["n_pairs"] == 1 and e["T_tuned"]["n_pairs"] == 1

@@ -128,31 +128,138 @@ def test_sweep_command_composes_presets_and_the_grid(tmp_path):
   ]
 
 
-def _fake_job(sweep, num, lr, seed, best, diverged=False):
+def _fake_job(sweep, num, lr, seed, curve, diverged=False, end=None):
+  """A job directory as the app leaves it: summary.json and metrics.jsonl.
+
+  ``curve``: validation losses at steps 10, 20, …; ``end``: the summary's val_loss after
+  a last step beyond them (a run stopped between evaluations), else the last value.
+  """
   job = sweep / str(num)
   (job / ".hydra").mkdir(parents=True)
-  summary = {"lr": lr, "seed": seed, "best_val_loss": best, "diverged": diverged}
+  records = [{"step": 10 * (i + 1), "val_loss": v} for i, v in enumerate(curve)]
+  finite = [v for v in curve if math.isfinite(v)]
+  summary = {
+    "lr": lr,
+    "seed": seed,
+    "diverged": diverged,
+    # What the search ranked by before the final/unstable rule: a test that passes on
+    # that rule must fail here.
+    "best_val_loss": min(finite) if finite else None,
+    "val_loss": None if diverged else (end if end is not None else curve[-1]),
+    "steps": 10 * len(curve) + (5 if end is not None else 0),
+  }
   (job / "summary.json").write_text(json.dumps(summary))
+  (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def test_read_sweep_of_a_multirun_directory(tmp_path):
   sweep = tmp_path / "sweep"
-  _fake_job(sweep, 0, 0.1, 0, 0.5)
-  _fake_job(sweep, 1, 0.01, 0, 0.8)
-  _fake_job(sweep, 2, 1.0, 0, 2.0, diverged=True)
-  _fake_job(sweep, 10, 0.1, 1, 0.7)
+  _fake_job(sweep, 0, 0.1, 0, [1.0, 0.6, 0.5, 0.5, 0.5])
+  _fake_job(sweep, 1, 0.01, 0, [1.0, 0.9, 0.8])
+  _fake_job(sweep, 2, 1.0, 0, [1.0, 2.0], diverged=True)
+  _fake_job(sweep, 10, 0.1, 1, [1.0, 0.8, 0.7], end=0.6)  # stopped after its last eval
   (sweep / "3" / ".hydra").mkdir(parents=True)  # a job that crashed before its summary
   (sweep / "optimization_results.yaml").write_text("best_params:\n  optimizer.lr: 0.1\n")
   res = lr_search.read_sweep(sweep)
   assert res.lrs == (0.01, 0.1, 1.0) and res.seeds == (0, 1)
-  assert res.values == ((0.8, None), (0.5, 0.7), (2.0, None))
+  # Final = mean of the last 3 evaluations (the summary's end evaluation counts as one).
+  assert res.values == (
+    (pytest.approx(0.9), None),
+    (pytest.approx(0.5), pytest.approx(0.7)),
+    (pytest.approx(1.5), None),
+  )
   assert res.best_lr == 0.1 and res.best_loss == pytest.approx(0.6)
-  assert res.diverged_lrs == (1.0,) and res.objective == "best_val_loss"
+  assert res.diverged_lrs == (1.0,) and res.objective == "final_val_loss"
+  assert res.final_evals == 3 and res.unstable_ratio == 1.5 and res.unstable_lrs == ()
   assert res.extra["runs"][1] == [str(sweep / "0"), str(sweep / "10")]
   assert res.extra["failed_jobs"] == [str(sweep / "3")]
   assert res.extra["optuna"] == {"best_params": {"optimizer.lr": 0.1}}
   with pytest.raises(FileNotFoundError):
     lr_search.read_sweep(tmp_path / "sweep" / "3")
+
+
+def test_read_sweep_passes_over_a_run_that_dips_and_blows_up(tmp_path):
+  # lr 0.3 reaches the lowest validation loss of the grid (0.2) and then climbs to 0.5:
+  # best-val ranking picks it; the final loss is 0.4 > 1.5 × 0.2, unstable, not eligible.
+  sweep = tmp_path / "sweep"
+  _fake_job(sweep, 0, 0.1, 0, [1.0, 0.6, 0.5, 0.45, 0.45])
+  _fake_job(sweep, 1, 0.3, 0, [1.0, 0.2, 0.3, 0.4, 0.5])
+  res = lr_search.read_sweep(sweep)
+  assert res.best_lr == 0.1 and res.best_loss == pytest.approx(0.4667, abs=1e-4)
+  assert res.unstable == ((False,), (True,)) and res.unstable_lrs == (0.3,)
+  assert res.diverged_lrs == () and res.status(1) == "unstable"
+  table = lr_search.markdown_table(res)
+  assert "| 0.3 | 0.4 | 0.4 | unstable |" in table and "| 0.1 | 0.4667 |" in table
+  assert "ok (chosen)" in table and "last 3 evaluations" in table
+  assert lr_search.cells(res) == ["0.1: 0.4667*", "0.3: 0.4 (unstable)"]
+  back = lr_search.LrSearch.from_dict(json.loads(json.dumps(res.as_dict())))
+  assert back == res and res.as_dict()["unstable_lrs"] == [0.3]
+
+
+def test_final_loss_and_is_unstable_on_synthetic_curves():
+  nan = math.nan
+  dip_and_blow_up = [2.0, 0.3, 0.9, 1.2, 1.5]
+  steady = [2.0, 1.0, 0.8, 0.75, 0.7]
+  assert lr_search.final_loss(dip_and_blow_up) == pytest.approx(1.2)
+  assert lr_search.is_unstable(dip_and_blow_up) and not lr_search.is_unstable(steady)
+  assert lr_search.score(dip_and_blow_up) == (pytest.approx(1.2), 0.3, False, True)
+  # Fewer evaluations than `last`: the mean of those there are.
+  assert lr_search.final_loss([0.9, 0.7]) == pytest.approx(0.8)
+  assert lr_search.final_loss([0.5]) == 0.5 and not lr_search.is_unstable([0.5])
+  assert lr_search.final_loss([]) is None and lr_search.final_loss([None]) is None
+  # Exactly 1.5 × best is still stable (strictly above is not); `last` and `ratio` apply.
+  assert not lr_search.is_unstable([2.0, 3.0, 3.0, 3.0])
+  assert lr_search.is_unstable([2.0, 3.0, 3.0, 3.0], ratio=1.4)
+  assert lr_search.final_loss(steady, last=1) == 0.7
+  assert lr_search.is_unstable([1.0, 0.2, 0.2, 0.2, 0.31], last=1)
+  assert not lr_search.is_unstable([1.0, 0.2, 0.2, 0.2, 0.31])  # mean of 3: 0.237
+  # A non-finite evaluation: diverged (not "unstable"); the evaluations after it don't count.
+  s = lr_search.score([1.0, 0.5, nan, 0.1])
+  assert s.diverged and not s.unstable and s.final == pytest.approx(0.75) and s.best == 0.5
+  assert lr_search.score([1.0, 0.5], diverged=True).diverged
+  with pytest.raises(ValueError, match="last=0"):
+    lr_search.final_loss(steady, last=0)
+
+
+def test_the_rule_chooses_the_steady_run_over_dips_blow_ups_and_nans():
+  nan = math.nan
+  curves = {
+    0.01: [[3.0, 2.0, 1.5, 1.2, 1.0], [3.0, 2.1, 1.6, 1.3, 1.1]],  # slow, steady
+    0.1: [[3.0, 0.9, 0.7, 0.6, 0.55], [3.0, 1.0, 0.7, 0.65, 0.6]],  # steady
+    # Dips lowest, blows up: loses on the final loss (and is unstable).
+    0.3: [[3.0, 0.2, 0.5, 0.9, 1.5], [3.0, 0.25, 0.4, 0.8, 1.3]],
+    # Lowest final loss of all, but ends far above its best in one seed: never chosen.
+    1.0: [[3.0, 0.1, 0.1, 0.1, 0.1], [3.0, 0.1, 0.2, 0.2, 0.25]],
+    3.0: [[3.0, 0.5, nan, nan, nan], [3.0, 0.4, 0.3, 0.3, 0.3]],  # one seed diverged
+  }
+  lrs = list(curves)
+  res = lr_search.summarize_curves(lrs, [0, 1], [curves[lr] for lr in lrs])
+  assert res.best_lr == 0.1 and res.best_loss == pytest.approx(0.6333, abs=1e-4)
+  assert res.unstable_lrs == (0.3, 1.0) and res.diverged_lrs == (3.0,)
+  assert res.curve[3] < res.curve[1]  # the unstable lr has the lowest final loss
+  assert res.unstable[3] == (False, True) and res.diverged[4] == (True, False)
+  assert [res.status(i) for i in range(5)] == ["ok", "ok", "unstable", "unstable", "diverged"]
+  # No eligible lr: the unstable ones compete before the diverged ones.
+  res = lr_search.summarize_curves(lrs[2:], [0, 1], [curves[lr] for lr in lrs[2:]])
+  assert res.best_lr == 1.0
+  # A run that did not run (None) has no value; nothing finite at all: no best lr.
+  none = lr_search.summarize_curves([0.1, 0.3], [0], [[None], [[math.nan]]])
+  assert none.best_lr is None and none.diverged == ((False,), (True,))
+
+
+def test_search_scores_curves_by_the_same_rule():
+  import jax.numpy as jnp
+
+  steady = jnp.array([2.0, 1.0, 0.8, 0.75, 0.7])
+  dip = jnp.array([2.0, 0.1, 0.4, 0.6, 0.8])  # the lowest best, unstable, worse final
+
+  def objective(lr, seed):
+    del seed
+    return jnp.where(lr > 0.5, dip, jnp.where(lr > 2.0, jnp.nan, steady * (1 + lr)))
+
+  res = lr_search.search(objective, [0.1, 0.3, 1.0], seeds=(0, 1), objective_name="val")
+  assert res.best_lr == 0.1 and res.unstable_lrs == (1.0,) and res.final_evals == 3
+  assert res.best_loss == pytest.approx(0.75 * 1.1, rel=1e-6)
 
 
 @pytest.mark.slow

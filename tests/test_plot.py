@@ -7,9 +7,10 @@ import pytest
 from fwdgrad_jax.training import plot
 
 
-def _run(path, *, lr, cosine=False, torn=False):
+def _run(path, *, lr, cosine=False, torn=False, norms=False, estimator=None):
   path.mkdir(parents=True)
-  config = {"estimator": {"name": "forward", "num_tangents": 4, "aggregation": "mean"}}
+  estimator = estimator or {"name": "forward", "num_tangents": 4, "aggregation": "mean"}
+  config = {"estimator": estimator}
   (path / "config.json").write_text(json.dumps({**config, "optimizer": {"lr": lr}}))
   records = []
   for step in (10, 20, 30):
@@ -18,6 +19,8 @@ def _run(path, *, lr, cosine=False, torn=False):
       r.update(val_loss=2.5 / step, val_accuracy=step / 40)
     if cosine:
       r["cosine_to_true_grad"] = 0.01 * step
+    if norms:
+      r.update(param_norm=10.0 + step, grad_norm_ratio=1.0 + step)
     records.append(r)
   text = "".join(json.dumps(r) + "\n" for r in records)
   (path / "metrics.jsonl").write_text(text + ('{"step": 4' if torn else ""))
@@ -39,7 +42,11 @@ def test_a_sweep_directory_stands_for_its_runs(tmp_path, capsys):
   assert "2 run(s) drawn into" in capsys.readouterr().out
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   runs = [plot.load_run(p) for p in plot.find_runs([sweep])]
-  assert [r.label for r in runs] == ["forward k=4 mean lr=0.1", "forward k=4 mean lr=0.01"]
+  # The perturbation is named (weights: the default when the config does not say).
+  assert [r.label for r in runs] == [
+    "forward weights k=4 mean lr=0.1",
+    "forward weights k=4 mean lr=0.01",
+  ]
   assert [len(r.records) for r in runs] == [3, 3]  # the torn line is not a record
 
 
@@ -61,3 +68,34 @@ def test_runs_of_one_method_get_distinct_labels(tmp_path):
 def test_a_path_without_runs_is_an_error_naming_it(tmp_path, capsys):
   assert plot.main([str(tmp_path / "nothing")]) == 2
   assert str(tmp_path / "nothing") in capsys.readouterr().err
+
+
+def test_param_norm_and_length_ratio_get_their_own_rows(tmp_path):
+  plain = plot.plot_runs([plot.load_run(_run(tmp_path / "a", lr=0.1))], tmp_path / "a.png")
+  logged = plot.load_run(_run(tmp_path / "b", lr=0.1, cosine=True, norms=True))
+  full = plot.plot_runs([logged], tmp_path / "b.png")
+  (h2, w2), (h5, w5) = _png_size(plain), _png_size(full)
+  # loss, accuracy + parameter norm, cosine, ‖ĝ‖/‖∇f‖: five rows of the same height.
+  assert w2 == w5 and h5 == pytest.approx(h2 * 5 / 2, rel=0.02)
+
+
+def test_labels_name_the_perturbation_and_options_off_their_defaults(tmp_path):
+  activity = {
+    "name": "forward",
+    "perturbation": "activity",
+    "num_tangents": 1,
+    "aggregation": "mean",
+    "rescale": True,  # the default: not named
+    "tangents": "normal",
+  }
+  raw = {**activity, "perturbation": "weights", "rescale": False, "tangents": "rank1"}
+  runs = [
+    plot.load_run(_run(tmp_path / "act", lr=0.03, estimator=activity)),
+    plot.load_run(_run(tmp_path / "raw", lr=0.03, estimator=raw)),
+    plot.load_run(_run(tmp_path / "bp", lr=0.1, estimator={"name": "backprop"})),
+  ]
+  assert [r.label for r in runs] == [
+    "forward activity k=1 mean lr=0.03",
+    "forward weights k=1 mean tangents=rank1 rescale=False lr=0.03",
+    "backprop lr=0.1",
+  ]

@@ -98,6 +98,12 @@ def test_a_run_writes_metrics_summary_and_checkpoint(tiny_data, tmp_path, estima
   assert all(0 <= r["val_accuracy"] <= 1 for r in evals)
   checks = [r for r in records if "cosine_to_true_grad" in r]
   assert [r["step"] for r in checks] == [20, 40, 60]
+  # Every evaluation logs the parameters' norm, every check the estimate's length ratio.
+  assert [r["step"] for r in records if "param_norm" in r] == [20, 40, 60]
+  assert all(r["param_norm"] > 0 and np.isfinite(r["grad_norm_ratio"]) for r in checks)
+  # The lr searches' rule, in the summary: mean of the last 3 evaluations (the end's is 60's).
+  assert summary["final_val_loss"] == pytest.approx(np.mean([r["val_loss"] for r in evals]))
+  assert summary["final_evals"] == 3 and summary["unstable"] is False
   for key in ("val_loss", "val_accuracy", "test_loss", "test_accuracy", "step_time_ms"):
     assert summary[key] is not None and np.isfinite(summary[key]), key
   assert not (summary["diverged"] or summary["interrupted"] or summary["stopped_on_time"])
@@ -115,6 +121,7 @@ def test_a_run_writes_metrics_summary_and_checkpoint(tiny_data, tmp_path, estima
   if estimator["name"] == "backprop":
     # jax.grad against itself, and the labels are learnable: the loss falls.
     assert all(r["cosine_to_true_grad"] == pytest.approx(1.0, abs=1e-5) for r in checks)
+    assert all(r["grad_norm_ratio"] == pytest.approx(1.0, abs=1e-5) for r in checks)
     assert records[-1]["train_loss"] < records[0]["train_loss"]
 
 
@@ -145,6 +152,24 @@ def test_where_tangents_enter_and_guided_train_through_the_loop(tiny_data, tmp_p
   else:
     assert summary["perturbation"] == estimator.get("perturbation", "weights")
     assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+def test_the_length_ratio_is_one_where_the_estimate_is_the_gradient(tiny_data, tmp_path):
+  # Activity perturbation of an MLP 784-4-10: per example, 4 and 10 activities per layer.
+  # k = 16 ≥ both with the orthogonal projection spans every activity direction, so the
+  # estimate is the true gradient: ratio 1 and cosine 1 to float precision (the app's
+  # default rescale leaves an exact projection as it is).
+  data_dir, ds = tiny_data
+  est = {"name": "forward", "perturbation": "activity", "num_tangents": 16}
+  est["aggregation"] = "orthogonal"
+  cfg = _cfg(data_dir, model={"options": {"hidden": [4]}}, estimator=est, train={"steps": 40})
+  run_lib.train(cfg, tmp_path, dataset=ds)
+  checks = [r for r in _records(tmp_path) if "grad_norm_ratio" in r]
+  assert [r["step"] for r in checks] == [20, 40]
+  for r in checks:
+    assert r["grad_norm_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert r["cosine_to_true_grad"] == pytest.approx(1.0, abs=1e-5)
+    assert r["param_norm"] > 0
 
 
 def test_a_run_shorter_than_one_chunk_is_timed(tiny_data, tmp_path):

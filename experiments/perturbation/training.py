@@ -7,8 +7,9 @@ approximation), activity perturbation with per-example losses (k = 1), and activ
 k = 16 and the per-example orthogonal projection. Every forward variant uses
 ``estimator.rescale=true``, so its estimate has the expected length of the true gradient
 and one lr grid serves all of them. Each variant's lr is found by the shared lr search
-(``fwdgrad_jax.training.lr_search.run_sweep``: the Hydra app's Optuna grid sweep, best validation
-loss); the report compares the variants at their own best lr, against steps and seconds.
+(``fwdgrad_jax.training.lr_search.run_sweep``: the Hydra app's Optuna grid sweep, lowest
+final validation loss = mean of a run's last 3 evaluations, diverged and unstable runs —
+final > 1.5 × their best — not eligible); the report compares the variants at their own best lr, against steps and seconds.
 
   python -m experiments.perturbation.training --out results/perturbation
   python -m experiments.perturbation.training --quick          # a smoke test
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     best = search.best_index
     job = None if best is None else search.extra["runs"][best][0]
     summary = json.loads((Path(job) / "summary.json").read_text()) if job else {}
-    print(f"{label}: best lr {search.best_lr}, best val {search.best_loss}", flush=True)
+    print(f"{label}: best lr {search.best_lr}, {search.objective} {search.best_loss}", flush=True)
     results.append(
       dict(
         label=label,
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         search=search.as_dict(),
         best=dict(
           lr=search.best_lr,
+          final_val_loss=search.best_loss,
           best_val_loss=summary.get("best_val_loss"),
           test_loss=summary.get("test_loss"),
           test_accuracy=summary.get("test_accuracy"),
@@ -145,10 +147,11 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "",
     f"{s['model']} on Fashion-MNIST, batch {s['batch_size']}, {s['optimizer']}, "
     f"{s['steps']} steps; forward variants with `estimator.rescale=true`; the lr of each "
-    "variant is the best of its grid by best validation loss (`lr_search.run_sweep`).",
+    "variant is the best of its grid (`lr_search.run_sweep`; the grids below).",
     "",
   ]
-  cols = ["variant", "lr grid", "best lr", "best val loss", "test loss", "test acc", "step ms"]
+  cols = ["variant", "lr grid", "best lr", "final val loss", "best val loss", "test loss"]
+  cols += ["test acc", "step ms"]
   table = rep.Table([*cols, "R"])
   for v in result["variants"]:
     b, grid = v["best"], v["search"]["lrs"]
@@ -156,10 +159,15 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
       v["label"],
       ", ".join(f"{x:g}" for x in grid),
       rep.num(b["lr"], "g"),
+      rep.num(b.get("final_val_loss")),  # not in results written before the rule
       *(rep.num(b[x]) for x in ("best_val_loss", "test_loss", "test_accuracy")),
       *(rep.num(b[x], ".2f") for x in ("step_time_ms", "runtime_ratio")),
     )
   lines += table.lines()
+  rule = lr_search.rule_line(result["variants"][0]["search"]) if result["variants"] else ""
+  lines += ["", f"Grids (* = kept, (div) = diverged, (unstable) = unstable). {rule}", ""]
+  for v in result["variants"]:
+    lines.append(f"- {v['label']}: " + ", ".join(lr_search.cells(v["search"], rep.num)))
   lines += ["", "![validation loss](training.png)", ""]
   plt = records_lib.pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)

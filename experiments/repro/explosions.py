@@ -162,6 +162,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "run_dir": run_dir,
             "summary_written": bool(s),
             "diverged": bool(s.get("diverged")),
+            # final val loss > 1.5 × its best (lr_search.score): exploded without a NaN
+            "unstable": bool(s.get("unstable")),
             "steps": s.get("steps"),
             "val_loss": s.get("val_loss"),
             "test_loss": s.get("test_loss"),
@@ -194,6 +196,7 @@ def stats(cond: dict[str, Any]) -> dict[str, Any]:
     "n": len(runs),
     "n_summaries": sum(r["summary_written"] for r in runs),
     "n_diverged": len(div),
+    "n_unstable": sum(bool(r.get("unstable")) for r in ok),
     "diverged_at": sorted(r["steps"] for r in div),
     "n_spiked": sum(bool(r["spike_steps"]) for r in runs),
     "first_spikes": sorted(r["spike_steps"][0] for r in runs if r["spike_steps"]),

@@ -9,7 +9,8 @@ and every search reports the same :class:`LrSearch`:
 * the best lr and its loss, and whether it lies at the edge of the grid (the optimum may
   be outside it);
 * the curve of loss against lr (mean over seeds), the per-seed values, and which lrs
-  diverged (a non-finite loss in any seed).
+  diverged (a non-finite loss in any seed) or were unstable (see below); :func:`cells`
+  and :func:`markdown_table` write it for a report, statuses included.
 
 Two ways to run one:
 
@@ -22,9 +23,18 @@ Two ways to run one:
   an :class:`LrSearch`. The caller passes the app and the sweep directory; nothing here
   finds files of the repository.
 
-Choosing the best lr: an lr where any seed diverged is not a usable lr (it has no final
-model), so it only competes when every lr diverged somewhere; among the rest the lowest
-mean-over-seeds loss wins, the smaller lr on a tie.
+Scoring a run (one rule for every search, :func:`score`): a run's loss is its FINAL
+validation loss, the mean of its last :data:`FINAL_EVALS` (3) evaluations, not the best
+one it saw: a run that dips once and then blows up must not win. A run whose final loss is
+above :data:`UNSTABLE_RATIO` (1.5) × its best is ``unstable``: it went somewhere and came
+back worse, so its lr is not usable either. Fewer than 3 evaluations: the mean of those
+there are. A non-finite evaluation (or a run the trainer stopped as diverged) is
+``diverged``.
+
+Choosing the best lr: an lr where any seed diverged or was unstable is not eligible (a
+diverged run has no final model; an unstable one ends far above where it was), so it
+only competes when no lr is eligible (then the unstable lrs before the diverged ones);
+among the eligible the lowest mean-over-seeds loss wins, the smaller lr on a tie.
 """
 
 from __future__ import annotations
@@ -37,22 +47,164 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from fwdgrad_jax.training import rundir
+
 __all__ = [
+  "FINAL_EVALS",
+  "UNSTABLE_RATIO",
   "LrSearch",
+  "RunScore",
+  "cells",
   "draw",
+  "final_loss",
+  "is_unstable",
   "log_grid",
+  "markdown_table",
   "read_sweep",
+  "rule_line",
   "run_sweep",
+  "score",
   "search",
   "summarize",
+  "summarize_curves",
   "sweep_command",
+  "val_curve",
 ]
 
 GRID_PRESET = "lr_search_grid"  # configs/experiment/lr_search_grid.yaml
+
+# The selection rule (module docstring). Three evaluations: one is a single noisy point
+# (the dip-and-blow-up run ranks by luck of where its last evaluation fell); many would
+# reach back into the early, still-falling part of a short run.
+FINAL_EVALS = 3
+# Final above 1.5 × best: the run ended 50 % above its own best, far more than the
+# evaluation noise of a steady run (a few %), so it was going back up, not levelling off.
+UNSTABLE_RATIO = 1.5
+OBJECTIVE = "final_val_loss"
+
+
+class RunScore(NamedTuple):
+  """One run scored by :func:`score`.
+
+  Attributes:
+    final: the mean of the last ``last`` finite evaluations (None: none finite).
+    best: the lowest finite evaluation (None: none finite).
+    diverged: an evaluation was non-finite (or the trainer said so).
+    unstable: not diverged, and final > ratio × best.
+  """
+
+  final: float | None
+  best: float | None
+  diverged: bool
+  unstable: bool
+
+
+def _finite(x: Any) -> bool:
+  return x is not None and math.isfinite(x)
+
+
+def _finite_prefix(curve: Sequence[float | None]) -> list[float]:
+  out = []
+  for v in curve:
+    if not _finite(v):
+      break
+    out.append(float(v))
+  return out
+
+
+def final_loss(curve: Sequence[float | None], last: int = FINAL_EVALS) -> float | None:
+  """The loss a run ends at: the mean of its last ``last`` evaluations.
+
+  Args:
+    curve: the run's evaluations in order (e.g. its validation losses); None or
+      non-finite where it diverged (evaluations from there on do not count).
+    last: how many of the last evaluations to average (fewer if the run has fewer).
+
+  Returns:
+    The mean of the last ``last`` finite evaluations before the first non-finite one;
+    None when there is none.
+
+  Raises:
+    ValueError: ``last < 1``.
+  """
+  if last < 1:
+    raise ValueError(f"last={last}: need at least one evaluation")
+  finite = _finite_prefix(curve)
+  return float(np.mean(finite[-last:])) if finite else None
+
+
+def is_unstable(
+  curve: Sequence[float | None], last: int = FINAL_EVALS, ratio: float = UNSTABLE_RATIO
+) -> bool:
+  """Whether a run ended far above its own best: final > ``ratio`` × best.
+
+  For losses ≥ 0 (the rule's domain) this is ``final > ratio * best``; written as
+  ``final - best > (ratio - 1) * |best|`` so that it does not flip for a negative best.
+  A diverged run (a non-finite evaluation) is not called unstable: it is diverged.
+
+  Args:
+    curve: the run's evaluations in order.
+    last: as :func:`final_loss`.
+    ratio: the allowed final / best.
+
+  Returns:
+    True when the finite run's final loss is more than ``ratio`` × its best.
+  """
+  return score(curve, last, ratio).unstable
+
+
+def score(
+  curve: Sequence[float | None],
+  last: int = FINAL_EVALS,
+  ratio: float = UNSTABLE_RATIO,
+  *,
+  diverged: bool = False,
+) -> RunScore:
+  """The one rule every lr search scores a run by (see the module docstring).
+
+  Args:
+    curve: the run's evaluations in order (validation losses); None/non-finite = diverged.
+    last: evaluations averaged into the final loss (:data:`FINAL_EVALS`).
+    ratio: final / best above which a run is unstable (:data:`UNSTABLE_RATIO`).
+    diverged: the run is known to have diverged (the trainer stopped it on a non-finite
+      training loss, after its last finite evaluation).
+
+  Returns:
+    :class:`RunScore`.
+  """
+  if ratio < 1:
+    raise ValueError(f"ratio={ratio}: the final loss is compared to ratio × best, need >= 1")
+  finite = _finite_prefix(curve)
+  diverged = bool(diverged) or len(finite) < len(curve)
+  final = final_loss(curve, last)
+  best = min(finite) if finite else None
+  unstable = not diverged and final is not None and final - best > (ratio - 1) * abs(best)
+  return RunScore(final, best, diverged, bool(unstable))
+
+
+def val_curve(records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any] | None = None):
+  """The validation losses of a run's ``metrics.jsonl`` records, in step order.
+
+  Args:
+    records: the run's records (those without ``val_loss`` are skipped).
+    summary: its ``summary.json``; its ``val_loss`` (the evaluation after the last step)
+      is appended when it is of a later step than the last record's evaluation (a run
+      stopped between evaluations, by its time budget).
+
+  Returns:
+    The list of validation losses (None where one was not finite).
+  """
+  evals = [(int(r["step"]), r["val_loss"]) for r in records if "val_loss" in r and "step" in r]
+  curve = [v if _finite(v) else None for _, v in evals]
+  if summary is not None and _finite(summary.get("val_loss")):
+    last_step = evals[-1][0] if evals else -1
+    if summary.get("steps") is not None and int(summary["steps"]) > last_step:
+      curve.append(float(summary["val_loss"]))
+  return curve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +216,18 @@ class LrSearch:
     seeds: the seeds every lr ran with.
     values: ``values[i][j]``: the objective of lr i, seed j (None: none finite / not run).
     diverged: ``diverged[i][j]``: that run diverged.
+    unstable: ``unstable[i][j]``: that run's final loss was above ``unstable_ratio`` ×
+      its best (:func:`score`); all False where the values are no curves' finals.
     curve: per lr, the mean over seeds of the finite values (None when there are none).
     best_lr, best_loss, best_index: the chosen lr (see the module docstring), its curve
       value and its index in ``lrs``; None when no lr has a finite value.
     at_grid_edge: the best lr is the smallest or the largest of the grid.
     diverged_lrs: the lrs where at least one seed diverged.
-    objective: what the values are (e.g. ``"best_val_loss"``).
+    unstable_lrs: the lrs where at least one seed was unstable (and none diverged).
+    objective: what the values are (e.g. ``"final_val_loss"``).
+    final_evals: evaluations averaged into a run's final loss (None: the values are
+      the caller's scalars, not scored curves).
+    unstable_ratio: the final / best ratio above which a run is unstable (None: as above).
     extra: how it ran: the command, run directories ``runs[i][j]``, Optuna's own result…
   """
 
@@ -85,6 +243,18 @@ class LrSearch:
   diverged_lrs: tuple[float, ...]
   objective: str = "loss"
   extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  unstable: tuple[tuple[bool, ...], ...] = ()
+  unstable_lrs: tuple[float, ...] = ()
+  final_evals: int | None = None
+  unstable_ratio: float | None = None
+
+  def status(self, i: int) -> str:
+    """``"diverged"``, ``"unstable"`` or ``"ok"``: lr ``i``'s eligibility (module docstring)."""
+    if any(self.diverged[i]):
+      return "diverged"
+    if self.unstable and any(self.unstable[i]):
+      return "unstable"
+    return "ok"
 
   def as_dict(self) -> dict[str, Any]:
     """JSON-ready (tuples as lists)."""
@@ -107,11 +277,12 @@ class LrSearch:
       diverged_lrs=tuple(d["diverged_lrs"]),
       objective=d.get("objective", "loss"),
       extra=dict(d.get("extra", {})),
+      # Searches written before the unstable rule have none of these.
+      unstable=nested(d.get("unstable", ())),
+      unstable_lrs=tuple(d.get("unstable_lrs", ())),
+      final_evals=d.get("final_evals"),
+      unstable_ratio=d.get("unstable_ratio"),
     )
-
-
-def _finite(x: Any) -> bool:
-  return x is not None and math.isfinite(x)
 
 
 def summarize(
@@ -120,19 +291,27 @@ def summarize(
   values: Sequence[Sequence[float | None]],
   diverged: Sequence[Sequence[bool]] | None = None,
   *,
+  unstable: Sequence[Sequence[bool]] | None = None,
   objective: str = "loss",
   extra: Mapping[str, Any] | None = None,
+  final_evals: int | None = None,
+  unstable_ratio: float | None = None,
 ) -> LrSearch:
   """The :class:`LrSearch` of per-(lr, seed) results, in any lr order.
+
+  Training curves go through :func:`summarize_curves`, which scores them by the one rule
+  (:func:`score`) and calls this; here the values are taken as given.
 
   Args:
     lrs: the learning rates (rows of ``values``).
     seeds: the seeds (columns of ``values``).
     values: ``values[i][j]`` objective of lr i and seed j; None or non-finite = no value.
     diverged: ``diverged[i][j]``; default: the value is missing or non-finite.
+    unstable: ``unstable[i][j]``: not eligible either (default: none).
     objective: what the values are.
     extra: kept as is; per-run lists in it (``runs``) should be in the order of ``lrs``
       (they are reordered with the rows here when their length matches).
+    final_evals, unstable_ratio: recorded (how the values were scored).
 
   Returns:
     The search result, lrs ascending.
@@ -152,10 +331,16 @@ def summarize(
     div = [[bool(d) for d in row] for row in diverged]
     if len(div) != n or any(len(row) != m for row in div):
       raise ValueError(f"diverged must be {n} lrs x {m} seeds")
+  uns = (
+    [[False] * m for _ in range(n)] if unstable is None else [list(map(bool, r)) for r in unstable]
+  )
+  if len(uns) != n or any(len(row) != m for row in uns):
+    raise ValueError(f"unstable must be {n} lrs x {m} seeds")
   order = sorted(range(n), key=lambda i: float(lrs[i]))
   lrs_sorted = tuple(float(lrs[i]) for i in order)
   vals = [vals[i] for i in order]
   div = [div[i] for i in order]
+  uns = [uns[i] for i in order]
   extra = dict(extra or {})
   if isinstance(extra.get("runs"), list | tuple) and len(extra["runs"]) == n:
     extra["runs"] = [extra["runs"][i] for i in order]
@@ -165,8 +350,9 @@ def summarize(
     finite = [v for v in row if v is not None]
     curve.append(float(np.mean(finite)) if finite else None)
   usable = [i for i in range(n) if curve[i] is not None]
-  stable = [i for i in usable if not any(div[i])]
-  best = min(stable or usable, key=lambda i: (curve[i], i), default=None)
+  finished = [i for i in usable if not any(div[i])]
+  eligible = [i for i in finished if not any(uns[i])]
+  best = min(eligible or finished or usable, key=lambda i: (curve[i], i), default=None)
   return LrSearch(
     lrs=lrs_sorted,
     seeds=tuple(int(s) for s in seeds),
@@ -180,6 +366,126 @@ def summarize(
     diverged_lrs=tuple(lr for lr, row in zip(lrs_sorted, div) if any(row)),
     objective=objective,
     extra=extra,
+    unstable=tuple(tuple(row) for row in uns),
+    unstable_lrs=tuple(lr for lr, d, u in zip(lrs_sorted, div, uns) if any(u) and not any(d)),
+    final_evals=final_evals,
+    unstable_ratio=unstable_ratio,
+  )
+
+
+def summarize_curves(
+  lrs: Sequence[float],
+  seeds: Sequence[int],
+  curves: Sequence[Sequence[Sequence[float | None] | None]],
+  diverged: Sequence[Sequence[bool]] | None = None,
+  *,
+  last: int = FINAL_EVALS,
+  ratio: float = UNSTABLE_RATIO,
+  objective: str = OBJECTIVE,
+  extra: Mapping[str, Any] | None = None,
+) -> LrSearch:
+  """The :class:`LrSearch` of per-(lr, seed) evaluation curves, scored by :func:`score`.
+
+  Args:
+    lrs, seeds: as :func:`summarize`.
+    curves: ``curves[i][j]``: the evaluations of lr i, seed j in order (None: not run).
+    diverged: ``diverged[i][j]``: the trainer stopped that run on a non-finite loss
+      (default: only what the curves show).
+    last, ratio: the rule's :data:`FINAL_EVALS` and :data:`UNSTABLE_RATIO`.
+    objective, extra: as :func:`summarize`.
+
+  Returns:
+    The search; ``values`` are the runs' final losses.
+  """
+  values, div, uns = [], [], []
+  for i, row in enumerate(curves):
+    rv, rd, ru = [], [], []
+    for j, c in enumerate(row):
+      known = bool(diverged[i][j]) if diverged is not None else False
+      if c is None:  # not run (a job that crashed): no value, diverged only if known
+        rv.append(None)
+        rd.append(known)
+        ru.append(False)
+        continue
+      s = score(c, last, ratio, diverged=known)
+      rv.append(s.final)
+      rd.append(s.diverged or s.final is None)
+      ru.append(s.unstable)
+    values.append(rv)
+    div.append(rd)
+    uns.append(ru)
+  return summarize(
+    lrs,
+    seeds,
+    values,
+    div,
+    unstable=uns,
+    objective=objective,
+    extra=extra,
+    final_evals=last,
+    unstable_ratio=ratio,
+  )
+
+
+def cells(result: LrSearch | Mapping[str, Any], fmt: Callable[[float | None], str] | None = None):
+  """One Markdown-ready cell per lr: ``"0.03: 0.512*"``, ``"0.3: 0.49 (unstable)"``…
+
+  ``*`` marks the chosen lr; ``(div)`` and ``(unstable)`` the lrs that are not eligible.
+
+  Args:
+    result: an :class:`LrSearch` or its dict.
+    fmt: formats a loss (default 4 significant digits, ``—`` for None).
+
+  Returns:
+    The list of cells, lrs ascending.
+  """
+  r = LrSearch.from_dict(result) if isinstance(result, Mapping) else result
+  fmt = fmt or (lambda v: "—" if v is None else f"{v:.4g}")
+  out = []
+  for i, (lr, c) in enumerate(zip(r.lrs, r.curve)):
+    status = r.status(i)
+    mark = {"ok": "", "diverged": " (div)", "unstable": " (unstable)"}[status]
+    out.append(f"{lr:g}: {fmt(c)}{'*' if i == r.best_index else ''}{mark}")
+  return out
+
+
+def markdown_table(result: LrSearch | Mapping[str, Any]) -> str:
+  """The search as a Markdown table: lr, loss (mean over seeds), per-seed values, status.
+
+  Args:
+    result: an :class:`LrSearch` or its dict.
+
+  Returns:
+    The table and a line saying how runs were scored, newline-terminated.
+  """
+  r = LrSearch.from_dict(result) if isinstance(result, Mapping) else result
+  fmt = lambda v: "—" if v is None else f"{v:.4g}"
+  seeds = " | ".join(f"seed {s}" for s in r.seeds)
+  lines = [
+    f"| lr | {r.objective} (mean) | {seeds} | status |",
+    "|---" * (3 + len(r.seeds)) + "|",
+  ]
+  for i, lr in enumerate(r.lrs):
+    chosen = " (chosen)" if i == r.best_index else ""
+    per_seed = " | ".join(fmt(v) for v in r.values[i])
+    lines.append(f"| {lr:g} | {fmt(r.curve[i])} | {per_seed} | {r.status(i)}{chosen} |")
+  return "\n".join([*lines, "", rule_line(r)]) + "\n"
+
+
+def rule_line(result: LrSearch | Mapping[str, Any]) -> str:
+  """One sentence saying how the search scored and chose (for under a table or a grid).
+
+  Args:
+    result: an :class:`LrSearch` or its dict (one written before the unstable rule says
+      so: its values are its ``objective``, e.g. the best validation loss).
+  """
+  r = LrSearch.from_dict(result) if isinstance(result, Mapping) else result
+  if r.final_evals is None:
+    return f"Loss = {r.objective} (mean over seeds); diverged lrs are not eligible."
+  return (
+    f"Loss = the final validation loss, mean of a run's last {r.final_evals} evaluations "
+    f"(mean over seeds); unstable = final > {r.unstable_ratio:g} × the run's best; unstable "
+    "and diverged lrs are not eligible."
   )
 
 
@@ -202,17 +508,21 @@ def search(
   seeds: Sequence[int] = (0,),
   *,
   objective_name: str = "loss",
+  last: int = FINAL_EVALS,
+  ratio: float = UNSTABLE_RATIO,
 ) -> LrSearch:
   """Evaluates ``objective`` on every (lr, seed) in one jitted, vmapped call.
 
   Args:
-    objective: ``objective(lr, seed) -> scalar loss``, jittable; ``lr`` is a float32
-      scalar, ``seed`` an int32 scalar (e.g. ``jax.random.key(seed)`` inside). A
-      non-finite loss counts as diverged. What it measures (final loss, best loss along
-      the run…) is the caller's choice.
+    objective: ``objective(lr, seed) -> loss``, jittable; ``lr`` is a float32 scalar,
+      ``seed`` an int32 scalar (e.g. ``jax.random.key(seed)`` inside). Either a scalar
+      (what it measures is the caller's choice; non-finite = diverged) or a curve of
+      shape ``(evals,)``: the run's evaluations in order, scored by the shared rule
+      (:func:`score`: final = mean of the last ``last``, unstable, diverged).
     lrs: the learning rates.
     seeds: the seeds every lr runs with.
     objective_name: recorded as :attr:`LrSearch.objective`.
+    last, ratio: the rule's parameters, for curves.
 
   Returns:
     The :class:`LrSearch`.
@@ -223,8 +533,14 @@ def search(
   grid = jax.jit(jax.vmap(jax.vmap(objective, in_axes=(None, 0)), in_axes=(0, None)))
   out = grid(jnp.asarray(lrs, jnp.float32), jnp.asarray(seeds, jnp.int32))
   values = np.asarray(out, np.float64)
+  if values.ndim == 3:
+    return summarize_curves(
+      lrs, seeds, values.tolist(), last=last, ratio=ratio, objective=objective_name
+    )
   if values.shape != (len(lrs), len(seeds)):
-    raise ValueError(f"objective must return a scalar; got shape {values.shape[2:]}")
+    raise ValueError(
+      f"objective must return a scalar or a curve (evals,); got shape {values.shape[2:]}"
+    )
   return summarize(lrs, seeds, values.tolist(), objective=objective_name)
 
 
@@ -333,17 +649,21 @@ def _optuna_results(sweep_dir: Path) -> dict[str, Any] | None:
   return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
 
 
-def read_sweep(sweep_dir: str | os.PathLike[str], *, objective: str = "best_val_loss") -> LrSearch:
+def read_sweep(
+  sweep_dir: str | os.PathLike[str], *, last: int = FINAL_EVALS, ratio: float = UNSTABLE_RATIO
+) -> LrSearch:
   """The :class:`LrSearch` of a Hydra multirun directory of the training app.
 
-  Every job directory's ``summary.json`` gives its ``lr``, ``seed``, ``diverged`` and
-  the objective (default ``best_val_loss``: the lowest validation loss the run saw,
-  what a comparison at a tuned lr picks); ``optimization_results.yaml`` (Optuna's best
-  trial, on the app's objective: the final validation loss) goes into ``extra``.
+  Every job directory's ``summary.json`` gives its ``lr``, ``seed`` and ``diverged``;
+  its ``metrics.jsonl`` the validation curve (:func:`val_curve`), scored by the shared
+  rule (:func:`score`: the objective is ``final_val_loss``, the mean of the last
+  ``last`` evaluations; ``unstable`` above ``ratio`` × the run's best).
+  ``optimization_results.yaml`` (Optuna's best trial, on the app's objective: the
+  validation loss after the last step) goes into ``extra``.
 
   Args:
     sweep_dir: the multirun directory.
-    objective: the ``summary.json`` key to compare.
+    last, ratio: the rule's :data:`FINAL_EVALS` and :data:`UNSTABLE_RATIO`.
 
   Returns:
     The search over the lrs and seeds found; a (lr, seed) that did not run is None.
@@ -367,15 +687,16 @@ def read_sweep(sweep_dir: str | os.PathLike[str], *, objective: str = "best_val_
     raise FileNotFoundError(f"no job in {sweep_dir} wrote a summary.json")
   lrs = sorted({lr for lr, _ in found})
   seeds = sorted({seed for _, seed in found})
-  values, diverged, runs = [], [], []
+  curves, diverged, runs = [], [], []
   for lr in lrs:
-    row_v, row_d, row_r = [], [], []
+    row_c, row_d, row_r = [], [], []
     for seed in seeds:
       s, job = found.get((lr, seed), (None, None))
-      row_v.append(None if s is None else s.get(objective))
+      records = [] if job is None else rundir.read_metrics(job / rundir.METRICS_NAME)
+      row_c.append(None if s is None else val_curve(records, s))
       row_d.append(bool(s and s.get("diverged")))
       row_r.append(None if job is None else str(job))
-    values.append(row_v)
+    curves.append(row_c)
     diverged.append(row_d)
     runs.append(row_r)
   extra = {
@@ -384,7 +705,7 @@ def read_sweep(sweep_dir: str | os.PathLike[str], *, objective: str = "best_val_
     "optuna": _optuna_results(sweep_dir),
     "failed_jobs": failed,
   }
-  return summarize(lrs, seeds, values, diverged, objective=objective, extra=extra)
+  return summarize_curves(lrs, seeds, curves, diverged, last=last, ratio=ratio, extra=extra)
 
 
 # --------------------------------------------------------------------------------------
@@ -393,10 +714,12 @@ def read_sweep(sweep_dir: str | os.PathLike[str], *, objective: str = "best_val_
 
 
 def draw(ax: Any, result: LrSearch | Mapping[str, Any], *, color: str = "tab:blue", label=None):
-  """Draws a search on a matplotlib ``Axes``: loss against lr, diverged ×, best ★.
+  """Draws a search on a matplotlib ``Axes``: loss against lr, diverged ×, unstable ◇, best ★.
 
   Diverged lrs are left out of the line (their loss before blowing up is no measure of
-  the lr) and marked with a red × at the top of the drawn range. The axes get log scales.
+  the lr) and marked with a red × at the top of the drawn range; unstable lrs stay on
+  the line (their final loss is a measure) with an open orange diamond. The axes get log
+  scales.
 
   Args:
     ax: the axes to draw on (the caller owns the figure).
@@ -411,6 +734,9 @@ def draw(ax: Any, result: LrSearch | Mapping[str, Any], *, color: str = "tab:blu
   top = max((c for _, c in ok), default=1.0)
   for lr in r.diverged_lrs:
     ax.plot(lr, top, "x", color="red", ms=10, mew=2)
+  for i, lr in enumerate(r.lrs):
+    if r.status(i) == "unstable" and r.curve[i] is not None:
+      ax.plot(lr, r.curve[i], "D", mfc="none", mec="tab:orange", ms=11, mew=2)
   if r.best_lr is not None:
     ax.plot(r.best_lr, r.best_loss, "*", color=color, ms=16, mec="k")
   ax.set_xscale("log")

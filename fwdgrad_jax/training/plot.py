@@ -8,9 +8,12 @@ A directory holding ``metrics.jsonl`` is a run; any other directory stands for e
 below it (a Hydra sweep directory, ``outputs/``). The figure has one column against
 steps and one against training seconds (compilation, evaluation and checkpoints
 excluded, so methods compare by the time they really spent training), and rows for the
-loss (train solid, validation dashed), the validation accuracy and, where the run
-logged gradient checks, the cosine to the true gradient. ``train_loss`` is the mean over
-each log interval, as in ``metrics.jsonl``.
+loss (train solid, validation dashed), the validation accuracy and, where the runs
+logged them, the global norm of the parameters (``param_norm``, at every evaluation), and
+from the gradient checks the cosine of the estimate to the true gradient and its length
+ratio ‖ĝ‖/‖∇f‖ (``grad_norm_ratio``). ``train_loss`` is the mean over each log interval,
+as in ``metrics.jsonl``. A run's label names its estimator with the options that tell it
+apart (perturbation, k, aggregation, and any option off its default) and its lr.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fwdgrad_jax.training import config as config_lib
 from fwdgrad_jax.training import records as records_lib
 from fwdgrad_jax.training import rundir
 
-__all__ = ["Run", "find_runs", "load_run", "main", "plot_runs"]
+__all__ = ["Run", "estimator_label", "find_runs", "load_run", "main", "plot_runs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,14 +60,45 @@ def find_runs(paths: Sequence[str | Path]) -> list[Path]:
   return runs
 
 
+def _estimator_options(name: Any) -> tuple[str, ...]:
+  """The config keys that shape ``name``'s estimate (its registry ``config_options``)."""
+  from fwdgrad_jax import registry
+
+  try:
+    return tuple(registry.get(str(name)).config_options)
+  except ValueError:  # a run of an estimator this checkout does not know
+    return ()
+
+
+def estimator_label(est: dict[str, Any]) -> str:
+  """``"forward activity k=1 mean"``, ``"forward weights k=4 orthogonal rescale=False"``…
+
+  A forward run names its perturbation, k and aggregation (two runs differing only in
+  one of them are different methods); every other option of the estimator is named
+  only where it differs from the config's default.
+
+  Args:
+    est: the ``estimator`` section of a run's ``config.json``.
+  """
+  defaults = dataclasses.asdict(config_lib.EstimatorConfig())
+  name = est.get("name", "?")
+  label, shown = str(name), {"name"}
+  if name == "forward":
+    perturbation = est.get("perturbation", defaults["perturbation"])
+    label += f" {perturbation} k={est.get('num_tangents')} {est.get('aggregation')}"
+    shown |= {"perturbation", "num_tangents", "aggregation"}
+  for key in _estimator_options(name):
+    if key not in shown and key in est and est[key] != defaults.get(key):
+      label += f" {key}={est[key]}"
+  return label
+
+
 def _label(path: Path) -> str:
   config = rundir.read_json(path / "config.json") or {}
   est, opt = config.get("estimator", {}), config.get("optimizer", {})
   if not est:
     return path.name
-  label = str(est.get("name", "?"))
-  if est.get("name") == "forward":
-    label += f" k={est.get('num_tangents')} {est.get('aggregation')}"
+  label = estimator_label(est)
   if "lr" in opt:
     label += f" lr={opt['lr']:g}"
   return label
@@ -104,8 +139,14 @@ def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
   plt = records_lib.pyplot()
   runs = _unique_labels(list(runs))
   rows = [("loss", "train_loss"), ("val accuracy", "val_accuracy")]
-  if any(r.get("cosine_to_true_grad") is not None for run in runs for r in run.records):
-    rows.append(("cosine to true gradient", "cosine_to_true_grad"))
+  optional = [
+    ("parameter norm ‖θ‖", "param_norm"),
+    ("cosine to true gradient", "cosine_to_true_grad"),
+    ("‖ĝ‖ / ‖∇f‖ (same batch)", "grad_norm_ratio"),
+  ]
+  for name, key in optional:
+    if any(r.get(key) is not None for run in runs for r in run.records):
+      rows.append((name, key))
   columns = [("step", "step"), ("training time (s)", "train_time_s")]
   fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.2 * len(rows)), squeeze=False, sharex="col")
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -128,6 +169,11 @@ def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
     ax.set_yscale("log")
     if top is not None:
       ax.set_ylim(top=2 * top)
+  for row, (_, key) in enumerate(rows):
+    if key == "grad_norm_ratio":  # √n for raw one-tangent estimates, ~1 rescaled: decades
+      for ax in axes[row]:
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="gray", lw=0.8, ls=":")
   for row, (name, _) in enumerate(rows):
     axes[row][0].set_ylabel(name + (" (train —, val --)" if row == 0 else ""))
   for col, (name, _) in enumerate(columns):

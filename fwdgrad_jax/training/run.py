@@ -46,11 +46,11 @@ import numpy as np
 from flax import nnx
 
 from fwdgrad_jax import data as data_lib
-from fwdgrad_jax import models, parallel
+from fwdgrad_jax import metrics, models, parallel
 from fwdgrad_jax import tangents as tangents_lib
 from fwdgrad_jax.training import config as config_lib
+from fwdgrad_jax.training import lr_search, rundir
 from fwdgrad_jax.training import records as records_lib
-from fwdgrad_jax.training import rundir
 from fwdgrad_jax.training.steps import (
   TrainState,
   host_loop,
@@ -163,6 +163,7 @@ class _Run:
   base: Callable[..., Any]
   evaluate: Callable[..., Any]
   grad_check: Callable[..., Any]
+  param_norm: Callable[..., Any]
   check_key: jax.Array
   num_params: int
 
@@ -375,6 +376,7 @@ def _init(
     base=base,
     evaluate=make_eval_fn(eval_apply, tr.eval_batch_size, host=host),
     grad_check=jax.jit(make_grad_check_fn(loss, cfg.estimator, est_loss)),
+    param_norm=jax.jit(metrics.tree_norm),
     check_key=check_key,
     num_params=num_params,
   )
@@ -413,21 +415,34 @@ def _describe(record: dict[str, Any]) -> str:
 def _periodic_record(
   run: _Run, step: int, state: TrainState, pending: list[float], train_time: float, last: bool
 ) -> dict[str, Any]:
-  """The hooks that measure between chunks: log, eval, gradient check (not timed)."""
+  """The hooks that measure between chunks: log, eval, gradient check (not timed).
+
+  At an evaluation or a gradient check the record also gets ``param_norm``, the global
+  L2 norm of the parameters (a run that destabilises late often does so as its weights
+  grow); the check gives ``cosine_to_true_grad`` and ``grad_norm_ratio`` = ‖ĝ‖/‖∇f‖ of
+  the estimate to ``jax.grad`` on the same batch. All of them come to the host in one
+  transfer.
+  """
   tr, ds = run.cfg.train, run.dataset
   record: dict[str, Any] = {}
   if step % tr.log_every == 0 or last:
     record["train_loss"] = float(np.mean(pending)) if pending else None
-  if tr.eval_every and step % tr.eval_every == 0 and ds.x_val.shape[0]:
+  on_device: dict[str, jax.Array] = {}
+  evaluating = bool(tr.eval_every) and step % tr.eval_every == 0
+  if evaluating and ds.x_val.shape[0]:
     val_loss, val_acc = run.evaluate(state.params, ds.x_val, ds.y_val, state.model_state)
-    record.update(val_loss=float(val_loss), val_accuracy=float(val_acc))
-  if tr.grad_check_every and step % tr.grad_check_every == 0:
+    on_device.update(val_loss=val_loss, val_accuracy=val_acc)
+  checking = bool(tr.grad_check_every) and step % tr.grad_check_every == 0
+  if checking:
     key = jax.random.fold_in(run.check_key, step)
     idx = jax.random.choice(key, ds.x_train.shape[0], (tr.batch_size,), replace=False)
     cos, ratio = run.grad_check(
       state.params, key, ds.x_train[idx], ds.y_train[idx], state.model_state, state.opt_state[0]
     )
-    record.update(cosine_to_true_grad=float(cos), grad_norm_ratio=float(ratio))
+    on_device.update(cosine_to_true_grad=cos, grad_norm_ratio=ratio)
+  if evaluating or checking:
+    on_device["param_norm"] = run.param_norm(state.params)
+  record.update({k: float(v) for k, v in jax.device_get(on_device).items()})
   if not record:
     return record
   record.setdefault("train_loss", float(np.mean(pending)) if pending else None)
@@ -539,6 +554,9 @@ def _summarize(run: _Run, out: _Outcome, records: list[dict[str, Any]], base_tim
     test = run.evaluate(state.params, ds.x_test, ds.y_test, state.model_state)
   evals = [r for r in records if r.get("val_loss") is not None]
   best = min(evals, key=lambda r: r["val_loss"]) if evals else None
+  # The lr searches' one rule (lr_search.score), so a summary says what a search will.
+  end = {"val_loss": _finite_or_none(val[0]), "steps": out.step}
+  scored = lr_search.score(lr_search.val_curve(records, end), diverged=out.diverged)
   step_time = float(np.median(out.chunk_times)) if out.chunk_times else None
   forward = cfg.estimator.name == "forward"
   est_state = out.state.opt_state[0]
@@ -560,6 +578,9 @@ def _summarize(run: _Run, out: _Outcome, records: list[dict[str, Any]], base_tim
     "runtime_ratio": None if step_time is None else step_time / base_time,
     "best_val_loss": best["val_loss"] if best else None,
     "best_val_step": best["step"] if best else None,
+    "final_val_loss": scored.final,
+    "final_evals": lr_search.FINAL_EVALS,
+    "unstable": scored.unstable,
     "train_time_s": out.train_time,
     "num_params": run.num_params,
     "data": cfg.data.name,
