@@ -267,7 +267,10 @@ def value_and_forward_grad(
       :func:`fwdgrad_jax.site` markers; see :mod:`fwdgrad_jax.perturbation`).
     rescale: divide the estimate by :func:`expected_norm_ratio` for its (n, k,
       aggregation, scheme), so that its expected length is that of ∇f and one learning
-      rate transfers across k and aggregations.
+      rate transfers across k and aggregations. With local losses each part credited
+      with its own d is divided by the ratio of its own dimension (a leaf group; an
+      activity site, or one slice of it); exact parts (activity's tail after the last
+      site) are not divided.
     mesh: a :func:`fwdgrad_jax.parallel.make_mesh` mesh: the k dense tangents are split
       along its ``"tangents"`` axis (each device draws and runs its share of the vmapped
       jvp; the aggregation is combined across devices). Shard the batch along
@@ -311,12 +314,13 @@ def value_and_forward_grad(
     _check_key(key, who)
     _check_params(params, who)
     _check_output(fun, params, args, kwargs, has_aux, who, per_example=scheme.per_example)
+    ratio_of = (lambda n: scheme.norm_ratio(n, num_tangents, aggregation)) if rescale else None
     out, grad, n = scheme.estimate(
       fun, key, params, args, kwargs, num_tangents=num_tangents, aggregation=aggregation,
-      hook=hook, has_aux=has_aux, mesh=mesh,
+      hook=hook, has_aux=has_aux, mesh=mesh, ratio_of=ratio_of,
     )  # fmt: skip
-    if rescale:
-      ratio = scheme.norm_ratio(n, num_tangents, aggregation)
+    if ratio_of is not None and n is not None:  # None: the scheme rescaled its parts
+      ratio = ratio_of(n)
       grad = jax.tree.map(lambda g: g / ratio, grad)
     return out, jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grad, params)
 

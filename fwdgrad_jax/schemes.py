@@ -171,13 +171,16 @@ def _credited_estimate(
   aggregate: aggregation_lib.Aggregation,
   hook: JvpHook | None,
   normalize: bool = False,
+  *,
+  ratio_of: Callable[[int], float] | None = None,
 ) -> PyTree:
   """The estimate with every leaf credited with the marked local losses it reaches (LG-FG-W).
 
   ``losses`` is :func:`fwdgrad_jax.perturbation.local_losses_of` a pass: for each leaf the
   marked losses it does not reach, and the losses' directional derivatives. The leaves
   that share a credited d share one aggregation of the whole batch (the orthogonal
-  projection couples the leaves), of which they take their own part.
+  projection couples the leaves), of which they take their own part. With ``ratio_of``
+  (``rescale=True``) each group is divided by the ratio of its own dimension.
   """
   unreached, loss_jvps = losses
   by_key = perturbation_lib.credited(d, loss_jvps, unreached)
@@ -187,9 +190,10 @@ def _credited_estimate(
     if normalize:
       b, dk = _normalize(batch, dk)
     agg = jax.tree.leaves(aggregate(b, _hooked(dk, hook)))
-    for i, ki in enumerate(unreached):
-      if ki == key:
-        out[i] = agg[i]
+    group = [i for i, ki in enumerate(unreached) if ki == key]
+    ratio = ratio_of(sum(math.prod(agg[i].shape) for i in group)) if ratio_of is not None else 1.0
+    for i in group:
+      out[i] = agg[i] / ratio
   return jax.tree.unflatten(treedef, out)
 
 
@@ -269,7 +273,8 @@ class Scheme:
     hook: JvpHook | None = None,
     has_aux: bool = False,
     mesh: Any = None,
-  ) -> tuple[Any, PyTree, int]:
+    ratio_of: Callable[[int], float] | None = None,
+  ) -> tuple[Any, PyTree, int | None]:
     """The forward-gradient estimate of ``fun(params, *args, **kwargs)`` at ``params``.
 
     Args:
@@ -284,10 +289,15 @@ class Scheme:
       hook: applied to the directional derivatives d before the aggregation.
       has_aux: ``fun`` returns ``(value, aux)``.
       mesh: a :func:`fwdgrad_jax.parallel.make_mesh` mesh, or None.
+      ratio_of: ``rescale=True``: n ↦ the expected length ratio of an estimate in n
+        dimensions. A scheme whose estimate mixes parts of different dimensions (local
+        losses credit each part with its own d; activity sites) divides each part by its
+        own ratio and returns n = None; otherwise the caller divides by ``ratio_of(n)``.
 
     Returns:
       ``(out, grad, n)``: ``fun``'s output (value, or ``(value, aux)``), the estimate
-      (params' structure, not yet cast to params' dtypes) and the dimension perturbed.
+      (params' structure, not yet cast to params' dtypes) and the dimension perturbed
+      (None: already rescaled).
     """
     raise NotImplementedError
 
@@ -348,7 +358,7 @@ class Dense(Scheme):
 
   def estimate(
     self, fun, key, params, args, kwargs, *, num_tangents, aggregation, hook=None,
-    has_aux=False, mesh=None,
+    has_aux=False, mesh=None, ratio_of=None,
   ):  # fmt: skip
     if self.regenerate and not (
       aggregation == "orthogonal" and num_tangents >= _size(params)
@@ -371,7 +381,8 @@ class Dense(Scheme):
     if marked is not None:  # local losses: each leaf credited with those it reaches
       out, d, losses = marked
       treedef = jax.tree.structure(params)
-      return out, _credited_estimate(treedef, batch, d, losses, aggregate, hook), _size(params)
+      grad = _credited_estimate(treedef, batch, d, losses, aggregate, hook, ratio_of=ratio_of)
+      return out, grad, None if ratio_of is not None else _size(params)
     value, d, aux = directional_derivatives(
       lambda p: fun(p, *args, **kwargs), params, batch, has_aux=has_aux
     )
@@ -396,7 +407,7 @@ class _Structured(Scheme):
 
   def estimate(
     self, fun, key, params, args, kwargs, *, num_tangents, aggregation, hook=None,
-    has_aux=False, mesh=None,
+    has_aux=False, mesh=None, ratio_of=None,
   ):  # fmt: skip
     del has_aux, mesh  # the interpreter returns fun's whole output; no tangent mesh
     out, d, batch, losses = perturbation_lib.weight_tangents_and_jvps(
@@ -406,8 +417,10 @@ class _Structured(Scheme):
     aggregate = aggregation_lib.get_aggregation(aggregation)
     if any(losses[0]):  # local losses: each leaf credited with those it reaches
       treedef = jax.tree.structure(params)
-      grad = _credited_estimate(treedef, batch, d, losses, aggregate, hook, self.normalize)
-      return out, grad, _size(params)
+      grad = _credited_estimate(
+        treedef, batch, d, losses, aggregate, hook, self.normalize, ratio_of=ratio_of
+      )
+      return out, grad, None if ratio_of is not None else _size(params)
     if self.normalize:
       batch, d = _normalize(batch, d)
     return out, aggregate(batch, _hooked(d, hook)), _size(params)
@@ -491,10 +504,10 @@ class Activity(Scheme):
 
   def estimate(
     self, fun, key, params, args, kwargs, *, num_tangents, aggregation, hook=None,
-    has_aux=False, mesh=None,
+    has_aux=False, mesh=None, ratio_of=None,
   ):  # fmt: skip
     del has_aux, mesh  # the interpreter returns fun's whole output; no tangent mesh
-    return perturbation_lib.activity_estimate(
+    out, grad, n = perturbation_lib.activity_estimate(
       fun,
       params,
       args,
@@ -504,7 +517,9 @@ class Activity(Scheme):
       tangents=self.distribution,
       aggregate=aggregation_lib.get_aggregation(aggregation),
       jvp_hook=hook,
+      ratio_of=ratio_of,
     )
+    return out, grad, None if ratio_of is not None else n  # rescaled per site
 
   def norm_ratio(self, n, num_tangents, aggregation):
     return expected_norm_ratio(n, num_tangents, aggregation, self.distribution)

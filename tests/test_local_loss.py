@@ -369,7 +369,8 @@ def test_local_losses_in_an_nnx_optimizer():
 
 def test_a_marked_loss_of_the_wrong_shape_is_refused():
   params, x, y, _, _ = _ren_problem()
-  bad = lambda p, x, y: _ren(p, x, y) + jnp.sum(fg.local_loss(jnp.tanh(x @ p["w1"])))
+  # (5, batch): its first axis is not the batch (a (batch, 5) loss is sliced, see below).
+  bad = lambda p, x, y: _ren(p, x, y) + jnp.sum(fg.local_loss(jnp.tanh(x @ p["w1"]).T))
   with pytest.raises(ValueError, match="does not fit the total"):
     fg.value_and_forward_grad(bad, perturbation="activity")(jax.random.key(0), params, x, y)
   # Per-example marked losses of a scalar total (sum or mean? not known): refused.
@@ -405,3 +406,81 @@ def test_weight_local_losses_with_has_aux_and_the_optax_transform():
   updates, state = jax.jit(lambda p, s: tx.update(p, s, p, value_fn=with_aux))(params, state)
   _assert_tree_close(updates, jax.tree.map(jnp.negative, jax.grad(total)(params)), 1e-4)
   np.testing.assert_allclose(optax.tree_utils.tree_get(state, "aux")["first"], x[0])
+
+
+# --------------------------------------------------------------------------------------
+# Sliced local losses: a loss per (example, patch, group), credited per slice of its site
+# --------------------------------------------------------------------------------------
+
+_P, _G, _F = 3, 2, 4  # slices per example: patches x groups, each with F features
+
+
+def _sliced_params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+    "w": jnp.asarray(rng.normal(size=(_D, _P * _G * _F)) / np.sqrt(_D), jnp.float32),
+    "a": jnp.asarray(rng.normal(size=(_G, _F, _C)), jnp.float32),
+  }
+
+
+def _sliced(p, x, y, sliced=True):
+  """A block z = tanh(x W) shaped (batch, patch, group, F), marked as a site; every
+  (patch, group) slice has its own head and CE. ``sliced``: the losses are marked per
+  slice (batch, P, G); else their per-example sum is marked (batch,)."""
+  z = fg.site(jnp.tanh(x @ p["w"]).reshape(-1, _P, _G, _F))
+  logits = jnp.einsum("bpgf,gfc->bpgc", z, p["a"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+    logits, jnp.broadcast_to(y[:, None, None], logits.shape[:-1])
+  )
+  if sliced:
+    return jnp.sum(fg.local_loss(ce), axis=(1, 2))
+  return fg.local_loss(jnp.sum(ce, axis=(1, 2)))
+
+
+def test_sliced_local_losses_are_unbiased_and_lower_error_than_per_example():
+  """Each slice's tangent meets only its own loss's d: F dimensions instead of P·G·F."""
+  params = _sliced_params()
+  x, y = _data(_B, _D, _C)
+  total = lambda p: jnp.mean(_sliced(p, x, y))
+  true = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(total)(params))[0], np.float64)
+  num = 40_000
+  opts = dict(perturbation="activity")
+  mean, se, err = _errors(_sliced, params, (x, y), true, num, **opts)
+  _, _, err_plain = _errors(
+    lambda p, x, y: _sliced(p, x, y, sliced=False), params, (x, y), true, num, **opts
+  )
+  live = se > 0  # the heads, after the site, have an exact gradient
+  z = np.max(np.abs(mean - true)[live] / se[live])
+  z_bias = np.max(np.abs(mean - 1.05 * true)[live] / se[live])
+  diff = err_plain - err
+  z_better = diff.mean() / (diff.std(ddof=1) / np.sqrt(num))
+  print(f"\nsliced: z={z:.2f} z(5% bias)={z_bias:.2f} mse ratio={err.mean() / err_plain.mean():.3f}")
+  assert z < Z
+  assert z_bias > Z
+  assert z_better > Z
+
+
+def test_sliced_local_losses_orthogonal_with_k_at_least_a_slice_is_exact():
+  """Every slice is projected onto its own k tangents: k ≥ F (not P·G·F) is exact."""
+  params = _sliced_params()
+  x, y = _data(_B, _D, _C)
+  total = lambda p: jnp.mean(_sliced(p, x, y))
+  vg = jax.jit(
+    fg.value_and_forward_grad(
+      _sliced, num_tangents=_F + 2, perturbation="activity", aggregation="orthogonal"
+    )
+  )
+  value, g = vg(jax.random.key(0), params, x, y)
+  np.testing.assert_allclose(value, total(params), rtol=1e-6)
+  _assert_tree_close(g, jax.grad(total)(params), 1e-4)
+
+
+def test_rescale_leaves_the_exact_tail_after_the_last_site_alone():
+  """The heads after the site get jax.grad's gradient whether or not rescale is on."""
+  params = _sliced_params()
+  x, y = _data(_B, _D, _C)
+  total = lambda p: jnp.mean(_sliced(p, x, y))
+  for rescale in (False, True):
+    vg = fg.value_and_forward_grad(_sliced, perturbation="activity", rescale=rescale)
+    _, g = vg(jax.random.key(1), params, x, y)
+    np.testing.assert_allclose(g["a"], jax.grad(total)(params)["a"], rtol=1e-5, atol=1e-7)

@@ -6,8 +6,9 @@ The convention the training app reads:
 
 * ``model.local_losses`` is True;
 * ``model.local_logits(x)`` returns a list of logits, one per local loss, each of shape
-  ``(batch, ..., num_classes)`` (the axes between batch and classes, e.g. patches, are
-  averaged in that loss), in the order of the blocks, the last head's last;
+  ``(batch, ..., num_classes)`` (the axes between batch and classes, e.g. patches and
+  channel groups, are averaged in that loss), in the order of the blocks, the last
+  head's last;
 * ``model(x)`` returns the last head's ``(batch, num_classes)`` logits: what evaluation uses.
 
 :func:`local_losses_total` turns the list into the total, every term marked with
@@ -28,6 +29,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -93,8 +95,13 @@ def local_losses_total(
   for z in logits:
     y = jnp.broadcast_to(labels.reshape(labels.shape + (1,) * (z.ndim - 2)), z.shape[:-1])
     ce = optax.softmax_cross_entropy_with_integer_labels(z, y)
-    ce = jnp.mean(ce, axis=tuple(range(1, ce.ndim))) if ce.ndim > 1 else ce
-    total = total + local_loss(ce if per_example else jnp.mean(ce))
+    if not per_example:
+      total = total + local_loss(jnp.mean(ce))
+      continue
+    # Marked per slice (batch, *axes), each 1/slices of its example's loss: a site
+    # sliced like it (Ren et al.'s loss per patch and group) is credited per slice.
+    mid = tuple(range(1, ce.ndim))
+    total = total + jnp.sum(local_loss(ce / math.prod(ce.shape[1:])), axis=mid)
   return total
 
 
@@ -147,11 +154,11 @@ class _MixerBlock(nnx.Module):
     a_groups = jnp.split(a, self.groups, axis=-1)
     u_groups = jnp.split(u, self.groups, axis=-1)
     outs = [ug + fc(ag) for ug, fc, ag in zip(u_groups, self.fc2, a_groups, strict=True)]
-    # The block's output is its activity-perturbation site (see LocalMixer).
-    z = site(jnp.concatenate(outs, axis=-1))
-    groups = jnp.split(z, self.groups, axis=-1)
-    logits = [head(o) for head, o in zip(self.heads, groups, strict=True)]  # (B, P, classes) each
-    return z, logits
+    # The block's output is its activity-perturbation site, sliced (batch, patch, group,
+    # features) like its losses: each (patch, group) slice is credited with its own loss.
+    zg = site(jnp.stack(outs, axis=2))
+    logits = [head(zg[:, :, g]) for g, head in enumerate(self.heads)]  # (B, P, classes) each
+    return zg.reshape(*zg.shape[:2], -1), jnp.stack(logits, axis=2)  # (B, P, G, classes)
 
 
 @register("local_mixer")
@@ -163,9 +170,9 @@ class LocalMixer(nnx.Module):
   tokens, residual) → LayerNorm → channel MLP (``channels → hidden``, activation, then a
   grouped Linear: each of ``groups`` channel groups its own weights, residual). Each
   group of each block has a head (LayerNorm → zero-initialised Linear) applied to every
-  patch: a loss per group, averaged over the patches, so that every (patch, group) pair
-  predicts the label. With ``local_losses`` each block's input is ``stop_gradient``-ed
-  and every group's loss is marked (see the module docstring); without, the model is an
+  patch, so that every (patch, group) pair predicts the label; a block's loss is their
+  mean. With ``local_losses`` each block's input is ``stop_gradient``-ed and its loss
+  is marked per example, patch and group (see the module docstring); without, the model is an
   ordinary MLP-Mixer trained end to end on the last block's output. ``model(x)`` averages
   the last block's logits over patches and groups.
 
@@ -175,8 +182,10 @@ class LocalMixer(nnx.Module):
   sites, by the exact local gradient (as in Ren et al.'s code). Per-layer sites inside a
   block are not possible here: LayerNorm's statistics and the channel MLP's first layer
   are shared by the groups, and the activity interpreter refuses a value read across
-  sites. The block's site reaches only its own block's losses (stop-gradient), so it is
-  credited with those: LG-FG-A at block granularity.
+  sites. The block's site reaches only its own block's loss (stop-gradient), and it is
+  shaped (batch, patch, group, features) like that loss (batch, patch, group): each
+  (patch, group) slice of the activity is credited with its own head's loss only — a
+  directional derivative in ``channels/groups`` dimensions, as in Ren et al.'s LG-FG-A.
 
   Simplifications against Ren et al.: no per-patch stop-gradient in the token mixing, no
   Kaiming-capped init (flax's default).
@@ -241,12 +250,11 @@ class LocalMixer(nnx.Module):
     return out
 
   def local_logits(self, x: jax.Array) -> list[jax.Array]:
-    """Every block's per-group logits, ``(batch, patches², num_classes)`` each."""
-    return [z for block in self._block_logits(x) for z in block]
+    """Every block's logits per patch and group, ``(batch, patches², groups, num_classes)``."""
+    return self._block_logits(x)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    last = self._block_logits(x)[-1]
-    return jnp.mean(jnp.stack(last, axis=1), axis=(1, 2))
+    return jnp.mean(self._block_logits(x)[-1], axis=(1, 2))
 
 
 def pooled(h: jax.Array) -> jax.Array:

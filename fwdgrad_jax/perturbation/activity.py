@@ -308,6 +308,21 @@ def _per_example_check(site_tangents: list[jax.Array], batch: int) -> None:
       )
 
 
+def _sliced(u: jax.Array, reached: list[jax.Array | None], per_example: bool) -> tuple[int, ...]:
+  """The slice axes L of a site whose reached losses all have shape (batch, *L), L ≠ ().
+
+  Such a site, of shape (batch, *L, *F), is credited per slice: its elements [b, l, :]
+  with the directional derivative of the losses' elements [b, l] only. () otherwise.
+  """
+  if not per_example or not reached or any(t is None for t in reached):
+    return ()
+  shapes = {t.shape[2:] for t in reached}
+  if len(shapes) != 1:
+    return ()
+  (lead,) = shapes
+  return lead if lead and u.shape[2 : 2 + len(lead)] == lead and u.ndim > 2 + len(lead) else ()
+
+
 def activity_estimate(
   fun: Callable[..., Any],
   params: PyTree,
@@ -319,12 +334,19 @@ def activity_estimate(
   tangents: str,
   aggregate: Callable[[PyTree, jax.Array], PyTree],
   jvp_hook: Callable[[jax.Array], jax.Array] | None,
+  ratio_of: Callable[[int], float] | None = None,
 ):
   """Activity perturbation: (outputs, gradient estimate of the (mean) loss, n perturbed).
 
   ``aggregate(site tangents, d)`` maps the sites' tangent batch (a list, leaves (k, …))
   and the directional derivatives d — (k,) for a scalar loss, (k, batch) for
   per-example losses — to the estimate of each site's gradient.
+
+  ``ratio_of(n)``, if given, is the expected length ratio of an estimate in n dimensions
+  (``rescale=True``): each site's estimate is divided by it for the dimension its
+  credited d mixes — all sites' together without local losses, the sites that share
+  a credited d with them, or one slice of a sliced site — before its block's VJP; the
+  tail after the last site has an exact gradient and is not rescaled.
   """
   leaves, treedef = jax.tree.flatten(params)
   prog, flat_args, out_tree = trace(fun, params, args, kwargs)
@@ -337,31 +359,61 @@ def activity_estimate(
     d = jnp.zeros((num_tangents, *jnp.shape(loss)), jnp.result_type(loss))
   if per_example:
     _per_example_check(site_tangents, loss.shape[0])
+  hook = jvp_hook if jvp_hook is not None else (lambda x: x)
+  per_ex = lambda u: math.prod(u.shape[2 if per_example else 1 :])  # noqa: E731
   # Local losses: each site's d is credited with the marked losses it reaches only; the
   # sites that share a credited d share one aggregation (all sites' tangents, as the
   # orthogonal projection couples them), of which they take their own part. Without
-  # markers every site has the empty key: one aggregation of d, as before.
-  by_key = credit.credited(d, loss_jvps, unreached)
-  cots = [None] * len(site_tangents)
-  for key, dk in by_key.items():
-    if jvp_hook is not None:
-      dk = jvp_hook(dk)
-    agg = aggregate(site_tangents, dk)
-    for b, kb in enumerate(unreached):
-      if kb == key:
+  # markers every site has the empty key: one aggregation of d, as before. A site whose
+  # losses are sliced like it (Ren et al.'s loss per patch and channel group) is
+  # aggregated per slice, with its slice's d.
+  reached = [
+    [loss_jvps[j] for j in range(len(loss_jvps)) if j not in kb] for kb in unreached
+  ]
+  slices = [_sliced(u, r, per_example) for u, r in zip(site_tangents, reached)]
+  cots: list[Any] = [None] * len(site_tangents)
+  ns = [0] * len(site_tangents)
+  plain = [b for b, sl in enumerate(slices) if not sl]
+  by_key = credit.credited(d, loss_jvps, [unreached[b] for b in plain])
+  n_losses = len(loss_jvps)
+  for key_, dk in by_key.items():
+    agg = aggregate(site_tangents, hook(dk))
+    # The sites whose tangents this d mixes: those that reach one of its losses (all
+    # sites without markers).
+    held = [j for j in range(n_losses) if j not in key_]
+    mixed = [c for c in range(len(site_tangents)) if not n_losses
+             or any(j not in unreached[c] for j in held)]  # fmt: skip
+    for b in plain:
+      if unreached[b] == key_:
         cots[b] = agg[b]
+        ns[b] = sum(per_ex(site_tangents[c]) for c in mixed)
+  if len(plain) < len(site_tangents):
+    rest = credit.unmarked(d, loss_jvps)  # the total's part no marked loss holds
+  for b, lead in enumerate(slices):
+    if not lead:
+      continue
+    u = site_tangents[b]
+    k, batch = u.shape[:2]
+    dk = sum(reached[b]).astype(d.dtype)
+    dk = dk + rest.reshape(rest.shape + (1,) * len(lead))
+    rows = batch * math.prod(lead)
+    (g,) = aggregate([u.reshape(k, rows, -1)], hook(dk.reshape(k, rows)))
+    cots[b] = g.reshape(u.shape[1:])
+    ns[b] = math.prod(u.shape[2 + len(lead) :])
   scale = 1.0 / loss.shape[0] if per_example else 1.0
   grads = [jnp.zeros_like(p) for p in leaves]
-  for block, vjp_fn, cot in zip(blocks, vjps, [*cots, None]):
+  for b, (block, vjp_fn) in enumerate(zip(blocks, vjps)):
     if vjp_fn is None:
       continue
     if block.site is None:  # the tail: d(mean loss)/d loss, exact
       cot = jnp.full(jnp.shape(loss), scale, jnp.result_type(loss))
     else:
-      cot = cot * scale
+      cot = cots[b] * scale
+      if ratio_of is not None:
+        cot = cot / ratio_of(max(ns[b], 1))
     (g,) = vjp_fn(cot.astype(jnp.result_type(cot)))
     for li, gi in zip(block.leaves, g):
       grads[li] = grads[li] + gi
   outs_p[0] = jnp.mean(loss) if per_example else loss
-  n = sum(math.prod(u.shape[2 if per_example else 1 :]) for u in site_tangents)
+  n = sum(per_ex(u) for u in site_tangents)
   return jax.tree.unflatten(out_tree, outs_p), jax.tree.unflatten(treedef, grads), max(n, 1)

@@ -64,18 +64,37 @@ def unreached(
 
 
 def _as_total(d_loss: jax.Array, d: jax.Array) -> jax.Array:
-  """A marked loss's d (k, *its shape) in the layout of the total's d (k, *total shape)."""
+  """A marked loss's d (k, *its shape) in the layout of the total's d (k, *total shape).
+
+  A loss sliced beyond the batch axis, (k, batch, *L), counts in a per-example total as
+  its sum over the slices.
+  """
   if d_loss.shape == d.shape:
     return d_loss
   if d_loss.ndim == 1:  # a scalar loss counts for every example of a per-example total
     return jnp.broadcast_to(d_loss.reshape(-1, *([1] * (d.ndim - 1))), d.shape)
+  if d.ndim == 2 and d_loss.shape[:2] == d.shape:
+    return jnp.sum(d_loss, axis=tuple(range(2, d_loss.ndim)))
   # Per-example losses of a scalar total: whether it sums or averages them is not known
   # here, and the wrong guess would add noise instead of removing it.
   raise ValueError(
     f"fwdgrad_jax.local_loss: a marked loss of shape {d_loss.shape[1:]} does not fit the "
     f"total of shape {d.shape[1:]}: mark scalars (e.g. local_loss(jnp.mean(losses))) for a "
-    "scalar total, per-example losses for a per-example total."
+    "scalar total, per-example losses (batch, ...) for a per-example total."
   )
+
+
+def unmarked(d: jax.Array, loss_jvps: Sequence[Any]) -> jax.Array:
+  """The directional derivatives of the total's part that no marked loss holds.
+
+  Zero up to rounding when the total is the sum of its marked losses; otherwise the
+  unmarked rest, which may depend on any value and is credited to every one.
+  """
+  out = d
+  for t in loss_jvps:
+    if t is not None:
+      out = out - _as_total(t.astype(d.dtype), d)
+  return out
 
 
 def credited(
