@@ -420,8 +420,9 @@ def _periodic_record(
   At an evaluation or a gradient check the record also gets ``param_norm``, the global
   L2 norm of the parameters (a run that destabilises late often does so as its weights
   grow); the check gives ``cosine_to_true_grad`` and ``grad_norm_ratio`` = ‖ĝ‖/‖∇f‖ of
-  the estimate to ``jax.grad`` on the same batch. All of them come to the host in one
-  transfer.
+  the estimate to ``jax.grad`` on the same batch, and ``cosine_block/<name>`` the same
+  cosine per block of the model (its top-level modules, list items apart). All of them
+  come to the host in one transfer.
   """
   tr, ds = run.cfg.train, run.dataset
   record: dict[str, Any] = {}
@@ -436,10 +437,11 @@ def _periodic_record(
   if checking:
     key = jax.random.fold_in(run.check_key, step)
     idx = jax.random.choice(key, ds.x_train.shape[0], (tr.batch_size,), replace=False)
-    cos, ratio = run.grad_check(
+    cos, ratio, per_block = run.grad_check(
       state.params, key, ds.x_train[idx], ds.y_train[idx], state.model_state, state.opt_state[0]
     )
     on_device.update(cosine_to_true_grad=cos, grad_norm_ratio=ratio)
+    on_device.update({f"cosine_block/{name}": c for name, c in per_block.items()})
   if evaluating or checking:
     on_device["param_norm"] = run.param_norm(state.params)
   record.update({k: float(v) for k, v in jax.device_get(on_device).items()})

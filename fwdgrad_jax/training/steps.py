@@ -448,7 +448,8 @@ def make_grad_check_fn(
   cfg: config_lib.EstimatorConfig,
   estimator_loss: Callable[..., Any] | None = None,
 ):
-  """``check(params, key, x, y, model_state=None, est_state=None) -> (cosine, norm ratio)``.
+  """``check(params, key, x, y, model_state=None, est_state=None) -> (cosine, norm ratio,
+  cosine per block)``.
 
   The estimate against ``jax.grad`` on the same batch. With a ``model_state``, ``loss``
   is stateful; both gradients see the same state (the same dropout mask), so the check
@@ -472,6 +473,37 @@ def make_grad_check_fn(
       _, g = estimator(est_loss, has_aux=stateful, **options)(key, params, *args)
     true = jax.grad(loss, has_aux=stateful)(params, *args)
     true = true[0] if stateful else true
-    return metrics.cosine_similarity(g, true), metrics.norm_ratio(g, true)
+    per_block = {
+      name: metrics.cosine_similarity(g_b, t_b)
+      for name, (g_b, t_b) in _blocks(g, true).items()
+    }
+    return metrics.cosine_similarity(g, true), metrics.norm_ratio(g, true), per_block
 
   return check
+
+
+def _blocks(estimate: Any, true: Any) -> dict[str, tuple[Any, Any]]:
+  """The two gradients split by the model's blocks: the first key of each parameter's
+  path, with the index when it is a list (``blocks/0``, ``layers/1``, ``embed``), a
+  block's local heads apart (``blocks/0/heads``).
+
+  For a model with local losses the true gradient is the local one (of the marked
+  total), so the cosine per block is the cosine to each block's local gradient.
+  """
+  def name(path) -> str:
+    keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
+    head = [str(keys[0])] if keys else ["params"]
+    if len(keys) > 1 and isinstance(keys[1], int):
+      head.append(str(keys[1]))
+    if any("head" in str(k) for k in keys[1:]):  # local heads: exact where after the sites
+      head.append("heads")
+    return "/".join(head)
+
+  flat_g = jax.tree_util.tree_flatten_with_path(estimate)[0]
+  flat_t = jax.tree.leaves(true)
+  out: dict[str, tuple[list[Any], list[Any]]] = {}
+  for (path, g), t in zip(flat_g, flat_t, strict=True):
+    gs, ts = out.setdefault(name(path), ([], []))
+    gs.append(g)
+    ts.append(t)
+  return {k: (v[0], v[1]) for k, v in out.items()} if len(out) > 1 else {}
