@@ -16,6 +16,12 @@ N draws against the closed form at Z standard errors (per coordinate, the sample
 deviation), and the same statistic shown to flag the bias against the true gradient.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -277,3 +283,47 @@ def test_local_guess_in_the_optax_transform(jit):
   updates, state = (jax.jit(update) if jit else update)(p, state)
   np.testing.assert_allclose(_flat(updates), -_flat(_true(p, x, y)), atol=1e-5)
   assert np.isfinite(float(state[0].value))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_gradient", ["true", "false"])
+def test_the_hydra_app_trains_the_local_mixer_with_local_guesses(
+  tiny_data, tmp_path, stop_gradient
+):
+  """``python experiments/train.py model=local_mixer estimator=forward
+  estimator.perturbation=activity estimator.tangents=local_guess train.steps=20``, tiny."""
+  data_dir, _ = tiny_data
+  run_dir = tmp_path / "run"
+  overrides = [
+    "model=local_mixer",
+    "estimator=forward",
+    "estimator.perturbation=activity",
+    "estimator.tangents=local_guess",
+    "train.steps=20",
+    f"model.options.stop_gradient={stop_gradient}",
+    "model.options.channels=8",
+    "model.options.hidden=16",
+    "model.options.groups=2",
+    "data=fashion_mnist",
+    f"data.data_dir={data_dir}",
+    "data.val_size=64",
+    "train.batch_size=16",
+    "train.log_every=10",
+    "train.eval_every=20",
+    "train.progress=false",
+    f"hydra.run.dir={run_dir}",
+  ]
+  env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
+  out = subprocess.run(
+    [sys.executable, str(ROOT / "experiments" / "train.py"), *overrides],
+    capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+  )  # fmt: skip
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads((run_dir / "summary.json").read_text())
+  assert summary["steps"] == 20 and summary["error"] is None and not summary["diverged"]
+  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "train_loss" in r] == [10, 20]
+  assert all(np.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
