@@ -11,6 +11,8 @@ own d and estimate:
   consumes each leaf, computed by the jaxpr interpreter of :mod:`fwdgrad_jax.perturbation`.
 - :class:`Activity`: tangents on the outputs of the parameter-consuming ops (activity
   perturbation), with per-example directional derivatives.
+- :class:`LocalGuess`: activity tangents that start with each site's local-loss gradient
+  through its head (Fournier et al.'s guess; biased), then random ones.
 
 :func:`fwdgrad_jax.value_and_forward_grad` composes a scheme with an aggregation and the
 hooks on d. Its string options (``tangents="rank1"``, ``perturbation="activity"``,
@@ -22,6 +24,7 @@ References:
   Baydin et al., 2022. Gradients without Backpropagation. arXiv:2202.08587.
   Ren et al., 2023. Scaling Forward Gradient With Local Losses. arXiv:2210.03310.
   Flügel et al., 2024. Multi-Tangent Forward Gradients. arXiv:2410.17764.
+  Fournier et al., 2023. Can Forward Gradient Match Backpropagation? ICML 2023.
 """
 
 from __future__ import annotations
@@ -525,6 +528,83 @@ class Activity(Scheme):
     return expected_norm_ratio(n, num_tangents, aggregation, self.distribution)
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalGuess(Scheme):
+  """Local-loss guesses as activity tangents (``tangents="local_guess"``, activity).
+
+  Each activity site s (a :func:`fwdgrad_jax.site` marker, as for :class:`Activity`) gets
+  a *guess* direction: the gradient of its own marked local losses
+  (:func:`fwdgrad_jax.local_loss`) with respect to its activity, through its head only —
+  the ops from s to the losses it reaches without crossing another site or a
+  stop-gradient — by a reverse pass of that head alone when the forward pass reaches s
+  (the head's backward, never the network's). The guess is normalised to unit length per
+  example (per site), and enters as its own tangent, zero at the other sites: S sites
+  give S guess tangents, followed by ``num_tangents − 1`` random activity tangents of
+  ``distribution``. The jvp carries ``S + num_tangents − 1`` tangents; ``num_tangents=1``
+  is the guess alone (Fournier et al.'s "local guess").
+
+  **Biased** for the gradient of the total. With the guess alone the estimate is not
+  random: per example and site, the projection (ĝ·∇f) ĝ of the site's gradient ∇f onto
+  its unit guess ĝ (``sum`` and ``orthogonal`` agree, the guesses being orthogonal across
+  sites; ``mean`` divides by the S + num_tangents − 1 tangents). It equals ∇f only where the guess is ∇f up to scale: where
+  the site's losses are all its own (a stop-gradient after the block, Ren et al.'s local
+  greedy losses: LG-BP exactly); where later losses reach s through later blocks, the
+  guess misses their paths. With ``aggregation="orthogonal"`` and r = ``num_tangents −
+  1`` random Gaussian tangents the estimate is the projection of ∇f onto span{guesses,
+  random}, of expectation P_G ∇f + r/(n − S)·(I − P_G) ∇f per example (n activations
+  per example, G the span of the S guesses; the random directions are isotropic in the
+  complement of G): the full component along the guesses plus the random tangents'
+  unbiased-up-to-r/(n − S) share of the rest, and exact (∇f) when S + r ≥ n. Without
+  guesses the orthogonal projection is r/n ∇f in expectation. ``rescale`` leaves the
+  estimate unchanged (its length depends on the guess's alignment, no closed form).
+
+  Needs local-loss markers and activity sites; the heads must read only their own site's
+  output (and parameters, data), not a later site's.
+
+  Attributes:
+    distribution: of the random activity tangents, ``"normal"`` or ``"rademacher"``.
+
+  References:
+    Fournier, Rivaud, Belilovsky, Eickenberg, Oyallon, 2023. Can Forward Gradient Match
+    Backpropagation? ICML 2023.
+    Ren et al., 2023. Scaling Forward Gradient With Local Losses.
+    Flügel et al., 2024. Multi-Tangent Forward Gradients (outlook: guesses + orthogonal
+    projection).
+  """
+
+  distribution: str = "normal"
+
+  per_example: ClassVar[bool] = True
+
+  def __post_init__(self):
+    if self.distribution not in perturbation_lib.ACTIVITY_TANGENTS:
+      raise ValueError(
+        f"LocalGuess(distribution={self.distribution!r}): the random tangents after the "
+        f"guess are activity tangents; use one of {list(perturbation_lib.ACTIVITY_TANGENTS)}."
+      )
+
+  def estimate(
+    self, fun, key, params, args, kwargs, *, num_tangents, aggregation, hook=None,
+    has_aux=False, mesh=None, ratio_of=None,
+  ):  # fmt: skip
+    del has_aux, mesh, ratio_of  # no closed form to rescale by (norm_ratio is 1)
+    return perturbation_lib.activity_estimate(
+      fun,
+      params,
+      args,
+      kwargs,
+      key=key,
+      num_tangents=num_tangents,
+      tangents=self.distribution,
+      aggregate=aggregation_lib.get_aggregation(aggregation),
+      jvp_hook=hook,
+      guess=True,
+    )
+
+  def norm_ratio(self, n, num_tangents, aggregation):
+    return 1.0
+
+
 def parse(
   tangents: str | tangents_lib.Sampler | Scheme = "normal",
   *,
@@ -547,6 +627,8 @@ def parse(
   ``tangents="input"``              ``Input()``
   ``tangents="input_approx"``       ``Input(approx=True)``
   ``perturbation="activity"``       ``Activity(tangents)`` (``"normal"``/``"rademacher"``)
+  ``tangents="local_guess"``,       ``LocalGuess()`` (guesses, then normal tangents)
+  ``perturbation="activity"``
   ``normalize=True``                ``normalize=True`` of Dense, Rank1 and Input
   ``regenerate=True``               ``Dense(..., regenerate=True)``
   ================================  =====================================================
@@ -579,6 +661,17 @@ def parse(
       f"perturbation={perturbation!r} is not known; use one of "
       f"{list(perturbation_lib.PERTURBATIONS)}."
     )
+  if isinstance(tangents, str) and tangents in perturbation_lib.GUESS_TANGENTS:
+    if perturbation != "activity":
+      raise ValueError(
+        f"tangents={tangents!r} needs perturbation='activity' (the guess is the gradient of "
+        f"a local loss at an activity site), got perturbation={perturbation!r}."
+      )
+    if normalize:
+      raise ValueError("normalize=True applies to weight tangents, not tangents='local_guess'.")
+    if regenerate:
+      raise _regenerate_error(f"tangents={tangents!r} (regenerate applies to weight tangents)")
+    return LocalGuess()
   if perturbation == "activity":
     scheme = Activity(tangents)
     if normalize:

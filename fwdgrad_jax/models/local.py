@@ -198,6 +198,10 @@ class LocalMixer(nnx.Module):
     blocks: number of mixer blocks.
     activation: name in :data:`fwdgrad_jax.models.ACTIVATIONS`.
     local_losses: stop-gradient between blocks and a marked loss per block and group.
+    stop_gradient: with ``local_losses``, the stop-gradient between blocks (Ren et al.);
+      False trains every block on all later blocks' losses too (deep supervision: the
+      total's gradient is then global, and a block's own head's gradient only a guess of
+      it, as in Fournier et al. 2023's local guesses).
 
   References:
     Ren et al., 2023. Scaling Forward Gradient With Local Losses. ICLR 2023, arXiv:2210.03310.
@@ -216,6 +220,7 @@ class LocalMixer(nnx.Module):
     blocks: int = 2,
     activation: str = "relu",
     local_losses: bool = True,
+    stop_gradient: bool = True,
   ):
     h, w, c = input_shape
     if patches < 1 or h % patches or w % patches:
@@ -226,6 +231,7 @@ class LocalMixer(nnx.Module):
       raise ValueError(f"blocks must be >= 1, got {blocks!r}")
     self.patches = patches
     self.local_losses = bool(local_losses)
+    self.stop_gradient = bool(stop_gradient)
     tokens = patches * patches
     self.embed = nnx.Linear((h // patches) * (w // patches) * c, channels, rngs=rngs)
     act = get_activation(activation)
@@ -243,7 +249,7 @@ class LocalMixer(nnx.Module):
     z = self.embed(self._tokens(x))
     out = []
     for i, block in enumerate(self.blocks):
-      if self.local_losses and i:  # the embedding learns with the first block
+      if self.local_losses and self.stop_gradient and i:  # the embedding learns with block 0
         z = jax.lax.stop_gradient(z)
       z, logits = block(z)
       out.append(logits)

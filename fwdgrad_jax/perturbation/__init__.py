@@ -67,6 +67,7 @@ from fwdgrad_jax.perturbation.credit import credited, loss_ids
 from fwdgrad_jax.perturbation.markers import fwdgrad_site, local_loss, local_loss_p, site, site_p
 from fwdgrad_jax.perturbation.options import (
   ACTIVITY_TANGENTS,
+  GUESS_TANGENTS,
   PERTURBATIONS,
   STRUCTURED_TANGENTS,
 )
@@ -85,6 +86,7 @@ _trace = trace
 
 __all__ = [
   "ACTIVITY_TANGENTS",
+  "GUESS_TANGENTS",
   "FACTORED_RULES",
   "LINEAR_PRIMITIVES",
   "Op",

@@ -3,6 +3,11 @@
 The program is cut into blocks, one per site (the ops from the previous sites to it) and a
 tail; each block runs once, its jvp carrying the tangents of earlier sites, inside a
 ``jax.vjp`` that gives its parameters' local VJP at the site's gradient estimate.
+
+With ``guess=True`` (``tangents="local_guess"``) each site's tangents start with a
+*guess*: the gradient of the site's own marked local losses through its head only (the
+ops from the site to those losses that cross no other site), computed by a reverse pass
+of the head alone when the site is reached (Fournier et al. 2023).
 """
 
 from __future__ import annotations
@@ -249,6 +254,90 @@ def _run_block(
   return outs, touts, vjp_fn
 
 
+def _heads(
+  prog: Program, site_ids: list[int], losses: list[int]
+) -> list[tuple[list[Op], list[int]]]:
+  """For each site, its head: the ops from the site to its own marked losses, and those losses.
+
+  A site's own losses are the marked losses it reaches differentiably without crossing
+  another site (a stop-gradient cuts the path, as in :func:`credit.unreached`); its head
+  is the ops between the site and those losses, in program order, a stop-gradient inside
+  the head included (a ``logsumexp``'s, evaluated and not differentiated). A site that
+  reaches no marked loss that way has an empty head.
+  """
+  producer = {o: j for j, op in enumerate(prog.ops) for o in op.outs}
+  site_set = set(site_ids)
+  out = []
+  for s in site_ids:
+    reached, depends, depends_ops = {s}, {s}, set()
+    for j, op in enumerate(prog.ops):
+      # Another site's op ends the head: what follows it is that site's.
+      if any(o in site_set and o != s for o in op.outs):
+        continue
+      if any(i in depends for i in op.ins):
+        depends.update(op.outs)
+        depends_ops.add(j)
+      if op.prim is not credit.STOP_GRADIENT and any(i in reached for i in op.ins):
+        reached.update(op.outs)
+    own = [ell for ell in losses if ell in reached]
+    need, todo = set(), list(own)
+    while todo:
+      j = producer.get(todo.pop())
+      if j is None or j in need or j not in depends_ops:
+        continue
+      need.add(j)
+      todo.extend(prog.ops[j].ins)
+    out.append(([prog.ops[j] for j in sorted(need)], own))
+  return out
+
+
+def _guess(
+  site: int, b: int, head: tuple[list[Op], list[int]], P: dict[int, Any], per_example: bool
+) -> jax.Array:
+  """The unit-norm gradient of the site's own losses through its head, at the primal values.
+
+  Normalised per example (per-example losses) or over the whole site (a scalar loss); a
+  zero gradient (no head, or a zero-initialised head) stays zero.
+  """
+  ops, own = head
+  z = P[site]
+  if not own:
+    return jnp.zeros_like(z)
+  made = {site} | {o for op in ops for o in op.outs}
+  for op in ops:
+    for i in op.ins:
+      if i not in made and i not in P:
+        raise ValueError(
+          f"tangents='local_guess': the head of site #{b} (the ops from the site to its own "
+          "local losses) reads a value computed after the site from another site's "
+          "activity, so its guess cannot be computed when the site is reached; give each "
+          "head only its own site's output (and parameters, data)."
+        )
+
+  def head_losses(zv):
+    env = {site: zv}
+    for op in ops:
+      for o, val in zip(op.outs, bind(op, [env[i] if i in env else P[i] for i in op.ins])):
+        env[o] = val
+    return [env[ell] for ell in own]
+
+  vals, vjp_fn = jax.vjp(head_losses, z)
+  (g,) = vjp_fn([jnp.ones_like(v) for v in vals])
+  g = jax.lax.stop_gradient(g)  # a tangent: a direction, not differentiated
+  axes = tuple(range(1 if per_example else 0, g.ndim))
+  sq = jnp.sum(jnp.square(g.astype(jnp.float32)), axis=axes, keepdims=True)
+  inv = jax.lax.rsqrt(jnp.maximum(sq, jnp.finfo(jnp.float32).tiny))
+  return g * inv.astype(g.dtype)
+
+
+def _out_ndim(prog: Program, i: int) -> int:
+  """The rank of value ``i`` (the loss), from its producer's recorded shapes."""
+  for op in prog.ops:
+    if i in op.outs:
+      return len(op.shapes[op.outs.index(i)])
+  return jnp.ndim(prog.consts.get(i, 0.0))
+
+
 def _activity_pass(
   prog: Program,
   values: list[Any],
@@ -256,8 +345,13 @@ def _activity_pass(
   words: jax.Array,
   k: int,
   scheme: str,
+  guess: bool = False,
 ):
-  """Runs the program with activity tangents; returns what the aggregation needs."""
+  """Runs the program with activity tangents; returns what the aggregation needs.
+
+  With ``guess``, every site's tangents are (S + k − 1, …): S guess rows (row s is site
+  s's guess at site s, zero at the others) then k − 1 random draws.
+  """
   dep = _dependencies(prog, n_leaves)
   uses = _consumers(prog)
   sites = _find_sites(prog, dep, uses)
@@ -273,19 +367,39 @@ def _activity_pass(
         P[o] = v
   draw = draws.normal if scheme == "normal" else draws.rademacher
   loss_id = prog.outs[0]
+  k_random, k_total = k, k
+  if guess:
+    site_list = [b.site for b in blocks if b.site is not None]
+    heads = _heads(prog, site_list, losses)
+    if not any(own for _, own in heads):
+      raise ValueError(
+        "tangents='local_guess': no activity site reaches a fwdgrad_jax.local_loss marker "
+        "through its own head (without crossing another site or a stop-gradient), so there "
+        "is no guess; mark the local losses (fwdgrad_jax.local_loss) and the blocks' "
+        "outputs (fwdgrad_jax.site)."
+      )
+    per_example = _out_ndim(prog, loss_id) == 1
+    k_random, k_total = k - 1, len(site_list) + k - 1
   site_tangents, vjps = [], []
+  n_site = 0
   for b, block in enumerate(blocks):
     if block.site is None:  # the tail: its cotangent is exact, d loss / d loss
       cot = block.outs.index(loss_id) if loss_id in block.outs else None
     else:
       cot = 0
-    outs, touts, vjp_fn = _run_block(block, P, T, prog.ins, cot, k)
+    outs, touts, vjp_fn = _run_block(block, P, T, prog.ins, cot, k_total)
     for o, p, t in zip(block.outs, outs, touts):
       P[o], T[o] = p, t
     if block.site is not None:
       z = P[block.site]
-      u = draw(words, b, draws.SALT_SITE, (k, *jnp.shape(z)), jnp.result_type(z))
-      u = tangents_lib.materialize(u, words)
+      shape, dtype = jnp.shape(z), jnp.result_type(z)
+      u = draw(words, b, draws.SALT_SITE, (k_random, *shape), dtype) if k_random else None
+      u = None if u is None else tangents_lib.materialize(u, words)
+      if guess:
+        g = _guess(block.site, n_site, heads[n_site], P, per_example)
+        rows = jnp.zeros((len(site_list), *shape), dtype).at[n_site].set(g.astype(dtype))
+        u = rows if u is None else jnp.concatenate([rows, u])
+      n_site += 1
       T[block.site] = u if T.get(block.site) is None else T[block.site] + u
       site_tangents.append(u)
     vjps.append(vjp_fn)
@@ -335,12 +449,15 @@ def activity_estimate(
   aggregate: Callable[[PyTree, jax.Array], PyTree],
   jvp_hook: Callable[[jax.Array], jax.Array] | None,
   ratio_of: Callable[[int], float] | None = None,
+  guess: bool = False,
 ):
   """Activity perturbation: (outputs, gradient estimate of the (mean) loss, n perturbed).
 
   ``aggregate(site tangents, d)`` maps the sites' tangent batch (a list, leaves (k, …))
   and the directional derivatives d — (k,) for a scalar loss, (k, batch) for
-  per-example losses — to the estimate of each site's gradient.
+  per-example losses — to the estimate of each site's gradient. With ``guess`` the
+  batch is the S sites' local guesses followed by k − 1 random tangents (see
+  :func:`_activity_pass`).
 
   ``ratio_of(n)``, if given, is the expected length ratio of an estimate in n dimensions
   (``rescale=True``): each site's estimate is divided by it for the dimension its
@@ -351,12 +468,19 @@ def activity_estimate(
   leaves, treedef = jax.tree.flatten(params)
   prog, flat_args, out_tree = trace(fun, params, args, kwargs)
   outs_p, d, site_tangents, vjps, blocks, (unreached, loss_jvps) = _activity_pass(
-    prog, leaves + flat_args, len(leaves), tangents_lib.key_words(key), num_tangents, tangents
+    prog,
+    leaves + flat_args,
+    len(leaves),
+    tangents_lib.key_words(key),
+    num_tangents,
+    tangents,
+    guess,
   )
   loss = outs_p[0]
   per_example = jnp.ndim(loss) == 1
   if d is None:  # the loss does not depend on any activity: nothing to estimate
-    d = jnp.zeros((num_tangents, *jnp.shape(loss)), jnp.result_type(loss))
+    k_total = site_tangents[0].shape[0] if site_tangents else num_tangents
+    d = jnp.zeros((k_total, *jnp.shape(loss)), jnp.result_type(loss))
   if per_example:
     _per_example_check(site_tangents, loss.shape[0])
   hook = jvp_hook if jvp_hook is not None else (lambda x: x)

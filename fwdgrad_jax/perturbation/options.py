@@ -8,3 +8,7 @@ PERTURBATIONS = ("weights", "activity")
 STRUCTURED_TANGENTS = ("rank1", "input", "input_approx")
 #: Distributions of the activity tangents.
 ACTIVITY_TANGENTS = ("normal", "rademacher")
+#: Activity tangents that start with a guess: the gradient of each site's own local
+#: losses through its head (Fournier et al. 2023), then random tangents of the first
+#: :data:`ACTIVITY_TANGENTS` distribution.
+GUESS_TANGENTS = ("local_guess",)

@@ -77,7 +77,9 @@ class EstimatorConfig:
     tangents: tangent scheme: dense ``normal``, ``rademacher``, ``partition``,
       ``normal_threefry``, ``rademacher_threefry``; structured ``rank1``, ``input``,
       ``input_approx``; with ``perturbation=activity`` the activity tangents'
-      distribution (``normal``, ``rademacher``).
+      distribution (``normal``, ``rademacher``) or ``local_guess`` (each site's
+      local-loss gradient through its head, then ``num_tangents − 1`` normal tangents;
+      Fournier et al. 2023, biased; see ``fwdgrad_jax.schemes.LocalGuess``).
     aggregation: ``mean``, ``sum`` or ``orthogonal``.
     perturbation: ``weights`` or ``activity`` (tangents on the outputs of the
       parameter-consuming ops, per-example directional derivatives).
@@ -284,9 +286,20 @@ def validate(cfg: Config) -> Config:
   _positive_int("estimator.num_tangents", est.num_tangents)
   _choice("estimator.perturbation", est.perturbation, perturbation.PERTURBATIONS)
   if est.perturbation == "activity":
-    _choice("estimator.tangents", est.tangents, perturbation.ACTIVITY_TANGENTS)
+    _choice(
+      "estimator.tangents",
+      est.tangents,
+      (*perturbation.ACTIVITY_TANGENTS, *perturbation.GUESS_TANGENTS),
+    )
     _require(not est.normalize, "estimator.normalize", est.normalize, "applies to weight tangents")
   else:
+    _require(
+      est.tangents not in perturbation.GUESS_TANGENTS,
+      "estimator.tangents",
+      est.tangents,
+      "needs estimator.perturbation=activity (the guess is a local loss's gradient at an "
+      "activity site)",
+    )
     _choice("estimator.tangents", est.tangents, TANGENT_NAMES)
   _choice("estimator.aggregation", est.aggregation, aggregation.AGGREGATIONS)
   _optional_positive("estimator.max_jvp_norm", est.max_jvp_norm)
