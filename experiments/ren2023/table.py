@@ -38,16 +38,27 @@ _FWD = ["estimator=forward", "estimator.rescale=true"]
 _ACT = [*_FWD, "estimator.perturbation=activity"]
 _MIXER, _MLP = ["model=local_mixer"], ["model=mlp"]
 _LOCAL, _GLOBAL = ["model.local_losses=true"], ["model.local_losses=false"]
-_BP_LRS, _FG_LRS = (0.01, 0.03, 0.1), (0.01, 0.03, 0.1, 0.3)
+_BP_LRS, _FG_LRS = (0.03, 0.1, 0.3), (0.03, 0.1, 0.3)
+_NO_STOP = "model.options.stop_gradient=false"
+_GUESS = [*_ACT, "estimator.tangents=local_guess"]
 
 #: label -> (Hydra overrides, lr grid). Ren et al.'s Table 3 names.
 ROWS: dict[str, tuple[list[str], tuple[float, ...]]] = {
   "BP": ([*_MIXER, *_GLOBAL, "estimator=backprop"], _BP_LRS),
   "LG-BP": ([*_MIXER, *_LOCAL, "estimator=backprop"], _BP_LRS),
-  "FG-W": ([*_MIXER, *_GLOBAL, *_FWD], (0.003, 0.01, 0.03, 0.1)),
+  "FG-W": ([*_MIXER, *_GLOBAL, *_FWD], (0.003, 0.01, 0.03)),
   "FG-A": ([*_MIXER, *_GLOBAL, *_ACT], _FG_LRS),
-  "LG-FG-W": ([*_MIXER, *_LOCAL, *_FWD], (0.003, 0.01, 0.03, 0.1)),
+  "LG-FG-W": ([*_MIXER, *_LOCAL, *_FWD], (0.003, 0.01, 0.03)),
   "LG-FG-A": ([*_MIXER, *_LOCAL, *_ACT], _FG_LRS),
+  # Fournier et al. 2023's guess (the local loss's gradient through its head) on the
+  # LocalMixer trained end to end on the sum of its heads' losses (no stop-gradient, so
+  # the guess is biased), alone and with 4 random tangents under the projection.
+  "Guess": ([*_MIXER, *_LOCAL, _NO_STOP, *_GUESS, "estimator.num_tangents=1"], _FG_LRS),
+  "Guess + 4 orthogonal": (
+    [*_MIXER, *_LOCAL, _NO_STOP, *_GUESS, "estimator.num_tangents=5",
+     "estimator.aggregation=orthogonal"],
+    _FG_LRS,
+  ),  # fmt: skip
   "MLP BP": ([*_MLP, *_GLOBAL, "estimator=backprop"], _BP_LRS),
   "MLP LG-BP": ([*_MLP, *_LOCAL, "estimator=backprop"], _BP_LRS),
   "MLP LG-FG-A": ([*_MLP, *_LOCAL, *_ACT], _FG_LRS),
@@ -61,7 +72,7 @@ PAPER = {
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--epochs", type=float, default=2.0)
+  p.add_argument("--epochs", type=float, default=1.0)
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--evals", type=int, default=10, help="evaluations (and gradient checks) per run")
   p.add_argument("--seeds", type=int, default=3)
