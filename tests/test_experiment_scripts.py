@@ -29,6 +29,7 @@ SLOW = {
   "experiments.repro.explosions": "a sweep of the Hydra app in subprocesses, on the real data",
   "experiments.repro.fair": "tunes both methods through the Hydra app, on the real data",
   "experiments.repro.table1": "trains two Table I rows through the app, on the real data",
+  "experiments.ren2023.table": "an lr sweep of the Hydra app per row, in subprocesses",
   "experiments.yao.guided": "Yao's CNN stepped from the host, backprop and guided runs",
   "experiments.yao.time": "compiles the app's training loop for every method and times it",
 }

@@ -246,3 +246,29 @@ def test_activity_estimate_of_local_cnn_and_mixer_is_finite_and_aligned(name):
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(g))
   # positive, at least where the activities are few (the CNN has 2 × 128 per example)
   assert fg.cosine_similarity(g, lg_bp) > (0.3 if name == "local_mixer" else 0.0)
+
+
+def test_the_gradient_check_gives_a_cosine_per_block_and_per_slice_exactness():
+  """LocalMixer's sites are sliced per (patch, group): with k ≥ channels/groups tangents
+  the orthogonal LG-FG-A estimate is the local gradient, and the check reports a cosine
+  of 1 for every block, its heads apart. Too few tangents: below 1 in the blocks."""
+  model = _model("local_mixer")  # a slice has channels/groups = 4 features
+  graphdef, params, rest = models.split(model)
+  params = _randomize_heads(params, jax.random.key(3))
+  x, y = _batch()
+  loss = steps_lib.make_loss(graphdef, rest)
+  per_example = steps_lib.make_loss(graphdef, rest, per_example=True)
+  names = {"embed", "blocks/0", "blocks/0/heads", "blocks/1", "blocks/1/heads"}
+  for k, exact in ((4, True), (1, False)):
+    cfg = config_lib.EstimatorConfig(
+      name="forward", num_tangents=k, perturbation="activity", aggregation="orthogonal"
+    )
+    check = jax.jit(steps_lib.make_grad_check_fn(loss, cfg, per_example))
+    cos, ratio, per_block = check(params, jax.random.key(0), x, y)
+    assert set(per_block) == names
+    np.testing.assert_allclose(per_block["blocks/1/heads"], 1.0, atol=1e-5)  # exact, after the sites
+    if exact:
+      np.testing.assert_allclose([float(c) for c in per_block.values()], 1.0, atol=1e-4)
+      np.testing.assert_allclose([cos, ratio], 1.0, atol=1e-4)
+    else:
+      assert float(per_block["blocks/0"]) < 0.99 and float(per_block["blocks/1"]) < 0.99

@@ -84,8 +84,19 @@ def local_loss(x: jax.Array) -> jax.Array:
   ``jvp_hook`` and ``max_jvp_norm`` apply to each credited d. Unmarked functions are
   estimated exactly as before.
 
+  **Sliced losses** (activity perturbation): a loss of shape (batch, *L) — e.g. Ren et
+  al.'s loss per patch and channel group, (batch, patches, groups) — counts in a
+  per-example total as its sum over L. A :func:`site` of shape (batch, *L, *F) whose
+  reached losses all have that shape is credited *per slice*: its elements [b, l, :]
+  with the directional derivative of the losses' elements [b, l] only, and aggregated
+  per slice (a d in prod(F) dimensions instead of the whole activity's). That assumes
+  what Ren et al.'s heads are built for: element [b, l] of a loss depends on slice
+  [b, l] of the site only (a head per patch and group). If a loss mixes slices after
+  the site (e.g. token mixing before the head), the estimate is biased: mark the
+  per-example sum instead. A site of another shape falls back to the per-example sum.
+
   Args:
-    x: a loss, shape (batch,) or ().
+    x: a loss, shape (batch,), (batch, *slices) or ().
 
   Returns:
     ``x`` unchanged.
