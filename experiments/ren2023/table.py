@@ -38,7 +38,7 @@ _FWD = ["estimator=forward", "estimator.rescale=true"]
 _ACT = [*_FWD, "estimator.perturbation=activity"]
 _MIXER, _MLP = ["model=local_mixer"], ["model=mlp"]
 _LOCAL, _GLOBAL = ["model.local_losses=true"], ["model.local_losses=false"]
-_BP_LRS, _FG_LRS = (0.03, 0.1, 0.3), (0.03, 0.1, 0.3)
+_BP_LRS, _FG_LRS, _FGW_LRS = (0.1, 0.3), (0.1, 0.3), (0.01, 0.03)
 _NO_STOP = "model.options.stop_gradient=false"
 _GUESS = [*_ACT, "estimator.tangents=local_guess"]
 
@@ -46,9 +46,9 @@ _GUESS = [*_ACT, "estimator.tangents=local_guess"]
 ROWS: dict[str, tuple[list[str], tuple[float, ...]]] = {
   "BP": ([*_MIXER, *_GLOBAL, "estimator=backprop"], _BP_LRS),
   "LG-BP": ([*_MIXER, *_LOCAL, "estimator=backprop"], _BP_LRS),
-  "FG-W": ([*_MIXER, *_GLOBAL, *_FWD], (0.003, 0.01, 0.03)),
+  "FG-W": ([*_MIXER, *_GLOBAL, *_FWD], _FGW_LRS),
   "FG-A": ([*_MIXER, *_GLOBAL, *_ACT], _FG_LRS),
-  "LG-FG-W": ([*_MIXER, *_LOCAL, *_FWD], (0.003, 0.01, 0.03)),
+  "LG-FG-W": ([*_MIXER, *_LOCAL, *_FWD], _FGW_LRS),
   "LG-FG-A": ([*_MIXER, *_LOCAL, *_ACT], _FG_LRS),
   # Fournier et al. 2023's guess (the local loss's gradient through its head) on the
   # LocalMixer trained end to end on the sum of its heads' losses (no stop-gradient, so
