@@ -85,7 +85,9 @@ def _weighted_sum(c: jax.Array, v: jax.Array) -> jax.Array:
     return _unrolled(c, v)
   # Beyond _UNROLLED terms, blocks of them in a loop: a constant-size program for any k.
   blocks, rest = divmod(k, _UNROLLED)
-  acc = _unrolled(c[blocks * _UNROLLED :], v[blocks * _UNROLLED :]) if rest else jnp.zeros_like(v[0])
+  acc = (
+    _unrolled(c[blocks * _UNROLLED :], v[blocks * _UNROLLED :]) if rest else jnp.zeros_like(v[0])
+  )
 
   def block(j, acc):
     start = j * _UNROLLED

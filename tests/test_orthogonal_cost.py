@@ -105,7 +105,9 @@ def test_orthogonal_of_drawn_tangents_is_the_numpy_projection():
   )
   v = jax.jit(lambda key: tangents.sample(key, params, k, "normal"))(key)
   vf = np.concatenate([np.asarray(t, np.float64).reshape(k, -1) for t in jax.tree.leaves(v)], 1)
-  true = np.concatenate([np.ravel(t) for t in jax.tree.leaves(jax.jit(jax.grad(loss))(params, x, y))])
+  true = np.concatenate(
+    [np.ravel(t) for t in jax.tree.leaves(jax.jit(jax.grad(loss))(params, x, y))]
+  )
   want = vf.T @ np.linalg.solve(vf @ vf.T, vf @ true)
   got = np.concatenate([np.ravel(t) for t in jax.tree.leaves(g)])
   np.testing.assert_allclose(got, want, atol=1e-4 * np.linalg.norm(want))
