@@ -56,11 +56,60 @@ def accumulation_dtype(tangents: PyTree) -> Any:
   return dt
 
 
+#: Up to this many tangents, Σ_i c_i v_i is written as k elementwise terms (one fused
+#: loop); beyond it, a loop over blocks of this many.
+_UNROLLED = 64
+
+
+def _unrolled(c: jax.Array, v: jax.Array) -> jax.Array:
+  out = c[0] * v[0]
+  for i in range(1, c.shape[0]):
+    out = out + c[i] * v[i]
+  return out
+
+
+def _weighted_sum(c: jax.Array, v: jax.Array) -> jax.Array:
+  """Σ_i c_i v[i] over the leading axis of v, reading v once in whatever layout it has.
+
+  Not ``jnp.sum(c[:, None] * v, axis=0)``: XLA:CPU (jax 0.10, its YNNPACK reduce fusion)
+  runs a reduction over the MAJOR axis of a large array 100–1000× slower than the memory
+  bandwidth allows (0.3 s at k = 4, 2.7 s at k = 16 for a (k, 784, 1024) leaf, vs 1.5 and
+  4 ms for this form), and every tangent not stored tangent-axis-second (the orthogonal
+  aggregation's, conv kernels', a custom sampler's) is laid out that way. Not a dot either:
+  on the tangent-axis-second layout of :func:`fwdgrad_jax.tangents.draw` XLA first copies
+  V back (10× slower), and on GPUs a float32 dot may run as TF32. A sum of k elementwise
+  terms is one fused loop in any layout.
+  """
+  k = c.shape[0]
+  if k <= _UNROLLED:
+    return _unrolled(c, v)
+  # Beyond _UNROLLED terms, blocks of them in a loop: a constant-size program for any k.
+  blocks, rest = divmod(k, _UNROLLED)
+  acc = (
+    _unrolled(c[blocks * _UNROLLED :], v[blocks * _UNROLLED :]) if rest else jnp.zeros_like(v[0])
+  )
+
+  def block(j, acc):
+    start = j * _UNROLLED
+    cj = jax.lax.dynamic_slice_in_dim(c, start, _UNROLLED)
+    vj = jax.lax.dynamic_slice_in_dim(v, start, _UNROLLED)
+    return acc + _unrolled(cj, vj)
+
+  return jax.lax.fori_loop(0, blocks, block, acc)
+
+
 def combine(tangents: PyTree, coefficients: jax.Array) -> PyTree:
   """Σ_i c_i v_i for a tangent batch V and coefficients c of shape (k,).
 
   With c of shape (k, batch), example b of every leaf (axis 1) is combined with its own
   coefficients c[:, b] (per-example aggregation of activity tangents).
+
+  Args:
+    tangents: a tangent batch (leaves (k, …) or :class:`~fwdgrad_jax.tangents.Rank1`).
+    coefficients: c, (k,) or (k, batch).
+
+  Returns:
+    A pytree like one tangent (per example with c of shape (k, batch)).
   """
 
   def one(v):
@@ -72,10 +121,7 @@ def combine(tangents: PyTree, coefficients: jax.Array) -> PyTree:
       # with regenerated tangents, into the tangent's draw: no weight-sized buffer.
       return c[0].reshape(c.shape[1:] + (1,) * (v.ndim - c.ndim)) * v[0]
     if c.ndim == 1:
-      # A reduction, not a dot: it reads V once in whatever layout the draw left it
-      # (tangents.draw stores dense layers tangent-axis-second; a dot would first copy
-      # V back), and it stays in float32 on GPUs, where float32 dots may run as TF32.
-      return jnp.sum(c.reshape((-1,) + (1,) * (v.ndim - 1)) * v, axis=0)
+      return _weighted_sum(c, v)
     return jnp.einsum("kb,kb...->b...", c, v, precision=_HIGHEST)
 
   return jax.tree.map(one, tangents, is_leaf=is_rank1)
@@ -101,10 +147,42 @@ def gram(tangents: PyTree, *, per_example: bool = False) -> jax.Array:
     if per_example:
       m = v.reshape(v.shape[0], v.shape[1], -1).astype(dt)
       return jnp.einsum("kbn,lbn->bkl", m, m, precision=_HIGHEST)
+    if v.ndim == 3 and v.shape[0] > 1:
+      # A 2-D leaf: tangents.draw stores the hash samplers' (normal, rademacher)
+      # tangent-axis-second, (rows, k, cols) in memory, so a batch over rows of
+      # (k×cols)·(cols×k) products reads V as it lies; flattening each tangent would
+      # first copy V into (k, rows·cols) (2-6× slower at k = 4-16 on a 784×1024 leaf). A
+      # leaf stored (k, rows, cols) pays a copy here instead.
+      m = v.astype(dt)
+      return jnp.einsum("kab,lab->akl", m, m, precision=_HIGHEST).sum(0)
     m = v.reshape(v.shape[0], -1).astype(dt)
     return jnp.matmul(m, m.T, precision=_HIGHEST)
 
   return sum(leaf_gram(v) for v in _leaves(tangents))
+
+
+def _map_lapack(fn: Callable[..., Any], *xs: jax.Array) -> Any:
+  """``jax.vmap(fn)(*xs)`` for a ``fn`` that calls LAPACK (eigh, SVD): on the CPU one call per item.
+
+  jaxlib's CPU LAPACK kernels (jax 0.10) split a batch over XLA:CPU's intra-op thread pool
+  and block the pool thread that called them until the pieces are done. When a program
+  runs as many independent batched decompositions at once as the pool has threads
+  (per-example Gram matrices of several activity estimates in one ``jit``, on a 2-core
+  machine two suffice), every pool thread waits for pieces that no free thread is left to
+  run: the process hangs on futexes (``tests/test_lapack_hang.py`` runs such a program
+  in a subprocess). ``lax.map`` hands LAPACK one matrix at a time, which it never splits,
+  at the same cost here (64 eigh of 16×16: 1.4 ms either way). Elsewhere, ``vmap``.
+
+  Args:
+    fn: a function of one item of each of ``xs``.
+    *xs: arrays with a common leading (batch) axis.
+
+  Returns:
+    ``fn``'s outputs stacked along a leading axis.
+  """
+  if jax.default_backend() != "cpu":
+    return jax.vmap(fn)(*xs)
+  return jax.lax.map(lambda args: fn(*args), xs)
 
 
 def _pinv_solve(g: jax.Array, d: jax.Array, rcond: float | None) -> jax.Array:
@@ -118,7 +196,7 @@ def _pinv_solve(g: jax.Array, d: jax.Array, rcond: float | None) -> jax.Array:
   k = g.shape[-1]
   if rcond is None:
     rcond = 10 * k * float(jnp.finfo(g.dtype).eps)
-  w, q = jnp.linalg.eigh(g)
+  w, q = jnp.linalg.eigh(g) if g.ndim == 2 else _map_lapack(jnp.linalg.eigh, g)
   keep = w > rcond * jnp.max(w, axis=-1, keepdims=True)
   w_inv = jnp.where(keep, 1.0 / jnp.where(keep, w, 1.0), 0.0)
   qtd = jnp.einsum("...ji,...j->...i", q, d.astype(g.dtype), precision=_HIGHEST)
@@ -167,7 +245,7 @@ def _orthogonal_in_parameter_space(tangents: PyTree, jvps: jax.Array, rcond) -> 
     return jnp.linalg.lstsq(a, b, rcond=rcond)[0]
 
   if per_example:
-    g = jax.vmap(solve, in_axes=(1, 1))(flat, jvps.astype(dt))  # (batch, n)
+    g = _map_lapack(solve, jnp.moveaxis(flat, 1, 0), jvps.T.astype(dt))  # (batch, n)
   else:
     g = solve(flat, jvps.astype(dt))
   sizes = [math.prod(v.shape[len(lead) :]) for v in dense]

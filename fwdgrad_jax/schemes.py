@@ -377,7 +377,8 @@ class Dense(Scheme):
       self.distribution,
       normalized=self.normalize,
       constrain=parallel.tangent_constraint(mesh),
-      jvp_layout=aggregation in ("mean", "sum"),  # the Gram matrix flattens tangents
+      # The built-in aggregations read V in any layout (combine, gram); a callable may not.
+      jvp_layout=isinstance(aggregation, str) and aggregation in aggregation_lib.LINEAR,
     )
     aggregate = aggregation_lib.get_aggregation(aggregation)
     marked = _marked_jvps(fun, params, args, kwargs, batch, has_aux)

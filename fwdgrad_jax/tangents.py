@@ -470,8 +470,9 @@ def draw(
     key, params, num_tangents, tangents, normalized: as for :func:`sample`.
     constrain: applied inside the draw to every leaf with the position of its tangent
       axis (e.g. a sharding constraint, :func:`fwdgrad_jax.parallel.tangent_constraint`).
-    jvp_layout: store 2-D leaves tangent-axis-second. Off for consumers that flatten
-      each tangent (the orthogonal aggregation's Gram matrix): they would copy V back.
+    jvp_layout: store 2-D leaves tangent-axis-second (the built-in aggregations,
+      :func:`fwdgrad_jax.aggregation.combine` and ``gram``, read that layout as it lies).
+      Off for consumers that flatten each tangent: they would copy V back.
 
   Returns:
     The tangent batch, leaves ``(k, *leaf.shape)``.
