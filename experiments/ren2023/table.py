@@ -77,6 +77,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--evals", type=int, default=10, help="evaluations (and gradient checks) per run")
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--rows", type=rep.names, default=None, help="labels (default: all)")
+  p.add_argument("--lrs", type=rep.floats, default=None, help="lr grid of every row run")
   p.add_argument("--sweeps-dir", type=Path, default=None, help="run dirs (<out>/sweeps)")
   p.add_argument("--quick", action="store_true", help="20 steps, one lr, one seed, two rows")
 
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   rows = []
   for label in labels:
     overrides, lrs = ROWS[label]
+    lrs = args.lrs or lrs
     if args.quick:
       lrs = lrs[1:2]
       overrides = [*overrides, "model.options.channels=16", "model.options.hidden=16"] if (
