@@ -78,8 +78,30 @@ def test_the_scripts_are_found():
   assert set(SLOW) | set(NEEDS) | set(COVERED) <= set(SCRIPTS)
 
 
+@pytest.fixture(scope="module")
+def shared_data():
+  """``fwdgrad_jax.data.load`` returning one Dataset per arguments to all the scripts.
+
+  The Dataset is immutable (jax arrays); loading Fashion-MNIST again took seconds per script.
+  """
+  from fwdgrad_jax import data
+
+  loaded = {}
+  load = data.load
+
+  def shared(name, **kwargs):
+    key = (name, *sorted(kwargs.items()))
+    if key not in loaded:
+      loaded[key] = load(name, **kwargs)
+    return loaded[key]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(data, "load", shared)
+    yield
+
+
 @pytest.mark.parametrize("name", [_param(n) for n in SCRIPTS])
-def test_quick_run_writes_its_result(name, tmp_path, capsys):
+def test_quick_run_writes_its_result(name, tmp_path, capsys, shared_data):
   module = importlib.import_module(name)
   result = module.main(["--quick", "--out", str(tmp_path)])
   assert isinstance(result, dict) and result["provenance"]["command"].startswith(
