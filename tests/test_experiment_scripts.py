@@ -22,14 +22,14 @@ EXPERIMENTS = ROOT / "experiments"
 SLOW = {
   "experiments.baydin2022.fair": "tunes both methods through the Hydra app in subprocesses",
   "experiments.baydin2022.training": "trains three models with both methods on Fashion-MNIST",
-  "experiments.flugel2024.lr_transfer": "19 lr searches, each a compiled vmapped training run",
+  "experiments.flugel2024.lr_transfer": "9 lr searches, each a compiled vmapped training run",
   "experiments.flugel2024.table45": "compiles ResNet18 and ViT steps for every variant",
   "experiments.perturbation.benchmark": "compiles and times every tangent scheme, then cosines",
   "experiments.perturbation.training": "an Optuna lr sweep of the Hydra app per variant",
   "experiments.repro.explosions": "a sweep of the Hydra app in subprocesses, on the real data",
   "experiments.repro.fair": "tunes both methods through the Hydra app, on the real data",
   "experiments.repro.table1": "trains two Table I rows through the app, on the real data",
-  "experiments.yao.guided": "Yao's CNN stepped from the host, backprop and guided runs",
+  "experiments.yao.guided": "a compiled SGD scan per method and guided shuffle ratio (4)",
   "experiments.yao.time": "compiles the app's training loop for every method and times it",
 }
 #: Scripts whose --quick run (or a smaller one, on the tiny data set) a dedicated test makes

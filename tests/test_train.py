@@ -3,9 +3,9 @@
 All runs use the tiny tfds-prepared data set of conftest.py and a small MLP. The app's
 behaviour (exit codes, one-line errors) is tested through its command line: in a
 subprocess, as a user runs it, where the process itself is under test (a fast refusal, a
-signal, a lock held by another process, one run of each kind), and otherwise in this
-process (``_app_here``: the same ``sys.argv``, exit code and output, without paying the
-Python start, jax import and compiles of a new process for every run).
+signal, a lock held by another process, a forward run), and otherwise in this process
+(the ``app_here`` fixture: the same ``sys.argv``, exit code and output, without paying
+the Python start, jax import and compiles of a new process for every run).
 """
 
 import contextlib
