@@ -1,16 +1,26 @@
 """Tests of the training loop (fwdgrad_jax.training.run), the config schema and the Hydra app.
 
 All runs use the tiny tfds-prepared data set of conftest.py and a small MLP. The app's
-behaviour (exit codes, one-line errors) is tested through the CLI, as a user runs it.
+behaviour (exit codes, one-line errors) is tested through its command line: in a
+subprocess, as a user runs it, where the process itself is under test (a fast refusal, a
+signal, a lock held by another process, a forward run), and otherwise in this process
+(the ``app_here`` fixture: the same ``sys.argv``, exit code and output, without paying
+the Python start, jax import and compiles of a new process for every run).
 """
 
+import contextlib
+import dataclasses
 import errno
+import io
 import json
 import logging
+import logging.config
 import os
+import runpy
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -525,6 +535,55 @@ def _app(*overrides, cwd, **kwargs):
   )
 
 
+@dataclasses.dataclass
+class _Ran:
+  """What a test reads of a finished run of the app (as of ``subprocess.CompletedProcess``)."""
+
+  returncode: int
+  stdout: str
+  stderr: str
+
+
+@pytest.fixture
+def app_here(monkeypatch):
+  """``app_here(*overrides, cwd=...)``: ``python experiments/train.py *overrides`` in this process.
+
+  The script runs as ``__main__`` (``runpy``), as from the command line: fresh module
+  state, and Hydra finds ``configs/`` next to the file.
+  """
+  app = ROOT / "experiments" / "train.py"
+
+  def run(*overrides, cwd):
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [str(app), *overrides])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # as _app: the app rewords Hydra's errors
+    # What the app sets up for its process, put back after each run.
+    monkeypatch.setattr(logging, "raiseExceptions", logging.raiseExceptions)
+    # Hydra's logging.config.dictConfig closes every handler of the process, and absl's
+    # then closes the stream it was made with (pytest's captured stderr): here it only
+    # forgets them (the run's own handlers are closed below).
+    monkeypatch.setattr(logging.config, "_clearExistingHandlers", logging._handlers.clear)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+      # Hydra's console handler binds sys.stdout when the run configures logging.
+      with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        runpy.run_path(str(app), run_name="__main__")
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+      for h in root.handlers:
+        if h not in handlers:
+          h.close()  # train.log
+      root.handlers[:] = handlers
+      root.setLevel(level)
+    return _Ran(code, out.getvalue(), err.getvalue())
+
+  return run
+
+
 def _app_overrides(data_dir):
   return [
     "data=fashion_mnist",
@@ -547,13 +606,16 @@ def _one_error_line(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["forward", "backprop"])
-def test_app_runs_each_estimator_and_logs_to_train_log(tiny_data, tmp_path, estimator):
+@pytest.mark.parametrize(
+  "estimator, subprocess_run", [("forward", True), ("backprop", False)], ids=["forward", "backprop"]
+)
+def test_app_runs_each_estimator_and_logs_to_train_log(
+  tiny_data, tmp_path, app_here, estimator, subprocess_run
+):
   data_dir, _ = tiny_data
   run_dir = tmp_path / "run"
-  out = _app(
-    *_app_overrides(data_dir), f"estimator={estimator}", f"hydra.run.dir={run_dir}", cwd=tmp_path
-  )
+  args = [*_app_overrides(data_dir), f"estimator={estimator}", f"hydra.run.dir={run_dir}"]
+  out = _app(*args, cwd=tmp_path) if subprocess_run else app_here(*args, cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   summary = _summary(run_dir)
   assert summary["estimator"] == estimator and summary["steps"] == 20
@@ -577,9 +639,11 @@ def test_app_runs_each_estimator_and_logs_to_train_log(tiny_data, tmp_path, esti
     ),
   ],
 )
-def test_app_rejects_a_bad_value_fast_with_one_clear_line(tmp_path, overrides, line):
+def test_app_rejects_a_bad_value_fast_with_one_clear_line(tmp_path, app_here, overrides, line):
   t0 = time.perf_counter()
-  out = _app(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+  # The first in a new process: it must fail before jax and the data load.
+  app = _app if overrides == ["estimator.num_tangents=0"] else app_here
+  out = app(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
   assert out.returncode == 2
   assert _one_error_line(out).startswith(line)
   assert not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -588,41 +652,41 @@ def test_app_rejects_a_bad_value_fast_with_one_clear_line(tmp_path, overrides, l
 
 
 @pytest.mark.slow
-def test_app_bad_data_values_then_a_plain_rerun(tiny_data, tmp_path):
+def test_app_bad_data_values_then_a_plain_rerun(tiny_data, tmp_path, app_here):
   data_dir, _ = tiny_data
   run = f"hydra.run.dir={tmp_path / 'run'}"
   base = _app_overrides(data_dir)
-  out = _app(*base, "data.val_size=1000", run, cwd=tmp_path)
+  out = app_here(*base, "data.val_size=1000", run, cwd=tmp_path)
   assert out.returncode == 2
   assert _one_error_line(out).startswith("data.val_size=1000: must be smaller than the 320")
-  out = _app(*base, "data=mnist", f"data.data_dir={tmp_path / 'empty'}", run, cwd=tmp_path)
+  out = app_here(*base, "data=mnist", f"data.data_dir={tmp_path / 'empty'}", run, cwd=tmp_path)
   assert out.returncode == 2 and "data.download=true" in out.stderr
   assert "Traceback" not in out.stderr
-  out = _app(*base, run, cwd=tmp_path)  # the corrected rerun, same directory
+  out = app_here(*base, run, cwd=tmp_path)  # the corrected rerun, same directory
   assert out.returncode == 0, out.stderr[-3000:]
 
 
-def test_app_unwritable_run_dir_is_one_line_naming_the_path(tmp_path):
+def test_app_unwritable_run_dir_is_one_line_naming_the_path(tmp_path, app_here):
   if os.geteuid() == 0:
     run_dir = Path("/sys")  # root writes anywhere else; sysfs refuses new files
   else:
     run_dir = tmp_path / "ro"
     run_dir.mkdir()
     run_dir.chmod(0o555)
-  out = _app(f"hydra.run.dir={run_dir}", "train.steps=10", cwd=tmp_path)
+  out = app_here(f"hydra.run.dir={run_dir}", "train.steps=10", cwd=tmp_path)
   assert out.returncode == 2
   line = _one_error_line(out)
   assert line.startswith(f"{run_dir}/train.log: Permission denied"), line
 
 
 @pytest.mark.slow
-def test_app_refused_resume_names_the_key_and_touches_nothing(tiny_data, tmp_path):
+def test_app_refused_resume_names_the_key_and_touches_nothing(tiny_data, tmp_path, app_here):
   data_dir, _ = tiny_data
   run_dir = tmp_path / "run"
-  out = _app(*_app_overrides(data_dir), f"hydra.run.dir={run_dir}", cwd=tmp_path)
+  out = app_here(*_app_overrides(data_dir), f"hydra.run.dir={run_dir}", cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   before = _snapshot(run_dir)
-  out = _app(
+  out = app_here(
     *_app_overrides(data_dir),
     "optimizer.lr=0.5",
     "train.steps=40",
@@ -644,7 +708,9 @@ def test_app_refuses_a_second_run_on_the_same_directory(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_app_sigterm_checkpoints_summarizes_exits_nonzero_and_resumes(tiny_data, tmp_path):
+def test_app_sigterm_checkpoints_summarizes_exits_nonzero_and_resumes(
+  tiny_data, tmp_path, app_here
+):
   data_dir, _ = tiny_data
   run_dir = tmp_path / "run"
   base = [o for o in _app_overrides(data_dir) if not o.startswith(("train.steps", "train.eval"))]
@@ -671,17 +737,17 @@ def test_app_sigterm_checkpoints_summarizes_exits_nonzero_and_resumes(tiny_data,
   stopped = summary["steps"]
   assert _ckpt_steps(run_dir) == [stopped] and stopped % 10 == 0
   assert not (run_dir / rundir.LOCK_NAME).exists()
-  out = _app(*args, f"train.steps={stopped + 20}", cwd=tmp_path)
+  out = app_here(*args, f"train.steps={stopped + 20}", cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   steps = [r["step"] for r in _records(run_dir)]
   assert steps == list(range(10, stopped + 21, 10))
 
 
 @pytest.mark.slow
-def test_app_multirun_two_jobs(tiny_data, tmp_path):
+def test_app_multirun_two_jobs(tiny_data, tmp_path, app_here):
   data_dir, _ = tiny_data
   sweep = tmp_path / "sweep"
-  out = _app(
+  out = app_here(
     "-m",
     *_app_overrides(data_dir),
     "estimator=backprop",
@@ -695,11 +761,11 @@ def test_app_multirun_two_jobs(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_optuna_lr_search_runs_two_trials(tiny_data, tmp_path):
+def test_optuna_lr_search_runs_two_trials(tiny_data, tmp_path, app_here):
   pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
   data_dir, _ = tiny_data
   sweep = tmp_path / "optuna"
-  out = _app(
+  out = app_here(
     "-m",
     "+experiment=lr_search",
     *_app_overrides(data_dir),

@@ -51,7 +51,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--steps", type=int, default=10, help="steps per timed call (loop)")
   p.add_argument("--cosine-samples", type=int, default=16)
-  p.add_argument("--quick", action="store_true", help="MLP, k = 1, 2 rounds of 2 steps")
+  p.add_argument(
+    "--schemes", default=",".join(SCHEMES), help="comma-separated labels (default: all)"
+  )
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="MLP 784-64-64-10, k = 1, two schemes, 2 rounds of 2 steps",
+  )
 
 
 def _config(model: str, label: str | None, k: int) -> config_lib.Config:
@@ -67,19 +74,19 @@ def _config(model: str, label: str | None, k: int) -> config_lib.Config:
   )
 
 
-def _variants(model: str, ks: list[int]) -> dict[str, config_lib.Config | None]:
+def _variants(model: str, ks: list[int], schemes: list[str]) -> dict[str, config_lib.Config | None]:
   out: dict[str, config_lib.Config | None] = {"base": None, "backprop": _config(model, None, 1)}
   for k in ks:
-    for label in SCHEMES:
+    for label in schemes:
       out[f"{label} k={k}"] = _config(model, label, k)
   return out
 
 
-def _cosines(model: str, variants, samples: int) -> dict[str, float]:
+def _cosines(model: str, variants, samples: int, options: dict[str, Any]) -> dict[str, float]:
   """Mean cosine of each estimate to jax.grad on one real Fashion-MNIST batch."""
   ds = data.load("fashion_mnist", val_size=0)
   problem = benchmark.make_problem(
-    model, model_options={}, input_shape=ds.input_shape, num_classes=10, examples=64, seed=0
+    model, model_options=options, input_shape=ds.input_shape, num_classes=10, examples=64, seed=0
   )
   x, y = ds.x_train[:64], ds.y_train[:64]
   true = jax.grad(problem.loss)(problem.params, x, y)
@@ -104,12 +111,18 @@ def _cosines(model: str, variants, samples: int) -> dict[str, float]:
 
 def _one_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
   ks = [int(k) for k in args.ks.split(",")]
-  variants = _variants(model, ks)
+  schemes = args.schemes.split(",")
+  unknown = sorted(set(schemes) - set(SCHEMES))
+  if unknown:
+    raise ValueError(f"--schemes: unknown {unknown}; known: {', '.join(SCHEMES)}")
+  variants = _variants(model, ks, schemes)
+  # The smoke test's MLP is narrow: it checks the run end to end, not the numbers.
+  options = {"hidden": (64, 64)} if args.quick and model == "mlp" else {}
   shape = benchmark.default_input_shape(model)
   calls = CALLS[model]
   steps = args.steps if calls == "loop" else 1
   problem = benchmark.make_problem(
-    model, model_options={}, input_shape=shape, num_classes=10, examples=64 * steps, seed=0
+    model, model_options=options, input_shape=shape, num_classes=10, examples=64 * steps, seed=0
   )
   lowered = {
     n: benchmark.lower(c, problem, batch_size=64, steps=steps, calls=calls)
@@ -131,7 +144,7 @@ def _one_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     seed=0,
     log=lambda line: print(model, line, flush=True),
   )
-  cosines = _cosines(model, variants, args.cosine_samples)
+  cosines = _cosines(model, variants, args.cosine_samples, options)
   base, bp = timings["base"].median, timings["backprop"].median
   rows = []
   for name in variants:
@@ -160,6 +173,7 @@ def _one_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
     args.models, args.ks, args.rounds, args.steps, args.cosine_samples = "mlp", "1", 2, 2, 2
+    args.schemes = "weights normal,activity"
   return dict(
     settings=dict(
       batch_size=64,

@@ -59,14 +59,21 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   )
   p.add_argument("--sweeps-dir", type=Path, default=None, help="run dirs (<out>/sweeps)")
   p.add_argument(
-    "--quick", action="store_true", help="20 steps, two lrs, two variants (smoke test)"
+    "--quick",
+    action="store_true",
+    help="20 steps, two lrs, two variants, MLP 784-32-10 (smoke test)",
   )
+
+
+#: The smoke test's model: the run end to end, not the paper's numbers.
+QUICK_HIDDEN = 32
 
 
 def _common(args: argparse.Namespace) -> list[str]:
   return [
     "data=fashion_mnist",
     "model=mlp",
+    *([f"model.options.hidden=[{QUICK_HIDDEN}]"] if args.quick else []),
     f"train.steps={args.steps}",
     f"train.log_every={args.eval_every}",
     f"train.eval_every={args.eval_every}",
@@ -124,7 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
   return dict(
     settings=dict(
-      model="mlp 784-1024-1024-10",
+      model=f"mlp 784-{QUICK_HIDDEN}-10" if args.quick else "mlp 784-1024-1024-10",
       data="fashion_mnist",
       steps=args.steps,
       batch_size=64,

@@ -60,7 +60,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--stop-after", type=int, default=2, help="diverged lrs in a row that end a scheme"
   )
-  p.add_argument("--quick", action="store_true", help="10 steps, 3 lrs, 2 schemes")
+  p.add_argument(
+    "--quick", action="store_true", help="10 steps, 3 lrs, 2 schemes, MLP 784-64-64-10"
+  )
 
 
 def _result_file(args: argparse.Namespace) -> str:
@@ -79,7 +81,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
     args.steps, lrs, schemes = 10, lrs[2:5], schemes[:2]
   ds = data.load("fashion_mnist")
-  problem = yao.make_problem(args.model, ds.x_train, ds.y_train)
+  # The smoke test checks the run end to end, not the numbers: a narrow MLP.
+  options = {"hidden": (64, 64)} if args.quick and args.model == "mlp" else None
+  problem = yao.make_problem(args.model, ds.x_train, ds.y_train, options=options)
   out = []
   for label in schemes:
     est = yao.estimator_config(label)
