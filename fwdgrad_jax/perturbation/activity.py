@@ -75,10 +75,11 @@ def _find_sites(prog: Program, dep, uses) -> list[int]:
   - the sole-consumer chain of further parameter consumers, so that a bias added after a
     matmul is part of that matmul's output;
   - a normalization that follows it (LayerNorm, BatchNorm, RMSNorm, GroupNorm): ops that
-    read only that output, each other and parameters, up to a parameter consumer (the
-    scale multiply, the bias add) through which every differentiable path from the output
-    to the loss passes (:func:`_normalization_end`). The statistics branch off the output
-    and meet it again in that region; a site inside it would leave them to two blocks.
+    read only that output, each other and parameters, up to the op closing the
+    normalization (:func:`_normalization_end`). The statistics branch off the output and
+    meet it again in that region; a site inside it would leave them to two blocks. Where
+    the output is also read past the normalization (a skip connection around it and a
+    linear layer), the output stays a site and the normalization's end is a second one.
   """
   marked = [j for j, op in enumerate(prog.ops) if op.prim is site_p and dep[op.outs[0]] & _DATA]
   if marked:
@@ -108,8 +109,11 @@ def _find_sites(prog: Program, dep, uses) -> list[int]:
       region = _normalization_end(prog, dep, uses, end, to_loss)
       if region is None:
         break
-      end, region_ops = region
+      e, region_ops, joined = region
       in_chain.update(region_ops)
+      if not joined:  # the output is also read past the normalization (a skip): both sites
+        sites.append(end)
+      end = e
     sites.append(end)
   return sites
 
@@ -127,20 +131,28 @@ def _region_stop(op: Op) -> bool:
 
 def _normalization_end(
   prog: Program, dep, uses, start: int, to_loss: set[int]
-) -> tuple[int, set[int]] | None:
-  """The parameter consumer that closes the normalization after op ``start``, if any.
+) -> tuple[int, set[int], bool] | None:
+  """The op that closes the normalization after op ``start``, if any.
 
   The region: the ops after ``start`` whose data inputs are ``start``'s output or the
   region's own values (parameters and constants may enter), never a linear op or a marker.
-  Its end is the last parameter consumer ``e`` of the region such that every value of the
-  region that ``e`` depends on (``start``'s output included) is read, on the loss path,
-  only by ops that ``e`` depends on: so the block of the site ``e`` holds every path from
-  ``start`` to the loss, the statistics included. Reads off the loss path (BatchNorm's
-  running averages) do not count.
+  A candidate end ``e`` is *closed* when every value of the region that ``e`` depends on
+  (``start``'s output included) is read, on the loss path, only by ops that ``e`` depends
+  on: the block of the site ``e`` then holds every path from ``start`` to the loss, the
+  statistics included. Reads off the loss path (BatchNorm's running averages) do not
+  count. The end is the first closed op at or after the region's last parameter consumer
+  that depends on it (LayerNorm's bias add; RMSNorm's ``x * (rsqrt(…) * scale)``, whose
+  last parameter consumer is the scale multiply of the statistics; a residual sum around
+  the normalization); if none closes, the same for the parameter consumer before it.
+
+  Where no op closes so because ``start``'s output is also read past the region (a skip
+  connection around the normalization and a linear layer), the first op that closes when
+  those reads are allowed ends it, ``joined`` False: ``start``'s output stays a site (a
+  site's output may be read anywhere) and ``e`` is another.
 
   Returns:
-    ``(e, the region's ops up to e)``, or None (no parameter consumer closes it: a
-    residual around the normalization, or no normalization at all).
+    ``(e, the region's ops up to e, joined)``, or None (no parameter consumer in the
+    region, or none closes).
   """
   v = prog.ops[start].outs[0]
   ids, region = {v}, []
@@ -153,26 +165,34 @@ def _normalization_end(
     region.append(j)
     ids.update(op.outs)
   producer = {o: j for j in region for o in prog.ops[j].outs}
-  for e in reversed(region):
-    op_e = prog.ops[e]
-    if len(op_e.outs) != 1 or not _is_param_consumer(op_e, dep):
-      continue
+
+  def upstream(e: int) -> set[int]:
     inside, todo = set(), [e]
     while todo:
       j = todo.pop()
-      if j in inside:
-        continue
-      inside.add(j)
-      todo.extend(producer[i] for i in prog.ops[j].ins if i in producer)
-    values = {v} | {o for j in inside if j != e for o in prog.ops[j].outs}
-    closed = all(
+      if j not in inside:
+        inside.add(j)
+        todo.extend(producer[i] for i in prog.ops[j].ins if i in producer)
+    return inside
+
+  def closed(e: int, inside: set[int], joined: bool) -> bool:
+    values = {o for j in inside if j != e for o in prog.ops[j].outs} | ({v} if joined else set())
+    return all(
       (r in inside) if r >= 0 else o != prog.outs[0]
       for o in values
       for r in uses.get(o, [])
       if r < 0 or r in to_loss
     )
-    if closed:
-      return e, inside
+
+  param_consumers = [n for n, j in enumerate(region) if _is_param_consumer(prog.ops[j], dep)]
+  for joined in (True, False):
+    for n in reversed(param_consumers):
+      for e in region[n:]:
+        if len(prog.ops[e].outs) != 1:
+          continue
+        inside = upstream(e)
+        if region[n] in inside and closed(e, inside, joined):
+          return e, inside, joined
   return None
 
 
@@ -269,8 +289,11 @@ def _blocks(
             raise ValueError(
               "perturbation='activity': a value computed from parameters inside the block "
               f"of site #{b} (shape {op.shapes[op.outs.index(o)]}) is also used outside "
-              "that block, so its parameters' local VJP would miss that path; mark it with "
-              "fwdgrad_jax.site(...) too."
+              "that block, so its parameters' local VJP would miss that path. Typical "
+              "cause: a skip (residual) connection around a block that holds a linear layer "
+              "(a transformer or ResNet block); fix: mark the activations with "
+              "fwdgrad_jax.site(...), the block's input that the skip carries and the "
+              "block's output (marked sites replace the automatic ones)."
             )
           outs.append(o)
         elif o in keep:
