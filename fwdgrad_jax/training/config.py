@@ -132,7 +132,7 @@ class OptimizerConfig:
   """
 
   name: str = "sgd"
-  lr: float = 1e-4
+  lr: float = 0.1
   decay: float = 0.0
   momentum: float = 0.0
   b1: float = 0.9
