@@ -48,7 +48,7 @@ except ModuleNotFoundError as err:  # pragma: no cover - exercised by tests/test
     name=err.name,
   ) from err
 
-from fwdgrad_jax import estimators, registry, schemes
+from fwdgrad_jax import registry, schemes
 
 __all__ = ["ForwardOptimizer"]
 
@@ -107,6 +107,8 @@ class ForwardOptimizer(nnx.Optimizer):
     if "key" in options or "has_aux" in options:
       raise ValueError("pass key= and has_aux= by name, once (not inside the options).")
     make = registry.get_estimator(estimator)
+    if estimator != "forward" and options:
+      raise ValueError(f"estimator={estimator!r} takes no options, got {sorted(options)}.")
     if estimator == "forward":
       self.per_example = schemes.parse(
         options.get("tangents", "normal"),

@@ -117,8 +117,13 @@ def _skip_losses(p, x, *, around_linear, activation=False, mark=False):
 
 def _skip_params():
   k = jax.random.split(jax.random.key(0), 4)
-  p = {"w": jax.random.normal(k[0], (8, 16)) / 3, "s": jnp.ones(16), "b": jnp.zeros(16),
-       "u": jax.random.normal(k[1], (16, 16)) / 4, "v": jax.random.normal(k[2], (16, 4)) / 4}
+  p = {
+    "w": jax.random.normal(k[0], (8, 16)) / 3,
+    "s": jnp.ones(16),
+    "b": jnp.zeros(16),
+    "u": jax.random.normal(k[1], (16, 16)) / 4,
+    "v": jax.random.normal(k[2], (16, 4)) / 4,
+  }
   return p, jax.random.normal(k[3], (8, 8))
 
 
@@ -131,7 +136,9 @@ def test_a_skip_around_a_normalization_needs_no_site(around_linear):
   fun = lambda q: _skip_losses(q, x, around_linear=around_linear)
   true = jax.grad(lambda q: jnp.mean(fun(q)))(p)
   # Per example: 16 (+ 16 + 16 around a linear layer) + 4.
-  vg = fg.value_and_forward_grad(fun, num_tangents=104, perturbation="activity", aggregation="orthogonal")
+  vg = fg.value_and_forward_grad(
+    fun, num_tangents=104, perturbation="activity", aggregation="orthogonal"
+  )
   _, g = jax.jit(vg)(jax.random.key(1), p)
   _assert_equal(g, true, around_linear)
 
@@ -142,7 +149,9 @@ def test_a_skip_from_an_activation_needs_sites_and_the_error_says_which():
   p, x = _skip_params()
   vg = lambda mark: fg.value_and_forward_grad(
     lambda q: _skip_losses(q, x, around_linear=True, activation=True, mark=mark),
-    num_tangents=104, perturbation="activity", aggregation="orthogonal",
+    num_tangents=104,
+    perturbation="activity",
+    aggregation="orthogonal",
   )
   with pytest.raises(ValueError, match=r"skip .*fwdgrad_jax\.site\(\.\.\.\)") as err:
     vg(False)(jax.random.key(1), p)

@@ -30,7 +30,12 @@ def fashion_mnist():
 # 0.1 and the standard error of 5000 validation examples 0.004: the bars are far above both.
 @pytest.mark.parametrize(
   "estimator,optimizer,bar",
-  [("forward", "sgd", 0.18), ("backprop", "sgd", 0.6), ("backprop", "nesterov", 0.6), ("backprop", "adam", 0.6)],
+  [
+    ("forward", "sgd", 0.18),
+    ("backprop", "sgd", 0.6),
+    ("backprop", "nesterov", 0.6),
+    ("backprop", "adam", 0.6),
+  ],
 )
 def test_the_default_learning_rates_train(estimator, optimizer, bar, fashion_mnist, tmp_path):
   cfg = config_lib.compose(

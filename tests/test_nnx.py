@@ -103,7 +103,9 @@ def _assert_same_models(a, b):
 def test_orthogonal_with_k_over_the_dimension_takes_the_backprop_step(options):
   x, y = _data()
   model, ref = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
-  opt = fg.nnx.ForwardOptimizer(model, optax.sgd(0.1), mse, key=0, aggregation="orthogonal", **options)
+  opt = fg.nnx.ForwardOptimizer(
+    model, optax.sgd(0.1), mse, key=0, aggregation="orthogonal", **options
+  )
   for _ in range(2):
     _step(model, opt, x, y)
     _reference_step(ref, mse, x, y, 0.1)
@@ -139,8 +141,13 @@ def test_local_losses_with_activity_take_the_local_backprop_step():
   # Per example 16 + 16 + 4 + 4 activities; per-example losses (LayerNorm does not couple
   # the examples): each example its own directional derivatives.
   opt = fg.nnx.ForwardOptimizer(
-    model, optax.sgd(0.1), local_losses, key=0,
-    num_tangents=80, perturbation="activity", aggregation="orthogonal",
+    model,
+    optax.sgd(0.1),
+    local_losses,
+    key=0,
+    num_tangents=80,
+    perturbation="activity",
+    aggregation="orthogonal",
   )
   _step(model, opt, x, y)
   _reference_step(ref, lambda m, x, y: jnp.mean(local_losses(m, x, y)), x, y, 0.1)
