@@ -1,7 +1,7 @@
 """The layers, checked from the imports themselves (every ``import`` statement, also inside functions).
 
 - the core (``fwdgrad_jax/*.py`` and ``fwdgrad_jax/perturbation/``) imports jax, optax and
-  numpy only, and none of the app's subpackages (``models``, ``data``, ``training``);
+  numpy only, and none of the app's modules (``models``, ``data``, ``training``, ``nnx``);
 - no module of the library imports ``experiments`` (a folder of the repository, not installed);
 - no import circle between the library's modules.
 """
@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fwdgrad_jax"
-APP = ("fwdgrad_jax.models", "fwdgrad_jax.data", "fwdgrad_jax.training")
+# fwdgrad_jax.nnx (ForwardOptimizer) imports Flax: app, loaded only when imported by name.
+APP = ("fwdgrad_jax.models", "fwdgrad_jax.data", "fwdgrad_jax.training", "fwdgrad_jax.nnx")
 # Deprecated names of modules that moved into the app (fwdgrad_jax/_moved.py): they forward.
 SHIMS = {f"fwdgrad_jax.{m}" for m in ("train", "config", "benchmark", "experiment", "lr_search")}
 SHIMS |= {"fwdgrad_jax.rundir", "fwdgrad_jax.plot"}

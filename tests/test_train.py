@@ -694,7 +694,7 @@ def test_app_refused_resume_names_the_key_and_touches_nothing(tiny_data, tmp_pat
     cwd=tmp_path,
   )
   assert out.returncode == 2
-  assert _one_error_line(out).startswith("optimizer.lr: 0.5 differs from 0.0001")
+  assert _one_error_line(out).startswith("optimizer.lr: 0.5 differs from 0.2")
   assert _snapshot(run_dir) == before
 
 

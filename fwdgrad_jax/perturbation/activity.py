@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from fwdgrad_jax import tangents as tangents_lib
 from fwdgrad_jax.perturbation import credit, draws
-from fwdgrad_jax.perturbation.markers import site_p
+from fwdgrad_jax.perturbation.markers import local_loss_p, site_p
 from fwdgrad_jax.perturbation.program import Op, Program, bind, trace
 from fwdgrad_jax.perturbation.rules import LINEAR_PRIMITIVES
 
@@ -75,8 +75,17 @@ def _is_param_consumer(op: Op, dep: dict[int, int]) -> bool:
 
 def _find_sites(prog: Program, dep, uses) -> list[int]:
   """Op indices whose first output is perturbed: marked sites, else every parameter
-  consumer (extended over the sole-consumer chain of further parameter consumers, so that
-  a bias added after a matmul is part of that matmul's output)."""
+  consumer, extended over
+
+  - the sole-consumer chain of further parameter consumers, so that a bias added after a
+    matmul is part of that matmul's output;
+  - a normalization that follows it (LayerNorm, BatchNorm, RMSNorm, GroupNorm): ops that
+    read only that output, each other and parameters, up to the op closing the
+    normalization (:func:`_normalization_end`). The statistics branch off the output and
+    meet it again in that region; a site inside it would leave them to two blocks. Where
+    the output is also read past the normalization (a skip connection around it and a
+    linear layer), the output stays a site and the normalization's end is a second one.
+  """
   marked = [j for j, op in enumerate(prog.ops) if op.prim is site_p and dep[op.outs[0]] & _DATA]
   if marked:
     return marked
@@ -89,19 +98,121 @@ def _find_sites(prog: Program, dep, uses) -> list[int]:
       "conv_general_dilated with a parameter on one side and data on the other), so there "
       "is no activity to perturb."
     )
+  to_loss = _loss_path(prog)
   in_chain, sites = set(), []
   for j in consumers:
     if j in in_chain:
       continue
     end = j
-    while len(op_out_uses := uses.get(prog.ops[end].outs[0], [])) == 1:
-      nxt = op_out_uses[0]
-      if nxt < 0 or not _is_param_consumer(prog.ops[nxt], dep) or len(prog.ops[nxt].outs) != 1:
+    while True:
+      while len(op_out_uses := uses.get(prog.ops[end].outs[0], [])) == 1:
+        nxt = op_out_uses[0]
+        if nxt < 0 or not _is_param_consumer(prog.ops[nxt], dep) or len(prog.ops[nxt].outs) != 1:
+          break
+        end = nxt
+        in_chain.add(nxt)
+      region = _normalization_end(prog, dep, uses, end, to_loss)
+      if region is None:
         break
-      end = nxt
-      in_chain.add(nxt)
+      e, region_ops, joined = region
+      in_chain.update(region_ops)
+      if not joined:  # the output is also read past the normalization (a skip): both sites
+        sites.append(end)
+      end = e
     sites.append(end)
   return sites
+
+
+# Ops a normalization region never extends over: another layer's linear op starts a site
+# of its own, and markers keep their meaning.
+def _region_stop(op: Op) -> bool:
+  return (
+    op.prim in LINEAR_PRIMITIVES
+    or op.prim is site_p
+    or op.prim is local_loss_p
+    or op.prim is credit.STOP_GRADIENT
+  )
+
+
+def _normalization_end(
+  prog: Program, dep, uses, start: int, to_loss: set[int]
+) -> tuple[int, set[int], bool] | None:
+  """The op that closes the normalization after op ``start``, if any.
+
+  The region: the ops after ``start`` whose data inputs are ``start``'s output or the
+  region's own values (parameters and constants may enter), never a linear op or a marker.
+  A candidate end ``e`` is *closed* when every value of the region that ``e`` depends on
+  (``start``'s output included) is read, on the loss path, only by ops that ``e`` depends
+  on: the block of the site ``e`` then holds every path from ``start`` to the loss, the
+  statistics included. Reads off the loss path (BatchNorm's running averages) do not
+  count. The end is the first closed op at or after the region's last parameter consumer
+  that depends on it (LayerNorm's bias add; RMSNorm's ``x * (rsqrt(…) * scale)``, whose
+  last parameter consumer is the scale multiply of the statistics; a residual sum around
+  the normalization); if none closes, the same for the parameter consumer before it.
+
+  Where no op closes so because ``start``'s output is also read past the region (a skip
+  connection around the normalization and a linear layer), the first op that closes when
+  those reads are allowed ends it, ``joined`` False: ``start``'s output stays a site (a
+  site's output may be read anywhere) and ``e`` is another.
+
+  Returns:
+    ``(e, the region's ops up to e, joined)``, or None (no parameter consumer in the
+    region, or none closes).
+  """
+  v = prog.ops[start].outs[0]
+  ids, region = {v}, []
+  for j in range(start + 1, len(prog.ops)):
+    op = prog.ops[j]
+    if _region_stop(op) or not any(i in ids for i in op.ins):
+      continue
+    if any(dep[i] & _DATA and i not in ids for i in op.ins):
+      continue  # another activation or the labels join here: the region ends before
+    region.append(j)
+    ids.update(op.outs)
+  producer = {o: j for j in region for o in prog.ops[j].outs}
+
+  def upstream(e: int) -> set[int]:
+    inside, todo = set(), [e]
+    while todo:
+      j = todo.pop()
+      if j not in inside:
+        inside.add(j)
+        todo.extend(producer[i] for i in prog.ops[j].ins if i in producer)
+    return inside
+
+  def closed(e: int, inside: set[int], joined: bool) -> bool:
+    values = {o for j in inside if j != e for o in prog.ops[j].outs} | ({v} if joined else set())
+    return all(
+      (r in inside) if r >= 0 else o != prog.outs[0]
+      for o in values
+      for r in uses.get(o, [])
+      if r < 0 or r in to_loss
+    )
+
+  param_consumers = [n for n, j in enumerate(region) if _is_param_consumer(prog.ops[j], dep)]
+  for joined in (True, False):
+    for n in reversed(param_consumers):
+      for e in region[n:]:
+        if len(prog.ops[e].outs) != 1:
+          continue
+        inside = upstream(e)
+        if region[n] in inside and closed(e, inside, joined):
+          return e, inside, joined
+  return None
+
+
+def _loss_path(prog: Program) -> set[int]:
+  """Ops the loss (the first output) depends on differentiably: a stop-gradient use has
+  no derivative, so the paths through it do not count."""
+  producer = {o: j for j, op in enumerate(prog.ops) for o in op.outs}
+  to_loss: set[int] = set()
+  todo = [prog.outs[0]]
+  while todo:
+    j = producer.get(todo.pop())
+    if j is not None and j not in to_loss and prog.ops[j].prim is not credit.STOP_GRADIENT:
+      to_loss.add(j)
+      todo.extend(prog.ops[j].ins)
+  return to_loss
 
 
 def _blocks(
@@ -157,16 +268,8 @@ def _blocks(
         todo.extend(x for x in prog.ops[j].ins if dep[x] == _PARAM)
     return [prog.ops[j] for j in sorted(ops)], sorted(leaves)
 
-  # Ops the loss (the first output) depends on differentiably: a stop-gradient use has
-  # no derivative, so the paths through it do not count.
   loss_id = prog.outs[0]
-  to_loss: set[int] = set()
-  todo = [loss_id]
-  while todo:
-    j = producer.get(todo.pop())
-    if j is not None and j not in to_loss and prog.ops[j].prim is not credit.STOP_GRADIENT:
-      to_loss.add(j)
-      todo.extend(prog.ops[j].ins)
+  to_loss = _loss_path(prog)
 
   blocks = []
   for b, (op_ids, site_j) in enumerate(groups):
@@ -191,8 +294,11 @@ def _blocks(
             raise ValueError(
               "perturbation='activity': a value computed from parameters inside the block "
               f"of site #{b} (shape {op.shapes[op.outs.index(o)]}) is also used outside "
-              "that block, so its parameters' local VJP would miss that path; mark it with "
-              "fwdgrad_jax.site(...) too."
+              "that block, so its parameters' local VJP would miss that path. Typical "
+              "cause: a skip (residual) connection around a block that holds a linear layer "
+              "(a transformer or ResNet block); fix: mark the activations with "
+              "fwdgrad_jax.site(...), the block's input that the skip carries and the "
+              "block's output (marked sites replace the automatic ones)."
             )
           outs.append(o)
         elif o in keep:

@@ -134,7 +134,7 @@ class OptimizerConfig:
   """
 
   name: str = "sgd"
-  lr: float = 1e-4
+  lr: float = 0.2
   decay: float = 0.0
   momentum: float = 0.0
   b1: float = 0.9
