@@ -179,7 +179,8 @@ def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
     if key in ("grad_norm_ratio", "true_grad_norm"):  # both span decades over a run
       for ax in axes[row]:
         ax.set_yscale("log")
-        ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+        if key == "grad_norm_ratio":  # √n for raw one-tangent estimates, ~1 rescaled
+          ax.axhline(1.0, color="gray", lw=0.8, ls=":")
   for row, (name, _) in enumerate(rows):
     axes[row][0].set_ylabel(name + (" (train —, val --)" if row == 0 else ""))
   for col, (name, _) in enumerate(columns):
