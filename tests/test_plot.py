@@ -117,3 +117,11 @@ def test_true_gradient_norm_gets_a_row_and_the_lr_one_only_where_it_changed(tmp_
   )
   # loss, accuracy + ‖∇f‖ (3 rows); + the lr when a schedule changed it (4 rows).
   assert h3 == pytest.approx(h2 * 3 / 2, rel=0.02) and h4 == pytest.approx(h2 * 4 / 2, rel=0.02)
+
+
+def test_a_decaying_schedule_is_named_in_the_label(tmp_path):
+  path = _run(tmp_path / "a", lr=0.1)
+  config = json.loads((path / "config.json").read_text())
+  config["optimizer"]["schedule"] = "cosine"
+  (path / "config.json").write_text(json.dumps(config))
+  assert plot.load_run(path).label == "forward weights k=4 mean lr=0.1 cosine"

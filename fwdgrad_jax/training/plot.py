@@ -102,6 +102,8 @@ def _label(path: Path) -> str:
   label = estimator_label(est)
   if "lr" in opt:
     label += f" lr={opt['lr']:g}"
+  if opt.get("schedule", "constant") != "constant":  # runs that differ only in it
+    label += f" {opt['schedule']}"
   return label
 
 
