@@ -31,7 +31,9 @@ def _records(run: Path) -> list[dict]:
 def summarize(run: Path) -> dict:
   """The row of one run directory (see the module docstring)."""
   recs = _records(run)
-  summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+  summary = (
+    json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
+  )
   evals = [r for r in recs if r.get("val_loss") is not None]
   checks = [r for r in recs if r.get("true_grad_norm") is not None]
   steps = [0] + [r["step"] for r in checks]

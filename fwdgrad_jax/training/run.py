@@ -57,8 +57,6 @@ from fwdgrad_jax.training.steps import (
   host_loop,
   init_state,
   lr_at,
-  set_budget_clock,
-  uses_budget_schedule,
   make_base_fn,
   make_chunk_fn,
   make_eval_fn,
@@ -68,6 +66,8 @@ from fwdgrad_jax.training.steps import (
   make_tx,
   per_example_losses,
   reverse_mode,
+  set_budget_clock,
+  uses_budget_schedule,
   uses_convolutions,
 )
 

@@ -97,7 +97,9 @@ def per_example_losses(cfg: config_lib.EstimatorConfig) -> bool:
 
 
 def learning_rate(
-  cfg: config_lib.OptimizerConfig, total_steps: int | None = None, time_budget_s: float | None = None
+  cfg: config_lib.OptimizerConfig,
+  total_steps: int | None = None,
+  time_budget_s: float | None = None,
 ) -> float | optax.Schedule:
   """``cfg``'s learning rate: a float, or an optax schedule of the optimizer step count.
 
@@ -145,9 +147,7 @@ class BudgetScheduleState(NamedTuple):
   budget_scale: jax.Array
 
 
-def budget_schedule(
-  total_steps: int, warmup_steps: int = 0
-) -> optax.GradientTransformation:
+def budget_schedule(total_steps: int, warmup_steps: int = 0) -> optax.GradientTransformation:
   """Scales updates by a cosine over the run's progress, time or steps, whichever ends it.
 
   A run with a time budget stops at a step count nobody knows in advance (a loaded
