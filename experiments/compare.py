@@ -9,7 +9,11 @@ SGD) for the same training time (compile and evaluation excluded), then prints a
 of the estimate to the true gradient) and draws validation loss against steps and
 against seconds. Fair in both ways the papers argue about: tuned per method, equal time.
 
-The budget is the loop's ``train.time_budget_s`` (checked between chunks). Every row is
+The budget is the loop's ``train.time_budget_s`` (checked between chunks); the demo's lr
+schedule (configs/experiment/demo.yaml: cosine) decays over that budget, not over a step
+count (fwdgrad_jax.training.steps.budget_schedule), so a loaded machine that runs fewer
+steps in the budget still ends its run at a small lr, and an lr tuned at N steps per
+budget sees the same schedule at 2N. Every row is
 timed first (fwdgrad_jax.training.benchmark.time_configs) to size its evaluation interval, so each
 curve gets about ``evals`` points whatever its step time.
 
@@ -176,6 +180,7 @@ def run_rows(args: argparse.Namespace, demo: dict[str, Any]) -> dict[str, Any]:
     "model": cfg0.model.name,
     "data": dataset.name,
     "batch_size": cfg0.train.batch_size,
+    "schedule": cfg0.optimizer.schedule,
     "rows": rows,
   }
 
@@ -232,7 +237,8 @@ def table(result: dict[str, Any]) -> str:
   lines = [
     f"{result['model']} on {result['data']}, batch {result['batch_size']}, SGD, "
     f"{result['budget_s']:g} s of training per row; each row at its own tuned lr "
-    "(configs/demo.yaml).",
+    f"(configs/demo.yaml), lr schedule {result.get('schedule', 'constant')}"
+    + (" over the time budget." if result.get("schedule", "constant") != "constant" else "."),
     "",
     "| method | lr | steps | train s | test acc | test loss | final val loss | step ms | R "
     "| cos to ∇f |",

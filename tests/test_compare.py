@@ -42,6 +42,19 @@ def test_the_demo_rows_are_tuned_and_compose():
     assert f"--tune '{label}'" in text, label
 
 
+def test_the_demo_schedule_decays_over_the_time_budget_not_a_step_count():
+  from fwdgrad_jax.training import steps as steps_lib
+
+  compare = compare_script
+  demo = compare.load_rows(compare.ROOT / "configs" / "demo.yaml")
+  for label, row in demo["rows"].items():
+    overrides = ["+experiment=demo", "train.time_budget_s=20", "train.steps=10000", *row]
+    cfg = compare._compose(overrides)
+    assert cfg.optimizer.schedule == "cosine", label
+    # compare.plan sets a time budget and a step cap: the decay follows the budget.
+    assert steps_lib.uses_budget_schedule(cfg), label
+
+
 @pytest.mark.slow
 def test_compare_gives_every_row_the_same_time_budget(tiny_data, tmp_path, capsys):
   data_dir, _ = tiny_data
@@ -56,6 +69,11 @@ def test_compare_gives_every_row_the_same_time_budget(tiny_data, tmp_path, capsy
     # Sized to the budget from the measured step time: within a generous factor of 1 s.
     assert 0.2 < r["train_time_s"] < 5.0, (label, r["train_time_s"])
     assert len(r["curve"]) >= 3 and r["cosine_to_true_grad"] is not None
+  # The demo's cosine runs over the budget: every row ends at a fraction of its lr.
+  for label in rows:
+    run_dir = tmp_path / "out" / "runs" / label.replace(" ", "_").replace("=", "")
+    lrs = [json.loads(line)["lr"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[-1] < 0.5 * lrs[0], (label, lrs)
   # The slower step runs fewer steps in the same time.
   assert rows["forward k=2 orthogonal"]["steps"] < rows["backprop"]["steps"]
   assert rows["backprop"]["cosine_to_true_grad"] == pytest.approx(1.0, abs=1e-4)

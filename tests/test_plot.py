@@ -7,7 +7,7 @@ import pytest
 from fwdgrad_jax.training import plot
 
 
-def _run(path, *, lr, cosine=False, torn=False, norms=False, estimator=None):
+def _run(path, *, lr, cosine=False, torn=False, norms=False, estimator=None, lrs=None):
   path.mkdir(parents=True)
   estimator = estimator or {"name": "forward", "num_tangents": 4, "aggregation": "mean"}
   config = {"estimator": estimator}
@@ -21,6 +21,8 @@ def _run(path, *, lr, cosine=False, torn=False, norms=False, estimator=None):
       r["cosine_to_true_grad"] = 0.01 * step
     if norms:
       r.update(param_norm=10.0 + step, grad_norm_ratio=1.0 + step)
+    if lrs is not None:  # the logged lr, and a gradient check's ‖∇f‖
+      r.update(lr=lrs[step // 10 - 1], true_grad_norm=1.0 / step)
     records.append(r)
   text = "".join(json.dumps(r) + "\n" for r in records)
   (path / "metrics.jsonl").write_text(text + ('{"step": 4' if torn else ""))
@@ -99,3 +101,27 @@ def test_labels_name_the_perturbation_and_options_off_their_defaults(tmp_path):
     "forward weights k=1 mean tangents=rank1 rescale=False lr=0.03",
     "backprop lr=0.1",
   ]
+
+
+def test_true_gradient_norm_gets_a_row_and_the_lr_one_only_where_it_changed(tmp_path):
+  plain = plot.plot_runs([plot.load_run(_run(tmp_path / "a", lr=0.1))], tmp_path / "a.png")
+  const = plot.load_run(_run(tmp_path / "b", lr=0.1, lrs=[0.1, 0.1, 0.1]))
+  decayed = plot.load_run(_run(tmp_path / "c", lr=0.1, lrs=[0.1, 0.05, 0.01]))
+  (h2, _), (h3, _), (h4, _) = (
+    _png_size(p)
+    for p in (
+      plain,
+      plot.plot_runs([const], tmp_path / "b.png"),
+      plot.plot_runs([decayed], tmp_path / "c.png"),
+    )
+  )
+  # loss, accuracy + ‖∇f‖ (3 rows); + the lr when a schedule changed it (4 rows).
+  assert h3 == pytest.approx(h2 * 3 / 2, rel=0.02) and h4 == pytest.approx(h2 * 4 / 2, rel=0.02)
+
+
+def test_a_decaying_schedule_is_named_in_the_label(tmp_path):
+  path = _run(tmp_path / "a", lr=0.1)
+  config = json.loads((path / "config.json").read_text())
+  config["optimizer"]["schedule"] = "cosine"
+  (path / "config.json").write_text(json.dumps(config))
+  assert plot.load_run(path).label == "forward weights k=4 mean lr=0.1 cosine"

@@ -182,6 +182,85 @@ def test_the_length_ratio_is_one_where_the_estimate_is_the_gradient(tiny_data, t
     assert r["param_norm"] > 0
 
 
+def test_the_gradient_check_reports_the_true_gradients_norm():
+  # f(w) = mean_i w·x_i: ∇f = mean_i x_i exactly, so ‖∇f‖ is known without jax.grad.
+  x = jnp.arange(12.0).reshape(4, 3)
+  loss = lambda params, x, y: jnp.mean(x @ params["w"])
+  check = steps_lib.make_grad_check_fn(loss, config_lib.EstimatorConfig(name="backprop"))
+  cos, ratio, norm, _ = check({"w": jnp.ones(3)}, jax.random.PRNGKey(0), x, jnp.zeros(4))
+  assert float(norm) == pytest.approx(float(jnp.linalg.norm(x.mean(0))), rel=1e-6)
+  assert float(cos) == pytest.approx(1.0) and float(ratio) == pytest.approx(1.0)
+
+
+def test_a_run_logs_the_true_gradient_norm_at_every_check(tiny_data, tmp_path):
+  data_dir, ds = tiny_data
+  cfg = _cfg(data_dir, estimator={"name": "forward", "perturbation": "activity"})
+  run_lib.train(cfg, tmp_path, dataset=ds)
+  checks = [r for r in _records(tmp_path) if "cosine_to_true_grad" in r]
+  assert [r["step"] for r in checks] == [20, 40]
+  assert all(np.isfinite(r["true_grad_norm"]) and r["true_grad_norm"] > 0 for r in checks)
+
+
+def _scales(tx, state, n):
+  out = []
+  for _ in range(n):
+    updates, state = tx.update({"w": jnp.ones(())}, state)
+    out.append(float(updates["w"]))
+  return out, state
+
+
+def test_budget_schedule_is_a_cosine_of_the_clock_or_the_steps_whichever_is_further():
+  tx = steps_lib.budget_schedule(total_steps=1000)
+  state = steps_lib.set_budget_clock(tx.init({"w": jnp.ones(())}), 25.0, 0.5, 100.0)
+  scales, state = _scales(tx, state, 3)
+  # Between clock readings the time fraction advances by step time / budget per update.
+  expected = [0.5 * (1 + np.cos(np.pi * (0.25 + i * 0.005))) for i in range(3)]
+  np.testing.assert_allclose(scales, expected, rtol=1e-5)
+  assert float(state.budget_scale) == pytest.approx(expected[-1], rel=1e-5)
+  # No clock (rate 0, progress 0): the step count's fraction ends the schedule instead.
+  tx = steps_lib.budget_schedule(total_steps=4)
+  scales, _ = _scales(tx, tx.init({"w": jnp.ones(())}), 6)
+  np.testing.assert_allclose(scales, [1.0, 0.8535534, 0.5, 0.1464466, 0.0, 0.0], atol=1e-6)
+  # Warmup: linear from 0 over warmup_steps, times the cosine.
+  tx = steps_lib.budget_schedule(total_steps=1000, warmup_steps=4)
+  scales, _ = _scales(tx, tx.init({"w": jnp.ones(())}), 5)
+  cos = [0.5 * (1 + np.cos(np.pi * i / 1000)) for i in range(5)]
+  np.testing.assert_allclose(scales, [0, 0.25 * cos[1], 0.5 * cos[2], 0.75 * cos[3], cos[4]], 1e-5)
+  with pytest.raises(ValueError, match="total_steps"):
+    steps_lib.budget_schedule(total_steps=0)
+
+
+def test_budget_schedule_has_one_shape_at_n_and_2n_steps_per_budget():
+  # The same 10 s budget run at 0.1 s and at 0.05 s per step (a quiet machine: 2x the
+  # steps), the clock read every 10 steps: the lr at each fraction of the budget agrees.
+  def run(step_time, steps):
+    tx = steps_lib.budget_schedule(total_steps=10**6)
+    state, scales = tx.init({"w": jnp.ones(())}), []
+    for chunk in range(steps // 10):
+      t = chunk * 10 * step_time
+      state = steps_lib.set_budget_clock(state, t, step_time if chunk else 0.0, 10.0)
+      s, state = _scales(tx, state, 10)
+      scales += s
+    return np.array(scales)
+
+  slow, fast = run(0.1, 100), run(0.05, 200)
+  np.testing.assert_allclose(fast[20::20], slow[10::10], atol=1e-5)
+  assert fast[-1] < 0.01 and slow[-1] < 0.01  # both end decayed, at different step counts
+
+
+def test_a_schedule_with_a_time_budget_decays_over_the_budget(tiny_data, tmp_path):
+  data_dir, ds = tiny_data
+  train = {"steps": 10**6, "time_budget_s": 2.0, "eval_every": 0, "grad_check_every": 0}
+  cfg = _cfg(data_dir, train=train, estimator={"name": "backprop"})
+  cfg.optimizer.lr, cfg.optimizer.schedule = 0.1, "cosine"
+  summary = run_lib.train(cfg, tmp_path, dataset=ds)
+  lrs = [r["lr"] for r in _records(tmp_path)]
+  assert summary["stopped_on_time"] and len(lrs) >= 3
+  # Over train.steps (10^6) the lr would stay ~0.1 all run; over the budget it ends near 0.
+  assert lrs[0] == pytest.approx(0.1, rel=1e-3)  # the first chunk has no step time yet
+  assert lrs[-1] < 0.03 and all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
 def test_a_run_shorter_than_one_chunk_is_timed(tiny_data, tmp_path):
   data_dir, ds = tiny_data
   cfg = _cfg(

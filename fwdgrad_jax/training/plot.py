@@ -11,7 +11,8 @@ excluded, so methods compare by the time they really spent training), and rows f
 loss (train solid, validation dashed), the validation accuracy and, where the runs
 logged them, the global norm of the parameters (``param_norm``, at every evaluation), and
 from the gradient checks the cosine of the estimate to the true gradient and its length
-ratio ‖ĝ‖/‖∇f‖ (``grad_norm_ratio``). ``train_loss`` is the mean over each log interval,
+ratio ‖ĝ‖/‖∇f‖ (``grad_norm_ratio``) and ‖∇f‖ itself (``true_grad_norm``), and the
+learning rate (``lr``) where it changed during a run. ``train_loss`` is the mean over each log interval,
 as in ``metrics.jsonl``. A run's label names its estimator with the options that tell it
 apart (perturbation, k, aggregation, and any option off its default) and its lr.
 """
@@ -101,6 +102,8 @@ def _label(path: Path) -> str:
   label = estimator_label(est)
   if "lr" in opt:
     label += f" lr={opt['lr']:g}"
+  if opt.get("schedule", "constant") != "constant":  # runs that differ only in it
+    label += f" {opt['schedule']}"
   return label
 
 
@@ -143,9 +146,14 @@ def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
     ("parameter norm ‖θ‖", "param_norm"),
     ("cosine to true gradient", "cosine_to_true_grad"),
     ("‖ĝ‖ / ‖∇f‖ (same batch)", "grad_norm_ratio"),
+    ("true gradient norm ‖∇f‖", "true_grad_norm"),
+    ("learning rate", "lr"),
   ]
   for name, key in optional:
-    if any(r.get(key) is not None for run in runs for r in run.records):
+    if key == "lr":  # a constant lr is in the legend already: a panel only for schedules
+      if any(len({r["lr"] for r in run.records if r.get("lr") is not None}) > 1 for run in runs):
+        rows.append((name, key))
+    elif any(r.get(key) is not None for run in runs for r in run.records):
       rows.append((name, key))
   columns = [("step", "step"), ("training time (s)", "train_time_s")]
   fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.2 * len(rows)), squeeze=False, sharex="col")
@@ -170,10 +178,11 @@ def plot_runs(runs: Sequence[Run], out: str | Path) -> Path:
     if top is not None:
       ax.set_ylim(top=2 * top)
   for row, (_, key) in enumerate(rows):
-    if key == "grad_norm_ratio":  # √n for raw one-tangent estimates, ~1 rescaled: decades
+    if key in ("grad_norm_ratio", "true_grad_norm"):  # both span decades over a run
       for ax in axes[row]:
         ax.set_yscale("log")
-        ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+        if key == "grad_norm_ratio":  # √n for raw one-tangent estimates, ~1 rescaled
+          ax.axhline(1.0, color="gray", lw=0.8, ls=":")
   for row, (name, _) in enumerate(rows):
     axes[row][0].set_ylabel(name + (" (train —, val --)" if row == 0 else ""))
   for col, (name, _) in enumerate(columns):

@@ -43,6 +43,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from fwdgrad_jax import data as data_lib
@@ -65,6 +66,8 @@ from fwdgrad_jax.training.steps import (
   make_tx,
   per_example_losses,
   reverse_mode,
+  set_budget_clock,
+  uses_budget_schedule,
   uses_convolutions,
 )
 
@@ -420,9 +423,9 @@ def _periodic_record(
   At an evaluation or a gradient check the record also gets ``param_norm``, the global
   L2 norm of the parameters (a run that destabilises late often does so as its weights
   grow); the check gives ``cosine_to_true_grad`` and ``grad_norm_ratio`` = ‖ĝ‖/‖∇f‖ of
-  the estimate to ``jax.grad`` on the same batch, and ``cosine_block/<name>`` the same
-  cosine per block of the model (its top-level modules, list items apart). All of them
-  come to the host in one transfer.
+  the estimate to ``jax.grad`` on the same batch, ``true_grad_norm`` = ‖∇f‖, and
+  ``cosine_block/<name>`` the cosine per block of the model (its top-level modules, list
+  items apart). All of them come to the host in one transfer.
   """
   tr, ds = run.cfg.train, run.dataset
   record: dict[str, Any] = {}
@@ -437,10 +440,10 @@ def _periodic_record(
   if checking:
     key = jax.random.fold_in(run.check_key, step)
     idx = jax.random.choice(key, ds.x_train.shape[0], (tr.batch_size,), replace=False)
-    cos, ratio, per_block = run.grad_check(
+    cos, ratio, true_norm, per_block = run.grad_check(
       state.params, key, ds.x_train[idx], ds.y_train[idx], state.model_state, state.opt_state[0]
     )
-    on_device.update(cosine_to_true_grad=cos, grad_norm_ratio=ratio)
+    on_device.update(cosine_to_true_grad=cos, grad_norm_ratio=ratio, true_grad_norm=true_norm)
     on_device.update({f"cosine_block/{name}": c for name, c in per_block.items()})
   if evaluating or checking:
     on_device["param_norm"] = run.param_norm(state.params)
@@ -448,7 +451,11 @@ def _periodic_record(
   if not record:
     return record
   record.setdefault("train_loss", float(np.mean(pending)) if pending else None)
-  record["lr"] = lr_at(run.cfg.optimizer, max(step - 1, 0), tr.steps)  # the last step's lr
+  if uses_budget_schedule(run.cfg):  # the multiplier the last step applied
+    scale = optax.tree_utils.tree_get(state.opt_state, "budget_scale")
+    record["lr"] = run.cfg.optimizer.lr * float(scale)
+  else:
+    record["lr"] = lr_at(run.cfg.optimizer, max(step - 1, 0), tr.steps)  # the last step's lr
   return {"step": step, **record, "train_time_s": train_time}
 
 
@@ -484,6 +491,8 @@ def _loop(
   step = int(state.step)
   out = _Outcome(state, step, records[-1].get("train_time_s", 0.0) if records else 0.0, [])
   pending: list[float] = []
+  # A schedule over the time budget reads the loop's clock once per chunk.
+  budget_clock = tr.time_budget_s if uses_budget_schedule(run.cfg) else None
 
   def should_stop() -> bool:
     out.interrupted = interrupts.signum
@@ -496,6 +505,10 @@ def _loop(
       # Up to the next multiple of the chunk, so that a run resumed from any step (with
       # the same or new intervals) lands on every interval's multiples again.
       n = min(run.chunk - step % run.chunk, tr.steps - step)
+      if budget_clock:
+        step_time = out.chunk_times[-1] if out.chunk_times else 0.0
+        opt_state = set_budget_clock(state.opt_state, out.train_time, step_time, budget_clock)
+        state = state._replace(opt_state=opt_state)
       t0 = time.perf_counter()
       state, losses, finite = run.run_chunk(state, jnp.int32(n), x, y)
       losses = np.asarray(losses[:n])  # the one host sync per chunk

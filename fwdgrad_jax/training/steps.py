@@ -97,20 +97,25 @@ def per_example_losses(cfg: config_lib.EstimatorConfig) -> bool:
 
 
 def learning_rate(
-  cfg: config_lib.OptimizerConfig, total_steps: int | None = None
+  cfg: config_lib.OptimizerConfig,
+  total_steps: int | None = None,
+  time_budget_s: float | None = None,
 ) -> float | optax.Schedule:
   """``cfg``'s learning rate: a float, or an optax schedule of the optimizer step count.
 
   Baydin's decay η_i = η_0 · exp(−i · decay); ``cosine``: optax's cosine decay from ``lr``
   to 0 over ``total_steps``; ``warmup_cosine``: 0 → ``lr`` linearly over
   ``warmup_steps``, then cosine to 0 at ``total_steps`` (Ren et al. 2023's schedule).
+  With a ``time_budget_s`` a decaying schedule is not a function of the step count
+  alone: the optimizer runs at the constant peak ``lr`` and :func:`budget_schedule`
+  after it scales the updates (see :func:`make_tx`); this returns that peak.
 
   Raises:
     ValueError: a decaying schedule without ``total_steps``, or an unknown schedule.
   """
   if cfg.decay > 0:
     return optax.exponential_decay(cfg.lr, transition_steps=1, decay_rate=math.exp(-cfg.decay))
-  if cfg.schedule == "constant":
+  if cfg.schedule == "constant" or (time_budget_s is not None and cfg.schedule in _DECAYING):
     return cfg.lr
   if total_steps is None:
     raise ValueError(f"optimizer.schedule={cfg.schedule!r} needs the run's total steps")
@@ -121,6 +126,114 @@ def learning_rate(
   raise ValueError(f"optimizer.schedule={cfg.schedule!r}: use one of {config_lib.SCHEDULES}")
 
 
+_DECAYING = ("cosine", "warmup_cosine")
+
+
+class BudgetScheduleState(NamedTuple):
+  """State of :func:`budget_schedule`.
+
+  Attributes:
+    count: updates so far (the warmup's clock).
+    budget_progress: the fraction of the time budget spent at the next update (the
+      loop sets it from its clock between chunks).
+    budget_rate: the fraction of the budget one update takes (the loop's latest
+      measured step time / budget; 0 until a chunk has been timed).
+    budget_scale: the multiplier of the last update (the logged ``lr`` is ``lr`` × this).
+  """
+
+  count: jax.Array
+  budget_progress: jax.Array
+  budget_rate: jax.Array
+  budget_scale: jax.Array
+
+
+def budget_schedule(total_steps: int, warmup_steps: int = 0) -> optax.GradientTransformation:
+  """Scales updates by a cosine over the run's progress, time or steps, whichever ends it.
+
+  A run with a time budget stops at a step count nobody knows in advance (a loaded
+  machine runs fewer steps in the same seconds), so a schedule laid out over
+  ``train.steps`` would stop anywhere along its decay. Here the progress is
+  p = max(t / budget, count / total_steps), the fraction spent of whichever limit ends
+  the run; the multiplier is min(1, count / warmup_steps) · ½ (1 + cos(π · min(p, 1))).
+  Between the loop's clock readings (once per chunk, no host sync per step) the time
+  fraction advances by ``budget_rate`` per update, so the decay is smooth within a
+  chunk and corrected at every chunk boundary. The shape over the run is the same
+  whether the machine runs N or 2N steps in the budget, so an lr chosen on one holds
+  on the other (the peak lr, not the schedule, is what the step count moves).
+
+  Put it after the optimizer (it scales the final updates, so momentum and Adam see the
+  unscaled estimates, as with an optax lr schedule).
+
+  Args:
+    total_steps: ``train.steps``: the step count at which the run would stop anyway.
+    warmup_steps: steps of linear warmup from 0 (0 = none).
+
+  Returns:
+    An optax ``GradientTransformation`` with :class:`BudgetScheduleState`.
+
+  References:
+    I. Loshchilov, F. Hutter, *SGDR: Stochastic Gradient Descent with Warm Restarts*,
+    ICLR 2017 (the cosine); M. Ren et al., *Scaling Forward Gradient With Local
+    Losses*, ICLR 2023 (warmup + cosine for forward gradients).
+  """
+  if total_steps < 1 or warmup_steps < 0:
+    raise ValueError(
+      f"budget_schedule: total_steps must be >= 1 and warmup_steps >= 0, got "
+      f"total_steps={total_steps}, warmup_steps={warmup_steps}"
+    )
+
+  def init_fn(params):
+    del params
+    zero = jnp.zeros((), jnp.float32)
+    return BudgetScheduleState(jnp.zeros((), jnp.int32), zero, zero, jnp.ones((), jnp.float32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    count = state.count.astype(jnp.float32)
+    progress = jnp.clip(jnp.maximum(state.budget_progress, count / total_steps), 0.0, 1.0)
+    scale = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    if warmup_steps:
+      scale = scale * jnp.minimum(1.0, count / warmup_steps)
+    updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
+    new = BudgetScheduleState(
+      state.count + 1, state.budget_progress + state.budget_rate, state.budget_rate, scale
+    )
+    return updates, new
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def uses_budget_schedule(cfg: config_lib.Config) -> bool:
+  """Whether ``cfg``'s lr schedule runs over its time budget (:func:`budget_schedule`)."""
+  return (
+    cfg.train.time_budget_s is not None
+    and cfg.optimizer.schedule in _DECAYING
+    and cfg.optimizer.decay == 0
+  )
+
+
+def set_budget_clock(opt_state: PyTree, train_time: float, step_time: float, budget: float):
+  """``opt_state`` with :func:`budget_schedule`'s clock set: t / budget and step time / budget.
+
+  The progress never moves back (a host read of one scalar, between chunks).
+
+  Args:
+    opt_state: the run's optimizer state (holding one :class:`BudgetScheduleState`).
+    train_time: training seconds spent so far.
+    step_time: the latest measured seconds per step (0 before any).
+    budget: ``train.time_budget_s``.
+  """
+  old = optax.tree_utils.tree_get(opt_state, "budget_progress")
+  # Never back: when the last chunk's step time overestimated this one's, the clock is
+  # behind the extrapolation, and the lr holds until the clock catches up (no lr rises).
+  progress = max(train_time / budget, float(old))
+  # Same dtype and placement as before: the compiled chunk takes (and donates) this state.
+  put = lambda v: jax.device_put(jnp.asarray(v, jnp.float32), old.sharding)
+  return optax.tree_utils.tree_set(
+    opt_state, budget_progress=put(progress), budget_rate=put(step_time / budget)
+  )
+
+
 def lr_at(cfg: config_lib.OptimizerConfig, step: int, total_steps: int | None = None) -> float:
   """The learning rate of optimizer step ``step`` (optax's count; the first step is 0)."""
   lr = learning_rate(cfg, total_steps)
@@ -128,15 +241,19 @@ def lr_at(cfg: config_lib.OptimizerConfig, step: int, total_steps: int | None = 
 
 
 def make_optimizer(
-  cfg: config_lib.OptimizerConfig, total_steps: int | None = None
+  cfg: config_lib.OptimizerConfig,
+  total_steps: int | None = None,
+  time_budget_s: float | None = None,
 ) -> optax.GradientTransformation:
   """The optax optimizer of ``cfg`` with its :func:`learning_rate` and weight decay.
 
   Args:
     cfg: the optimizer config.
     total_steps: the run's ``train.steps`` (the end of ``cosine``/``warmup_cosine``).
+    time_budget_s: the run's ``train.time_budget_s``: a decaying schedule then runs
+      over the budget (:func:`budget_schedule`, added by :func:`make_tx`), not here.
   """
-  lr = learning_rate(cfg, total_steps)
+  lr = learning_rate(cfg, total_steps, time_budget_s)
   if cfg.name == "adam":
     if cfg.weight_decay:
       return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -158,7 +275,10 @@ def estimator_options(cfg: config_lib.EstimatorConfig) -> dict[str, Any]:
 def make_tx(
   cfg: config_lib.Config, key: jax.Array, *, has_aux: bool = False, mesh: Any = None
 ) -> optax.GradientTransformationExtraArgs:
-  """Estimator transform → optional global-norm clipping → optimizer.
+  """Estimator transform → optional global-norm clipping → optimizer → budget schedule.
+
+  The last only for a decaying ``optimizer.schedule`` with a ``train.time_budget_s``
+  (:func:`budget_schedule`: the decay spans the budget, whatever the step count).
 
   Args:
     cfg: the run's config.
@@ -174,7 +294,10 @@ def make_tx(
   parts = [registry.gradient_transform(est.name, key=key, has_aux=has_aux, **options)]
   if cfg.optimizer.clip_norm is not None:
     parts.append(optax.clip_by_global_norm(cfg.optimizer.clip_norm))
-  parts.append(make_optimizer(cfg.optimizer, cfg.train.steps))
+  parts.append(make_optimizer(cfg.optimizer, cfg.train.steps, cfg.train.time_budget_s))
+  if uses_budget_schedule(cfg):
+    warmup = cfg.optimizer.warmup_steps if cfg.optimizer.schedule == "warmup_cosine" else 0
+    parts.append(budget_schedule(cfg.train.steps, warmup))
   return optax.chain(*parts)
 
 
@@ -448,10 +571,12 @@ def make_grad_check_fn(
   cfg: config_lib.EstimatorConfig,
   estimator_loss: Callable[..., Any] | None = None,
 ):
-  """``check(params, key, x, y, model_state=None, est_state=None) -> (cosine, norm ratio,
+  """``check(params, key, x, y, model_state=None, est_state=None) -> (cosine, ratio, ‖∇f‖,
   cosine per block)``.
 
-  The estimate against ``jax.grad`` on the same batch. With a ``model_state``, ``loss``
+  The estimate against ``jax.grad`` on the same batch: the cosine, the length ratio
+  ‖ĝ‖/‖∇f‖ and the true gradient's norm ‖∇f‖ itself (with the ratio it tells whether
+  late in training the step is mostly noise: ‖ĝ‖ staying put while ‖∇f‖ shrinks). With a ``model_state``, ``loss``
   is stateful; both gradients see the same state (the same dropout mask), so the check
   compares estimators, not masks. ``estimator_loss`` is what the estimator
   differentiates when it differs from ``loss`` (per-example losses for activity
@@ -477,7 +602,10 @@ def make_grad_check_fn(
       name: metrics.cosine_similarity(g_b, t_b)
       for name, (g_b, t_b) in _blocks(g, true).items()
     }
-    return metrics.cosine_similarity(g, true), metrics.norm_ratio(g, true), per_block
+    return (
+      metrics.cosine_similarity(g, true), metrics.norm_ratio(g, true), metrics.tree_norm(true),
+      per_block,
+    )  # fmt: skip
 
   return check
 
