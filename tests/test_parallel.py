@@ -59,8 +59,32 @@ def test_each_device_holds_only_its_share_of_the_tangents(four_devices):
   assert temp["1x4"] < 0.4 * temp["one"], temp
 
 
-def test_the_same_training_run_on_one_device_and_on_a_2x2_mesh(four_devices):
-  run = four_devices["training"]["forward+batchnorm 2x2"]
+@pytest.mark.parametrize("case", ["2x2 mean", "2x2 orthogonal", "4x1 sum", "1x4 orthogonal"])
+def test_regenerated_tangents_on_a_mesh_give_the_one_device_estimate(four_devices, case):
+  got = four_devices["regenerated"][case]
+  assert got["value"] < 1e-5
+  assert got["grad"] < 1e-5
+  assert got["replicated"]
+
+
+@pytest.mark.parametrize("case", ["2x2 mean", "2x2 orthogonal", "4x1 sum", "1x4 orthogonal"])
+def test_regenerated_tangents_on_a_mesh_send_k_numbers_not_a_gradient(four_devices, case):
+  regen = four_devices["regenerated"]
+  n = regen["params"]
+  # Backprop all-reduces the whole gradient (the parser sees weight-sized operands) …
+  back = regen["backprop 4x1"]["collectives"]
+  assert back["bytes"] >= 4 * n, back
+  # … the regenerated step only d (k = 4 numbers, a device's share over "tangents") and
+  # the loss: no collective operand as large as the smallest weight (32 × 10).
+  coll = regen[case]["collectives"]
+  assert coll["count"] >= 1, coll  # the devices do combine something
+  assert coll["largest"] <= 4, coll
+  assert coll["bytes"] <= 4 * (4 + 1), coll
+
+
+@pytest.mark.parametrize("name", ["forward+batchnorm 2x2", "forward regenerated 2x2"])
+def test_the_same_training_run_on_one_device_and_on_a_2x2_mesh(four_devices, name):
+  run = four_devices["training"][name]
   (train_one, val_one), (train_many, val_many) = run["one"], run["many"]
   assert len(train_one) == len(train_many) == 4
   np.testing.assert_allclose(train_many, train_one, rtol=RTOL)

@@ -12,7 +12,7 @@ all-gather, reduce-scatter, collective-permute, all-to-all; operand shape × dty
 device). Nothing runs: shapes only, so the 100-layer MLP (100 M parameters) costs no
 memory. Timing on forced CPU devices would mean nothing; bytes only.
 
-Rows: backprop, forward with stored tangents, forward regenerated (mean and orthogonal),
+Rows: backprop, forward with stored tangents (mean), forward regenerated (mean and orthogonal),
 on a data-parallel mesh (D × 1) and a tangent-parallel mesh (1 × D, forward with
 k a multiple of D). Each device count runs in its own subprocess (the device count is
 fixed when JAX starts).
@@ -57,8 +57,8 @@ def estimators(ks: list[int], devices: int) -> list[dict[str, Any]]:
   for k in ks:
     for regenerate in (False, True):
       for agg in ("mean", "orthogonal"):
-        if agg == "orthogonal" and k == 1:
-          continue  # one tangent: the projection is the mean's direction
+        if agg == "orthogonal" and (k == 1 or not regenerate):
+          continue  # k = 1: the mean's direction; stored: XLA's (all-gathers V for VᵀV)
         name = f"forward {'regenerated' if regenerate else 'stored'} {agg}"
         cfg = {"name": "forward", "num_tangents": k, "aggregation": agg, "regenerate": regenerate}
         rows.append({"estimator": name, "k": k, "mesh": (devices, 1), "cfg": cfg})
