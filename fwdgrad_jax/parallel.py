@@ -135,8 +135,23 @@ def tangent_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-  """``tree`` placed on every device of ``mesh`` (outside ``jit``)."""
-  return jax.device_put(tree, replicated(mesh))
+  """``tree`` placed on every device of ``mesh`` (outside ``jit``).
+
+  With several processes each process gives its own copy (the same values: the same
+  seed, the same data) to its own devices, without ``jax.device_put``'s check that the
+  processes agree (a collective per leaf, which fails on NaN, e.g. a "no loss yet").
+  """
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(one, tree)
 
 
 def check_divisible(
