@@ -12,9 +12,9 @@ all-gather, reduce-scatter, collective-permute, all-to-all; operand shape × dty
 device). Nothing runs: shapes only, so the 100-layer MLP (100 M parameters) costs no
 memory. Timing on forced CPU devices would mean nothing; bytes only.
 
-Rows: backprop, forward with stored tangents (mean), forward regenerated (mean and orthogonal),
-on a data-parallel mesh (D × 1) and a tangent-parallel mesh (1 × D, forward with
-k a multiple of D). Each device count runs in its own subprocess (the device count is
+Rows: backprop, forward with stored tangents (mean), forward regenerated (mean and, on
+the MLP, orthogonal), on a data-parallel mesh (D × 1) and, on the MLP, a tangent-parallel
+mesh (1 × D, forward with k a multiple of D). Each device count runs in its own subprocess (the device count is
 fixed when JAX starts).
 
   python -m experiments.benchmarks.communication --out results/benchmarks
@@ -36,33 +36,36 @@ from experiments._lib import script
 from experiments._lib.config import ROOT
 
 #: The models: Baydin et al.'s MLP (configs/model/mlp.yaml) and the 100-layer MLP of their
-#: Fig. 6 scalability study (configs/model/deep_mlp.yaml with depth 100).
+#: Fig. 6 scalability study (configs/model/deep_mlp.yaml with depth 100); whether to add
+#: the orthogonal and tangent-parallel rows (the 100-layer steps take minutes each to
+#: compile on 2 shared cores, so it gets data parallelism with the mean only).
 MODELS = {
-  "mlp 784-1024-1024-10": ("mlp", {"hidden": [1024, 1024], "activation": "relu"}),
-  "deep_mlp 100 × 1024": ("deep_mlp", {"depth": 100, "width": 1024}),
+  "mlp 784-1024-1024-10": ("mlp", {"hidden": [1024, 1024], "activation": "relu"}, True),
+  "deep_mlp 100 × 1024": ("deep_mlp", {"depth": 100, "width": 1024}, False),
 }
-QUICK_MODELS = {"mlp 784-64-64-10": ("mlp", {"hidden": [64, 64], "activation": "relu"})}
+QUICK_MODELS = {"mlp 784-64-64-10": ("mlp", {"hidden": [64, 64], "activation": "relu"}, True)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--devices", type=rep.ints, default=[2, 4], help="forced CPU device counts")
   p.add_argument("--tangents", type=rep.ints, default=[1, 4, 16], help="k values")
   p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--quick", action="store_true", help="a 64-wide MLP, 2 devices, k ∈ {1, 2}")
+  p.add_argument("--quick", action="store_true", help="a 64-wide MLP, 2 devices, k = 2")
 
 
-def estimators(ks: list[int], devices: int) -> list[dict[str, Any]]:
-  """The rows for one device count: (label, mesh, estimator config)."""
+def estimators(ks: list[int], devices: int, full: bool = True) -> list[dict[str, Any]]:
+  """The rows for one device count: (label, mesh, estimator config); ``full``: with the
+  orthogonal aggregation and the tangent-parallel meshes."""
   rows = [{"estimator": "backprop", "k": None, "mesh": (devices, 1), "cfg": {"name": "backprop"}}]
   for k in ks:
     for regenerate in (False, True):
       for agg in ("mean", "orthogonal"):
-        if agg == "orthogonal" and (k == 1 or not regenerate):
+        if agg == "orthogonal" and (k == 1 or not regenerate or not full):
           continue  # k = 1: the mean's direction; stored: XLA's (all-gathers V for VᵀV)
         name = f"forward {'regenerated' if regenerate else 'stored'} {agg}"
         cfg = {"name": "forward", "num_tangents": k, "aggregation": agg, "regenerate": regenerate}
         rows.append({"estimator": name, "k": k, "mesh": (devices, 1), "cfg": cfg})
-        if k % devices == 0:
+        if full and k % devices == 0:
           rows.append({"estimator": name, "k": k, "mesh": (1, devices), "cfg": cfg})
   return rows
 
@@ -84,7 +87,7 @@ def measure(devices: int, models: dict[str, Any], ks: list[int], batch_size: int
   from fwdgrad_jax.training import steps
 
   out = []
-  for label, (name, options) in models.items():
+  for label, (name, options, full) in models.items():
     model = nnx.eval_shape(
       lambda: models_lib.create(  # noqa: B023
         name, input_shape=(28, 28, 1), num_classes=10, rngs=nnx.Rngs(0), **options
@@ -92,7 +95,7 @@ def measure(devices: int, models: dict[str, Any], ks: list[int], batch_size: int
     )
     graphdef, params, rest = models_lib.split(model)
     num_params = models_lib.count_params(params)
-    for row in estimators(ks, devices):
+    for row in estimators(ks, devices, full):
       mesh = parallel.make_mesh(*row["mesh"])
       rep_ = parallel.replicated(mesh)
       cfg = config_lib.Config()
@@ -124,18 +127,25 @@ def measure(devices: int, models: dict[str, Any], ks: list[int], batch_size: int
 def run(args: argparse.Namespace) -> dict[str, Any]:
   models = QUICK_MODELS if args.quick else MODELS
   if args.quick:
-    args.devices, args.tangents, args.batch_size = [2], [1, 2], 8
-  results = []
+    args.devices, args.tangents, args.batch_size = [2], [2], 8
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-  for devices in args.devices:
+  procs = []
+  for devices in args.devices:  # one process per device count, side by side (compiles only)
     code = (
       "import json, sys; from experiments.benchmarks.communication import measure; "
       f"print(json.dumps(measure({devices}, {models!r}, {args.tangents!r}, {args.batch_size})))"
     )
-    done = subprocess.run(
-      [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=True
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+      )
     )
-    results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+  results = []
+  for devices, proc in zip(args.devices, procs):
+    out, _ = proc.communicate()
+    if proc.returncode:
+      raise RuntimeError(f"the measurement with {devices} devices failed (exit {proc.returncode})")
+    results.append(json.loads(out.strip().splitlines()[-1]))
   return {
     "settings": {
       "models": list(models),
