@@ -349,6 +349,17 @@ def _init(
   )
 
   est_loss = parallel.data_parallel(est_loss, mesh)  # the batch split along mesh.data
+  if (
+    cfg.estimator.regenerate
+    and cfg.mesh.data > 1
+    and jax.tree.leaves(nnx.state(model, nnx.BatchStat))
+  ):
+    log.warning(
+      "estimator.regenerate=true with mesh.data=%d: BatchNorm normalises with each device's "
+      "batch statistics (only the directional derivatives cross devices), so the run "
+      "differs from one device's",
+      cfg.mesh.data,
+    )
   data_key, est_key, check_key = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
   tx = make_tx(cfg, est_key, has_aux=True, mesh=mesh)
   state = init_state(tx, params, rest)
