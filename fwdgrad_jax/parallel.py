@@ -10,8 +10,8 @@ Forward gradients parallelise along two axes (Flügel et al.'s outlook):
   the tangent axis) is summed across devices. The orthogonal aggregation's Gram matrix
   VᵀV couples every pair of tangents, so its k × k matrix is formed from all of them.
 
-A :class:`jax.sharding.Mesh` with the axes ``("data", "tangents")`` holds both. Nothing
-here writes communication by hand: the arrays carry :class:`~jax.sharding.NamedSharding`
+A :class:`jax.sharding.Mesh` with the axes ``("data", "tangents")`` holds both. With
+stored tangents nothing here writes communication by hand: the arrays carry :class:`~jax.sharding.NamedSharding`
 annotations (the batch along ``"data"``, the tangent batch along ``"tangents"``, the
 parameters replicated) and XLA's SPMD partitioner derives the per-device programs and
 the all-reduces. Because the annotations only say *where* values live, never *what*
