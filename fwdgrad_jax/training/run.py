@@ -671,6 +671,11 @@ def train(
 ) -> dict[str, Any]:
   """Trains ``cfg`` into ``run_dir`` and returns the summary (also in ``summary.json``).
 
+  Several processes (``mesh.distributed=true``, README "Many devices") each call this
+  with the same ``cfg`` (but ``mesh.process_id``) and the same ``run_dir``: process 0
+  holds the directory's lock and writes ``config.json``, ``metrics.jsonl``,
+  ``summary.json`` and the INFO log lines; all of them save and restore the checkpoints.
+
   Args:
     cfg: the run; validated first (:func:`fwdgrad_jax.training.config.validate`).
     run_dir: output directory; its newest readable checkpoint is resumed.
