@@ -702,7 +702,9 @@ def train(
   # Several processes share the run directory: process 0 holds its lock and writes the
   # metrics, the summary and the logs; every process saves and restores the checkpoints
   # (orbax's saves are collective).
-  primary = jax.process_index() == 0
+  # (Asked only of a distributed run: the question starts JAX's backend, whose log lines
+  # must not reach a run directory that the checks below may yet refuse.)
+  primary = not cfg.mesh.distributed or jax.process_index() == 0
   with (
     _run_dir(run_dir, primary) as run_dir,
     _quiet_unless(primary),
