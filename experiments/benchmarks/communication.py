@@ -14,8 +14,8 @@ memory. Timing on forced CPU devices would mean nothing; bytes only.
 
 Rows: backprop, forward with stored tangents (mean), forward regenerated (mean and, on
 the MLP, orthogonal), on a data-parallel mesh (D × 1) and, on the MLP, a tangent-parallel
-mesh (1 × D, forward with k a multiple of D). Each device count runs in its own subprocess (the device count is
-fixed when JAX starts).
+mesh (1 × D, forward with k a multiple of D). Each device count runs in its own
+subprocess (the device count is fixed when JAX starts).
 
   python -m experiments.benchmarks.communication --out results/benchmarks
   python -m experiments.benchmarks.communication --quick
@@ -190,9 +190,9 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
         rep.DASH if r["k"] is None else r["k"],
         ops,
         f"{r['bytes']:,} ({_mib(r['bytes'])})",
-        f"{100 * frac:.4f} %",
+        f"{100 * frac:.3g} %",
       )
-  summary = "; ".join(f"{m}: at most {100 * f:.4f} %" for m, f in worst.items())
+  summary = "; ".join(f"{m}: at most {100 * f:.3g} %" for m, f in worst.items())
   text = "\n".join(
     [
       "# Bytes a step sends between devices",
