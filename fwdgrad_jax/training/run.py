@@ -467,7 +467,8 @@ def _periodic_record(
 
 @contextlib.contextmanager
 def _progress(cfg: config_lib.Config, start: int) -> Iterator[Any]:
-  if not cfg.train.progress:
+  # One bar for a run of several processes: process 0's, as its log.
+  if not cfg.train.progress or (cfg.mesh.distributed and jax.process_index() != 0):
     yield None
     return
   from tqdm.auto import tqdm
