@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install data demo functions test test-fast test-durations lint clean
+.PHONY: install data demo functions test test-fast test-durations lint clean gpu-check gpu-check-data
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,19 @@ test-fast: install
 test-durations: install
 	$(PY) -m pytest -q --durations=0 tests > .durations.log || true
 	$(PY) tests/_durations.py .durations.log --budget-s 70 --workers 2
+
+# The GPU check (experiments/benchmarks/gpu_check.py; sized for ~8 min on one H100): step
+# ratios and peak memory of backprop / forward / rank-1 / activity / regenerated steps on the
+# MLP, CNN and ResNet18, and 200 steps of each demo row. On a machine with a GPU and jax,
+# flax, optax (no venv, no Hydra needed), from the repository root:
+#   make gpu-check GPU_PY=python3     -> $$OUT/<device>.md, else results/benchmarks/gpu/
+# Its Fashion-MNIST comes from .gpu_data/ (ignored by git; carry it): `make gpu-check-data`.
+GPU_PY ?= $(PY)
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) -m experiments.benchmarks.gpu_check --out $${OUT:-results/benchmarks/gpu}
+
+gpu-check-data: install data
+	$(PY) -c 'from experiments.benchmarks.gpu_check import write_data; write_data()'
 
 lint: install
 	$(VENV)/bin/ruff check fwdgrad_jax experiments tests

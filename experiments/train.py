@@ -138,7 +138,10 @@ def main(raw: DictConfig) -> float:
     return _job_fails(str(e), code=1 if started else 2)
   except run_lib.StoppedAtOnce as e:
     _fail(str(e), code=128 + e.signum)  # a sweep stops too: that is what a signal asks
-  log.info(_describe(summary, run_dir))  # to the console and run.log
+  import jax
+
+  if jax.process_index() == 0:  # several processes: process 0 reports, as it logs
+    log.info(_describe(summary, run_dir))  # to the console and run.log
   if summary["interrupted"]:
     sys.exit(128 + signal.Signals[summary["interrupted_by"]].value)
   final = summary.get("final_val_loss")

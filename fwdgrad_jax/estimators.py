@@ -275,7 +275,9 @@ def value_and_forward_grad(
       along its ``"tangents"`` axis (each device draws and runs its share of the vmapped
       jvp; the aggregation is combined across devices). Shard the batch along
       ``"data"`` yourself (:func:`fwdgrad_jax.parallel.data_parallel`). The estimate is
-      the one computed without a mesh, up to the order of floating-point sums.
+      the one computed without a mesh, up to the order of floating-point sums. With
+      ``regenerate=True`` only the k directional derivatives cross devices (each device
+      redraws the tangents from the key and forms the estimate itself).
     regenerate: keep only the key, not the k weight-sized tangents (MeZO-style memory):
       each leaf's tangents are drawn where the forward pass consumes the leaf and again
       where the aggregation combines them, one layer at a time, so a step holds params,

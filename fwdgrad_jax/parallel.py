@@ -10,8 +10,8 @@ Forward gradients parallelise along two axes (Flügel et al.'s outlook):
   the tangent axis) is summed across devices. The orthogonal aggregation's Gram matrix
   VᵀV couples every pair of tangents, so its k × k matrix is formed from all of them.
 
-A :class:`jax.sharding.Mesh` with the axes ``("data", "tangents")`` holds both. Nothing
-here writes communication by hand: the arrays carry :class:`~jax.sharding.NamedSharding`
+A :class:`jax.sharding.Mesh` with the axes ``("data", "tangents")`` holds both. With
+stored tangents nothing here writes communication by hand: the arrays carry :class:`~jax.sharding.NamedSharding`
 annotations (the batch along ``"data"``, the tangent batch along ``"tangents"``, the
 parameters replicated) and XLA's SPMD partitioner derives the per-device programs and
 the all-reduces. Because the annotations only say *where* values live, never *what*
@@ -20,6 +20,16 @@ one device, up to the order of floating-point sums (``tests/test_parallel.py``).
 
 The tangents of the built-in samplers are hashes of a counter (or partitionable
 threefry), so each device computes only the rows of its own share of the batch.
+
+**Communicating k numbers.** With tangents regenerated from the key (``regenerate=True``)
+the estimator does not leave the partitioning to XLA: it runs under ``jax.shard_map``,
+each device computes the directional derivatives d of its shard of the batch (and of its
+share of the tangents), and only d crosses devices — a ``pmean`` of k numbers over
+``"data"``, an ``all_gather`` of them over ``"tangents"``. Every device then forms the
+same estimate Σ c_i v_i itself, redrawing all k tangents from the shared key (and, for
+the orthogonal aggregation, their Gram matrix): no weight-sized gradient is reduced.
+:func:`collective_bytes` reads what a compiled step sends from its HLO
+(``experiments/benchmarks/communication.py`` measures it).
 
 Multi-host: :func:`initialize_distributed` calls ``jax.distributed.initialize`` (once,
 before anything touches a device); on SLURM or a TPU pod it finds the coordinator
@@ -31,7 +41,9 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -123,8 +135,23 @@ def tangent_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-  """``tree`` placed on every device of ``mesh`` (outside ``jit``)."""
-  return jax.device_put(tree, replicated(mesh))
+  """``tree`` placed on every device of ``mesh`` (outside ``jit``).
+
+  With several processes each process gives its own copy (the same values: the same
+  seed, the same data) to its own devices, without ``jax.device_put``'s check that the
+  processes agree (a collective per leaf, which fails on NaN, e.g. a "no loss yet").
+  """
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(one, tree)
 
 
 def check_divisible(
@@ -191,6 +218,7 @@ def data_parallel(
   *,
   batch_argnums: Sequence[int] = (0, 1),
   batch_argnames: Sequence[str] = ("x", "y"),
+  reduction: str = "mean",
 ) -> Callable[..., Any]:
   """``fun(params, *args, **kwargs)`` with its batch arguments split along ``"data"``.
 
@@ -199,7 +227,26 @@ def data_parallel(
   along axis 0 before ``fun`` runs. The loss's mean over the batch then becomes a
   per-device partial sum and an all-reduce, and so do its directional derivatives
   (the jvp is linear in the loss); BatchNorm statistics are reduced the same way.
+
+  The function returned carries a :class:`BatchArgs` (``batch_args``): the regenerated
+  estimator (``regenerate=True``) runs ``fun`` per device on its shard instead and
+  combines only the directional derivatives, by ``reduction``. There BatchNorm uses each
+  device's statistics (its new running statistics are averaged), as in data parallelism
+  without synchronised BatchNorm.
+
+  Args:
+    fun: the loss.
+    mesh: the mesh (a no-op without a ``"data"`` axis of more than one device).
+    batch_argnums: positions, after params, of the arguments split along axis 0.
+    batch_argnames: keywords split along axis 0.
+    reduction: ``"mean"`` (the default: the loss is a mean over the examples) or
+      ``"sum"``: how the per-device values combine under ``shard_map``.
+
+  Returns:
+    The annotated loss, same signature.
   """
+  if reduction not in ("mean", "sum"):
+    raise ValueError(f"reduction={reduction!r}: use 'mean' or 'sum' (how fun reduces the batch)")
   if axis_size(mesh, DATA) == 1:
     return fun
 
@@ -208,7 +255,67 @@ def data_parallel(
     kwargs = {k: shard_batch(v, mesh) if k in batch_argnames else v for k, v in kwargs.items()}
     return fun(params, *args, **kwargs)
 
+  sharded.batch_args = BatchArgs(fun, mesh, tuple(batch_argnums), tuple(batch_argnames), reduction)
   return sharded
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchArgs:
+  """What :func:`data_parallel` marks on the loss it returns (its ``batch_args``).
+
+  The regenerated estimator reads it to run ``fun`` itself on each device's shard under
+  ``jax.shard_map`` (:func:`batch_args_of`).
+
+  Attributes:
+    fun: the loss, unwrapped.
+    mesh: the mesh it was split over.
+    argnums: positions (after params) of the arguments split along ``"data"``.
+    argnames: keywords split along ``"data"``.
+    reduction: ``"mean"`` or ``"sum"``: how ``fun`` reduces over the examples, so how the
+      shards' values and directional derivatives combine (``pmean`` or ``psum``).
+  """
+
+  fun: Callable[..., Any]
+  mesh: Mesh
+  argnums: tuple[int, ...]
+  argnames: tuple[str, ...]
+  reduction: str = "mean"
+
+
+def batch_args_of(fun: Callable[..., Any]) -> BatchArgs | None:
+  """The :class:`BatchArgs` of a :func:`data_parallel` loss, None for any other function."""
+  marked = getattr(fun, "batch_args", None)
+  return marked if isinstance(marked, BatchArgs) else None
+
+
+def shard_map_specs(
+  args: tuple, kwargs: dict, marked: BatchArgs | None, mesh: Mesh
+) -> tuple[tuple, dict]:
+  """``jax.shard_map`` in_specs of ``(args, kwargs)``: the marked batch arguments split
+  along ``"data"`` (axis 0), everything else replicated.
+
+  Raises:
+    ValueError: a batch argument whose leading axis does not split evenly over ``"data"``.
+  """
+  n = axis_size(mesh, DATA)
+
+  def spec(tree, batched, name):
+    def one(x):
+      if not batched or jax.numpy.ndim(x) == 0:
+        return PartitionSpec()
+      if x.shape[0] % n:
+        raise ValueError(
+          f"{name}: {x.shape[0]} examples do not split evenly over mesh.data={n} devices"
+        )
+      return PartitionSpec(DATA)
+
+    return jax.tree.map(one, tree)
+
+  argnums = () if marked is None else marked.argnums
+  argnames = () if marked is None else marked.argnames
+  arg_specs = tuple(spec(a, i in argnums, f"argument {i}") for i, a in enumerate(args))
+  kwarg_specs = {k: spec(v, k in argnames, k) for k, v in kwargs.items()}
+  return arg_specs, kwarg_specs
 
 
 def describe(mesh: Mesh | None) -> dict[str, Any]:
@@ -223,3 +330,86 @@ def describe(mesh: Mesh | None) -> dict[str, Any]:
     "platform": devices[0].platform,
     "processes": jax.process_count(),
   }
+
+
+# --------------------------------------------------------------------------------------
+# What a compiled step sends between devices
+# --------------------------------------------------------------------------------------
+
+#: Cross-device collectives of XLA's HLO (an async op counts once, at its ``-start``).
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+_DTYPE_BYTES = {
+  "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+  "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+  "c128": 16,
+}  # fmt: skip
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9a-z]*)?)\[([0-9,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+
+
+def _shape_bytes(shape: str) -> tuple[int, int]:
+  """(bytes, largest array's elements) of an HLO shape string (an array or a tuple)."""
+  total, largest = 0, 0
+  for dtype, dims in _ARRAY.findall(shape):
+    n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+    size = _DTYPE_BYTES.get(dtype, 1 if dtype.startswith("f8") else None)
+    if size is None:
+      continue  # token[] and the like
+    total += int(n * size)
+    largest = max(largest, n)
+  return total, largest
+
+
+def _operands(rest: str) -> list[str]:
+  """The ``%names`` between an instruction's opening parenthesis and its closing one."""
+  depth, end = 1, len(rest)
+  for i, ch in enumerate(rest):
+    depth += ch == "("
+    depth -= ch == ")"
+    if depth == 0:
+      end = i
+      break
+  return re.findall(r"%([\w.\-]+)", rest[:end])
+
+
+def collective_bytes(hlo_text: str) -> dict[str, Any]:
+  """The cross-device collectives of a compiled program and the bytes they send.
+
+  Reads the text of ``jax.jit(f).lower(...).compile().as_text()``: every all-reduce,
+  all-gather, reduce-scatter, collective-permute and all-to-all, with the size of its
+  operands (shape × dtype, per device; for an all-gather the local shard, not the
+  gathered result). Each op is counted once where it appears in the program text (an
+  op inside a loop body once, not once per iteration).
+
+  Args:
+    hlo_text: the compiled HLO module's text.
+
+  Returns:
+    ``{"bytes": total, "count": ops, "largest": elements of the largest operand array,
+    "ops": {kind: {"count", "bytes"}}}``.
+  """
+  shapes: dict[str, str] = {}
+  found: list[tuple[str, str]] = []
+  for line in hlo_text.splitlines():
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, shape, opcode, rest = m.groups()
+    shapes[name] = shape
+    base = opcode.removesuffix("-start")
+    if base in COLLECTIVES and not opcode.endswith("-done"):
+      found.append((base, rest))
+  ops: dict[str, dict[str, int]] = {}
+  total = largest = 0
+  for kind, rest in found:
+    size = 0
+    for operand in _operands(rest):
+      b, n = _shape_bytes(shapes.get(operand, ""))
+      size += b
+      largest = max(largest, n)
+    entry = ops.setdefault(kind, {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    entry["bytes"] += size
+    total += size
+  return {"bytes": total, "count": len(found), "largest": largest, "ops": ops}

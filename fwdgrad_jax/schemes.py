@@ -324,7 +324,8 @@ class Dense(Scheme):
       each leaf's tangents are drawn where the forward pass consumes the leaf and again
       where the aggregation combines them, one layer at a time. The same estimate (same
       draws, up to float rounding). Needs ``"normal"``/``"rademacher"``, aggregations
-      sum, mean, orthogonal, no ``normalize`` and no tangent-parallel mesh.
+      sum, mean, orthogonal and no ``normalize``. On a mesh only the directional
+      derivatives cross devices (see :func:`_regenerated_on_mesh`).
   """
 
   distribution: str | tangents_lib.Sampler = "normal"
@@ -356,8 +357,6 @@ class Dense(Scheme):
       raise _regenerate_error(
         f"aggregation={aggregation!r} (use one of {list(aggregation_lib.LINEAR)})"
       )
-    if parallel.axis_size(mesh, parallel.TANGENTS) > 1:
-      raise _regenerate_error("a mesh with mesh.tangents > 1")
 
   def estimate(
     self, fun, key, params, args, kwargs, *, num_tangents, aggregation, hook=None,
@@ -367,7 +366,7 @@ class Dense(Scheme):
       aggregation == "orthogonal" and num_tangents >= _size(params)
     ):  # (k ≥ n: the projection is the SVD of V, and nothing is saved anyway)
       out, grad = _regenerated(fun, key, params, args, kwargs, num_tangents, aggregation, hook,
-                               self.distribution)  # fmt: skip
+                               self.distribution, mesh)  # fmt: skip
       return out, grad, _size(params)
     # Drawn once, laid out for the jvp's matmuls, split over the mesh's tangent axis.
     batch = tangents_lib.draw(
@@ -701,12 +700,28 @@ def parse(
 _UNROLLED_COMBINE = 64
 
 
-def _regenerated(fun, key, params, args, kwargs, k, aggregation, hook, tangents):
+def _regenerated(fun, key, params, args, kwargs, k, aggregation, hook, tangents, mesh=None):
   """The estimate with tangents redrawn from the key, never stored (``regenerate=True``)."""
+  marked = parallel.batch_args_of(fun)
+  if mesh is None and marked is not None:
+    mesh = marked.mesh
+  split_data = marked is not None and parallel.axis_size(mesh, parallel.DATA) > 1
+  if split_data or parallel.axis_size(mesh, parallel.TANGENTS) > 1:
+    return _regenerated_on_mesh(fun, key, params, args, kwargs, k, aggregation, hook, tangents,
+                                mesh)  # fmt: skip
   out, d, gram, (unreached, loss_jvps) = perturbation_lib.regenerated_jvps(
     fun, params, args, kwargs, key=key, num_tangents=k, tangents=tangents,
     gram=aggregation == "orthogonal", with_losses=True,
   )  # fmt: skip
+  grad = _regenerated_combine(key, params, d, gram, unreached, loss_jvps, k, aggregation, hook,
+                              tangents)  # fmt: skip
+  return out, grad
+
+
+def _regenerated_combine(
+  key, params, d, gram, unreached, loss_jvps, k, aggregation, hook, tangents
+):
+  """Σ c_i v_i with the tangents redrawn from the key after the coefficients c exist."""
   # Local losses: leaf i is combined with the coefficients of its credited d (without
   # markers every leaf has the empty key, d itself).
   by_key = perturbation_lib.credited(d, loss_jvps, unreached)
@@ -735,4 +750,70 @@ def _regenerated(fun, key, params, args, kwargs, k, aggregation, hook, tangents)
     )
 
   grad = [combine(i, p) for i, p in enumerate(leaves)]
-  return out, jax.tree.unflatten(treedef, grad)
+  return jax.tree.unflatten(treedef, grad)
+
+
+def _regenerated_on_mesh(fun, key, params, args, kwargs, k, aggregation, hook, tangents, mesh):
+  """The regenerated estimate on a mesh, communicating only the directional derivatives.
+
+  Under ``jax.shard_map`` every device runs the loss on its shard of the batch (the
+  arguments :func:`fwdgrad_jax.parallel.data_parallel` marked; replicated otherwise) with
+  its k / T share of the tangents, drawn from the shared key at their place in the k. The
+  k numbers d are then combined — ``all_gather`` over ``"tangents"``, ``pmean`` (or
+  ``psum``) over ``"data"`` — and every device forms the same estimate Σ c_i v_i from the
+  key: each redraws all k tangents (a device that ran only its share also forms the
+  orthogonal aggregation's k × k Gram matrix from them). Bytes sent per step: O(k), not
+  O(parameters). Replication of the result is by construction (the same program on the
+  same key, parameters and d on every device), hence ``check_vma=False``: JAX's check
+  cannot see that tangents tied to a device's activations are equal everywhere.
+  """
+  marked = parallel.batch_args_of(fun)
+  local_fun = fun if marked is None else marked.fun
+  reduce = jax.lax.psum if marked is not None and marked.reduction == "sum" else jax.lax.pmean
+  split_data = marked is not None and parallel.axis_size(mesh, parallel.DATA) > 1
+  t = parallel.axis_size(mesh, parallel.TANGENTS)
+  share = k // t
+  orthogonal = aggregation == "orthogonal"
+  arg_specs, kwarg_specs = parallel.shard_map_specs(args, kwargs, marked, mesh)
+
+  def combined(x):
+    """A device's d (share, …) → everyone's (k, …): k numbers over each axis."""
+    if split_data:
+      x = reduce(x, parallel.DATA)
+    if t > 1:
+      x = jax.lax.all_gather(x, parallel.TANGENTS, axis=0, tiled=True)
+    return x
+
+  def body(key, params, args, kwargs):
+    start = jax.lax.axis_index(parallel.TANGENTS) * share if t > 1 else 0
+    out, d, gram, (unreached, loss_jvps) = perturbation_lib.regenerated_jvps(
+      local_fun, params, args, kwargs, key=key, num_tangents=share, tangents=tangents,
+      gram=orthogonal and t == 1, with_losses=True, start=start,
+    )  # fmt: skip
+    d = combined(d)
+    loss_jvps = [None if x is None else combined(x) for x in loss_jvps]
+    if split_data:
+      # The value as the loss's reduction; aux (BatchNorm's new running statistics) is
+      # averaged, integer state (RNG counters) is the same on every device.
+      value, aux = out if isinstance(out, tuple) else (out, None)
+      value = reduce(value, parallel.DATA)
+      aux = jax.tree.map(
+        lambda a: jax.lax.pmean(a, parallel.DATA)
+        if jnp.issubdtype(jnp.result_type(a), jnp.inexact) else a,
+        aux,
+      )  # fmt: skip
+      out = (value, aux) if isinstance(out, tuple) else value
+    if orthogonal and t > 1:
+      gram = perturbation_lib.regenerated_gram(key, params, k, tangents, [d])
+    grad = _regenerated_combine(key, params, d, gram, unreached, loss_jvps, k, aggregation, hook,
+                                tangents)  # fmt: skip
+    return out, grad
+
+  P = jax.sharding.PartitionSpec
+  return jax.shard_map(
+    body,
+    mesh=mesh,
+    in_specs=(P(), P(), arg_specs, kwarg_specs),
+    out_specs=P(),
+    check_vma=False,
+  )(key, params, args, kwargs)

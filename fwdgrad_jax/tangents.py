@@ -541,6 +541,7 @@ def regenerate_leaf(
   deps: Any = (),
   *,
   index: int | None = None,
+  start: int | jax.Array = 0,
 ) -> jax.Array:
   """The (k, *leaf.shape) tangents of one leaf, drawn after ``deps`` (see :func:`after`).
 
@@ -552,9 +553,12 @@ def regenerate_leaf(
     deps: values the draw must follow (e.g. the layer's input, or the coefficients of
       the aggregation).
     index: only tangent ``index`` (shape ``leaf.shape``), a computation of its own.
+    start: the tangents ``start, …, start + k − 1`` of a larger batch (an integer or a
+      traced one, e.g. a device's share along a mesh's ``"tangents"`` axis).
 
   Returns:
-    The values ``sample(key, params, k, tangents)`` has for that leaf, bit for bit.
+    The values ``sample(key, params, k, tangents)`` has for that leaf, bit for bit
+    (with ``start``: rows ``start:start + k`` of ``sample``'s draw of more tangents).
   """
   if tangents not in REGENERABLE:
     raise ValueError(
@@ -562,9 +566,16 @@ def regenerate_leaf(
     )
   seed = after(seed, *jax.tree.leaves(deps))
   shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
+  size = int(np.prod(shape))
   if index is None:
-    return _DRAW_AT[tangents](seed, _counters(shape, num_tangents, 0), dtype)
-  offset = jnp.uint32(index * int(np.prod(shape)))
+    counters = _counters(shape, num_tangents, 0)
+    if not (isinstance(start, int) and start == 0):
+      # Counter t·size + i wraps modulo 2³² as the full draw's does: the same rows.
+      counters = counters + jnp.asarray(start).astype(jnp.uint32) * jnp.uint32(size)
+    return _DRAW_AT[tangents](seed, counters, dtype)
+  offset = jnp.asarray(start).astype(jnp.uint32) * jnp.uint32(size) + jnp.uint32(
+    (index * size) % 2**32
+  )
   return _DRAW_AT[tangents](seed, _counters(shape, 1, 0)[0] + offset, dtype)
 
 

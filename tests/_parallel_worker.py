@@ -56,6 +56,50 @@ def estimates():
   return out
 
 
+def regenerated():
+  """Regenerated tangents on meshes: the one-device estimate, and what crosses devices."""
+  k0, k1, k2 = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = {
+    "w1": 0.05 * jax.random.normal(k0, (64, 32)),
+    "b1": jnp.zeros(32),
+    "w2": 0.05 * jax.random.normal(k1, (32, 10)),
+  }
+  x = jax.random.normal(k2, (16, 64))
+  y = jnp.arange(16) % 10
+  out = {"params": sum(p.size for p in jax.tree.leaves(params))}
+  cases = [((2, 2), "mean"), ((2, 2), "orthogonal"), ((4, 1), "sum"), ((1, 4), "orthogonal")]
+  for shape, agg in cases:
+    ref_v, ref_g = jax.jit(
+      fg.value_and_forward_grad(_loss, num_tangents=4, aggregation=agg, regenerate=True)
+    )(k0, params, x, y)
+    mesh = parallel.make_mesh(*shape)
+    fn = fg.value_and_forward_grad(
+      parallel.data_parallel(_loss, mesh),
+      num_tangents=4,
+      aggregation=agg,
+      regenerate=True,
+      mesh=mesh,
+    )
+    placed = parallel.replicate((params, x, y), mesh)
+    exe = jax.jit(fn).lower(k0, *placed).compile()
+    v, g = exe(k0, *placed)
+    rel = max(
+      float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+      for a, b in zip(jax.tree.leaves(ref_g), jax.tree.leaves(g))
+    )
+    out[f"{shape[0]}x{shape[1]} {agg}"] = {
+      "value": abs(float(v) - float(ref_v)),
+      "grad": rel,
+      "replicated": all(a.sharding.is_fully_replicated for a in jax.tree.leaves(g)),
+      "collectives": parallel.collective_bytes(exe.as_text()),
+    }
+  mesh = parallel.make_mesh(4, 1)
+  exact = jax.jit(fg.value_and_exact_grad(parallel.data_parallel(_loss, mesh)))
+  text = exact.lower(k0, *parallel.replicate((params, x, y), mesh)).compile().as_text()
+  out["backprop 4x1"] = {"collectives": parallel.collective_bytes(text)}
+  return out
+
+
 def memory():
   """Compiled per-device temp bytes of a k = 8 estimate on 1 device and on a 1×4 mesh."""
   k0, k1 = jax.random.split(jax.random.PRNGKey(0))
@@ -114,7 +158,12 @@ def training():
   # BatchNorm: its batch statistics are reduced across the data shards too.
   bn = {"name": "mlp", "options": {"hidden": [32], "batch_norm": True}}
   forward = {"name": "forward", "num_tangents": 4, "aggregation": "orthogonal"}
-  cases = {"forward+batchnorm 2x2": ((2, 2), forward, bn)}
+  regen = {"name": "forward", "num_tangents": 4, "aggregation": "mean", "regenerate": True}
+  mlp = {"name": "mlp", "options": {"hidden": [32]}}
+  cases = {
+    "forward+batchnorm 2x2": ((2, 2), forward, bn),
+    "forward regenerated 2x2": ((2, 2), regen, mlp),
+  }
   out = {}
   for name, (mesh, est, model) in cases.items():
     one = run((1, 1), est, model)
@@ -128,6 +177,7 @@ def main(what):
   if what in ("all", "estimates"):
     result["estimates"] = estimates()
     result["memory"] = memory()
+    result["regenerated"] = regenerated()
   if what in ("all", "training"):
     result["training"] = training()
   print(json.dumps(result))

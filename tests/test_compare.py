@@ -31,7 +31,8 @@ def test_the_demo_rows_are_tuned_and_compose():
   assert {"backprop", "forward k=1", "activity k=16 orthogonal"} <= set(demo["rows"])
   for label, row in demo["rows"].items():
     cfg = compare._compose(["+experiment=demo", *row])
-    assert cfg.data.name == "fashion_mnist" and cfg.model.name == "mlp", label
+    model = next((o.split("=", 1)[1] for o in row if o.startswith("model=")), "mlp")
+    assert cfg.data.name == "fashion_mnist" and cfg.model.name == model, label
     assert any(o.startswith("optimizer.lr=") for o in row), f"{label}: no tuned lr"
   k16 = compare._compose(["+experiment=demo", *demo["rows"]["activity k=16 orthogonal"]])
   assert (k16.estimator.num_tangents, k16.estimator.aggregation) == (16, "orthogonal")

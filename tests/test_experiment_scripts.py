@@ -22,6 +22,8 @@ EXPERIMENTS = ROOT / "experiments"
 SLOW = {
   "experiments.baydin2022.fair": "tunes both methods through the Hydra app in subprocesses",
   "experiments.baydin2022.training": "trains three models with both methods on Fashion-MNIST",
+  "experiments.benchmarks.communication": "compiles 7 steps for 2 devices in a subprocess",
+  "experiments.benchmarks.gpu_check": "compiles and times 8 loops, then trains 4 demo rows",
   "experiments.flugel2024.lr_transfer": "9 lr searches, each a compiled vmapped training run",
   "experiments.flugel2024.table45": "compiles ResNet18 and ViT steps for every variant",
   "experiments.perturbation.benchmark": "compiles and times every tangent scheme, then cosines",

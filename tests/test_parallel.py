@@ -59,8 +59,32 @@ def test_each_device_holds_only_its_share_of_the_tangents(four_devices):
   assert temp["1x4"] < 0.4 * temp["one"], temp
 
 
-def test_the_same_training_run_on_one_device_and_on_a_2x2_mesh(four_devices):
-  run = four_devices["training"]["forward+batchnorm 2x2"]
+@pytest.mark.parametrize("case", ["2x2 mean", "2x2 orthogonal", "4x1 sum", "1x4 orthogonal"])
+def test_regenerated_tangents_on_a_mesh_give_the_one_device_estimate(four_devices, case):
+  got = four_devices["regenerated"][case]
+  assert got["value"] < 1e-5
+  assert got["grad"] < 1e-5
+  assert got["replicated"]
+
+
+@pytest.mark.parametrize("case", ["2x2 mean", "2x2 orthogonal", "4x1 sum", "1x4 orthogonal"])
+def test_regenerated_tangents_on_a_mesh_send_k_numbers_not_a_gradient(four_devices, case):
+  regen = four_devices["regenerated"]
+  n = regen["params"]
+  # Backprop all-reduces the whole gradient (the parser sees weight-sized operands) …
+  back = regen["backprop 4x1"]["collectives"]
+  assert back["bytes"] >= 4 * n, back
+  # … the regenerated step only d (k = 4 numbers, a device's share over "tangents") and
+  # the loss: no collective operand as large as the smallest weight (32 × 10).
+  coll = regen[case]["collectives"]
+  assert coll["count"] >= 1, coll  # the devices do combine something
+  assert coll["largest"] <= 4, coll
+  assert coll["bytes"] <= 4 * (4 + 1), coll
+
+
+@pytest.mark.parametrize("name", ["forward+batchnorm 2x2", "forward regenerated 2x2"])
+def test_the_same_training_run_on_one_device_and_on_a_2x2_mesh(four_devices, name):
+  run = four_devices["training"][name]
   (train_one, val_one), (train_many, val_many) = run["one"], run["many"]
   assert len(train_one) == len(train_many) == 4
   np.testing.assert_allclose(train_many, train_one, rtol=RTOL)
@@ -129,6 +153,13 @@ def test_tangent_parallelism_refuses_structured_tangents_and_uneven_k():
     ({"mesh": {"data": 3}}, "train.batch_size"),
     ({"mesh": {"data": 0}}, "mesh.data"),
     ({"mesh": {"distributed": "yes"}}, "mesh.distributed"),
+    ({"mesh": {"process_id": 1}}, "mesh.process_id"),  # without mesh.distributed=true
+    ({"mesh": {"distributed": True, "num_processes": 2, "process_id": 2}}, "mesh.process_id"),
+    ({"mesh": {"distributed": True, "num_processes": 0}}, "mesh.num_processes"),
+    (
+      {"mesh": {"distributed": True, "coordinator_address": "localhost"}},
+      "mesh.coordinator_address",
+    ),
   ],
 )
 def test_validate_names_the_bad_mesh_key(sections, key):
@@ -149,3 +180,49 @@ def test_the_run_refuses_more_devices_than_present_naming_the_keys():
 def test_the_mesh_group_composes():
   cfg = config_lib.compose(["mesh.data=2", "train.batch_size=64"], config_dir=ROOT / "configs")
   assert (cfg.mesh.data, cfg.mesh.tangents, cfg.mesh.distributed) == (2, 1, False)
+  assert cfg.mesh.distributed_options() == {}  # null: the cluster is detected
+  cfg = config_lib.compose(
+    ["mesh.distributed=true", "mesh.coordinator_address=127.0.0.1:12355"]
+    + ["mesh.num_processes=2", "mesh.process_id=1"],
+    config_dir=ROOT / "configs",
+  )
+  config_lib.validate(cfg)
+  assert cfg.mesh.distributed_options() == {
+    "coordinator_address": "127.0.0.1:12355",
+    "num_processes": 2,
+    "process_id": 1,
+  }
+
+
+HLO = """
+ENTRY %main {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = bf16[3]{0} parameter(1)
+  %all-reduce.1 = (f32[4,8]{1,0}, bf16[3]{0}) all-reduce(%p0, %p1), channel_id=1, to_apply=%add
+  %all-gather = f32[8,8]{1,0} all-gather(%p0), channel_id=2, dimensions={0}
+  %ars = f32[4,8]{1,0} all-reduce-start(%p0), channel_id=3, to_apply=%add
+  %ard = f32[4,8]{1,0} all-reduce-done(%ars)
+  ROOT %t = (f32[4,8]{1,0}) tuple(%ard)
+}
+"""
+
+
+def test_collective_bytes_reads_the_operands_of_each_collective():
+  got = parallel.collective_bytes(HLO)
+  # all-reduce: 32 f32 + 3 bf16; all-gather: its 32-element shard, not the gathered 64;
+  # the async all-reduce once (at its start).
+  assert got["ops"] == {
+    "all-reduce": {"count": 2, "bytes": 4 * 32 + 2 * 3 + 4 * 32},
+    "all-gather": {"count": 1, "bytes": 4 * 32},
+  }
+  assert (got["bytes"], got["count"], got["largest"]) == (390, 3, 32)
+  assert parallel.collective_bytes("") == {"bytes": 0, "count": 0, "largest": 0, "ops": {}}
+
+
+def test_data_parallel_marks_the_batch_arguments_and_checks_the_reduction():
+  fake = type("FakeMesh", (), {"shape": {"data": 2, "tangents": 1}})()
+  marked = parallel.batch_args_of(parallel.data_parallel(lambda p, x: x, fake, reduction="sum"))
+  assert (marked.argnums, marked.argnames, marked.reduction) == ((0, 1), ("x", "y"), "sum")
+  assert parallel.batch_args_of(lambda p: p) is None
+  with pytest.raises(ValueError, match="reduction='max'"):
+    parallel.data_parallel(lambda p: p, fake, reduction="max")

@@ -124,3 +124,17 @@ def test_a_regenerated_step_holds_a_few_layers_of_tangents_not_all(k):
   regen = _step_temp_bytes(k, regenerate=True)
   assert stored >= 8 * layer  # the stored path holds every layer's tangents (V)
   assert regen <= 3 * layer, f"{regen / layer:.1f} layers of tangents alive at once"
+
+
+@pytest.mark.parametrize("scheme", ["normal", "rademacher"])
+def test_a_share_of_the_tangents_is_those_rows_of_the_whole_draw(scheme):
+  # Tangent parallelism: a device draws tangents start … start + k − 1 of the k in all.
+  leaf = jnp.zeros((3, 5))
+  seed = tangents.leaf_seeds(jax.random.PRNGKey(4), [leaf])[0]
+  whole = tangents.regenerate_leaf(seed, leaf, 6, scheme)
+  share = jax.jit(lambda s: tangents.regenerate_leaf(seed, leaf, 2, scheme, start=s))(3)
+  # The same hash bits; the normal's float polynomial may round differently under jit.
+  np.testing.assert_allclose(share, whole[3:5], rtol=1e-6, atol=1e-6)
+  one = tangents.regenerate_leaf(seed, leaf, 2, scheme, index=1, start=3)
+  np.testing.assert_allclose(one, whole[4], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(share, whole[1:3])  # another start, other tangents

@@ -75,6 +75,7 @@ from fwdgrad_jax.perturbation.program import Op, Program, evaluate, flatten, tra
 from fwdgrad_jax.perturbation.rules import FACTORED_RULES, LINEAR_PRIMITIVES, VIEW_RULES
 from fwdgrad_jax.perturbation.weights import (
   local_losses_of,
+  regenerated_gram,
   regenerated_jvps,
   weight_tangents_and_jvps,
 )
@@ -105,6 +106,7 @@ __all__ = [
   "local_loss_p",
   "local_losses_of",
   "loss_ids",
+  "regenerated_gram",
   "regenerated_jvps",
   "site",
   "site_p",

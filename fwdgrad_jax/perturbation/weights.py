@@ -91,9 +91,10 @@ class RegeneratedTangents(WeightTangents):
   ``gram`` the Gram matrix VᵀV is accumulated leaf by leaf as they pass.
   """
 
-  def __init__(self, key, leaves, k, scheme, gram: bool):
+  def __init__(self, key, leaves, k, scheme, gram: bool, start: Any = 0):
     super().__init__(tangents_lib.key_words(key), leaves, k, scheme, factored=False)
     self.seeds = tangents_lib.leaf_seeds(key, leaves)
+    self.start = start
     dt = jnp.float32
     for p in leaves:
       dt = jnp.promote_types(dt, jnp.result_type(p))
@@ -101,7 +102,9 @@ class RegeneratedTangents(WeightTangents):
     self.seen: set[int] = set()
 
   def dense_leaf(self, leaf: int, deps: Sequence[Any] = ()) -> jax.Array:
-    v = tangents_lib.regenerate_leaf(self.seeds[leaf], self.leaves[leaf], self.k, self.scheme, deps)
+    v = tangents_lib.regenerate_leaf(
+      self.seeds[leaf], self.leaves[leaf], self.k, self.scheme, deps, start=self.start
+    )
     if self.gram is not None and leaf not in self.seen:
       m = v.reshape(self.k, -1).astype(self.gram.dtype)
       self.gram = self.gram + jnp.matmul(m, m.T, precision=lax.Precision.HIGHEST)
@@ -266,6 +269,7 @@ def regenerated_jvps(
   tangents: str,
   gram: bool = False,
   with_losses: bool = False,
+  start: Any = 0,
 ):
   """Dense weight tangents regenerated from the key: (outputs, d (k,), VᵀV or None).
 
@@ -273,11 +277,13 @@ def regenerated_jvps(
   leaf's are drawn where it is consumed and dropped after its jvp, so the pass holds
   one layer's tangents at a time. The caller redraws them for the aggregation
   (``tangents_lib.regenerate_leaf`` after the coefficients). ``with_losses=True`` appends
-  :func:`local_losses_of` the pass.
+  :func:`local_losses_of` the pass. ``start``: the tangents start … start + k − 1 of a
+  larger batch (a device's share on a mesh's tangent axis; the Gram matrix is then that
+  share's, see :func:`regenerated_gram` for all of them).
   """
   leaves = jax.tree.leaves(params)
   prog, flat_args, out_tree = trace(fun, params, args, kwargs)
-  store = RegeneratedTangents(key, leaves, num_tangents, tangents, gram)
+  store = RegeneratedTangents(key, leaves, num_tangents, tangents, gram, start)
   losses = credit.loss_ids(prog) if with_losses else []
   outs_p, outs_t = weights_pass(prog, leaves + flat_args, len(leaves), store, losses)
   d = outs_t[0]
@@ -289,3 +295,16 @@ def regenerated_jvps(
   if with_losses:
     return out, d, g, local_losses_of(prog, len(leaves), losses, loss_jvps)
   return out, d, g
+
+
+def regenerated_gram(
+  key: jax.Array, params: PyTree, num_tangents: int, tangents: str, deps: Sequence[Any] = ()
+) -> jax.Array:
+  """VᵀV of the k regenerated tangents, drawn leaf by leaf after ``deps`` (no jvp).
+
+  For a device that ran only its share of the tangents (tangent parallelism): with the
+  shared key it redraws all k and forms the k × k matrix itself, one leaf's tangents at a
+  time, instead of receiving the other devices' tangents.
+  """
+  store = RegeneratedTangents(key, jax.tree.leaves(params), num_tangents, tangents, gram=True)
+  return store.finish_gram(deps)

@@ -196,14 +196,28 @@ class MeshConfig:
       multiple of it; dense weight tangents of the ``forward`` estimator).
       ``data × tangents`` must not exceed the devices present (on a CPU, more come from
       ``XLA_FLAGS=--xla_force_host_platform_device_count=N``).
-    distributed: call ``jax.distributed.initialize()`` first (multi-host: SLURM, Open
-      MPI and Cloud TPU are detected from the environment), so the mesh spans every
-      process's devices.
+    distributed: call ``jax.distributed.initialize()`` first, so the mesh spans every
+      process's devices. With none of the three keys below set, the cluster is detected
+      from the environment (SLURM, Open MPI, Cloud TPU).
+    coordinator_address: ``host:port`` of process 0's coordinator (all processes give
+      the same), e.g. ``127.0.0.1:12355`` for processes on one machine.
+    num_processes: how many processes take part.
+    process_id: this process's index, 0 … num_processes − 1. Process 0 writes the
+      metrics, the summary and the logs; every process saves and restores the
+      checkpoints (orbax) and takes its share of each batch.
   """
 
   data: int = 1
   tangents: int = 1
   distributed: bool = False
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+  def distributed_options(self) -> dict[str, Any]:
+    """The keyword arguments of ``jax.distributed.initialize``: the keys that are set."""
+    keys = ("coordinator_address", "num_processes", "process_id")
+    return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclass
@@ -384,6 +398,25 @@ def _validate_mesh(cfg: Config) -> None:
   _require(
     isinstance(mesh.distributed, bool), "mesh.distributed", mesh.distributed, "must be a boolean"
   )
+  for key, value in mesh.distributed_options().items():
+    _require(mesh.distributed, f"mesh.{key}", value, "needs mesh.distributed=true")
+  if mesh.coordinator_address is not None:
+    _require(
+      isinstance(mesh.coordinator_address, str) and ":" in mesh.coordinator_address,
+      "mesh.coordinator_address",
+      mesh.coordinator_address,
+      "must be 'host:port' (process 0's address)",
+    )
+  if mesh.num_processes is not None:
+    _positive_int("mesh.num_processes", mesh.num_processes)
+  if mesh.process_id is not None:
+    n = mesh.num_processes
+    _require(
+      _is_int(mesh.process_id) and mesh.process_id >= 0 and (n is None or mesh.process_id < n),
+      "mesh.process_id",
+      mesh.process_id,
+      "must be an integer in [0, mesh.num_processes)",
+    )
   _require(
     cfg.train.batch_size % mesh.data == 0,
     "train.batch_size",

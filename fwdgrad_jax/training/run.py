@@ -76,7 +76,9 @@ log = logging.getLogger(__name__)
 
 # What may change when a run directory is resumed; everything else must match.
 _MAY_CHANGE_ON_RESUME = frozenset(
-  {"name", "data.data_dir", "data.download", "mesh.data", "mesh.tangents", "mesh.distributed"}
+  {"name", "data.data_dir", "data.download"}
+  | {f"mesh.{key}" for key in ("data", "tangents", "distributed")}
+  | {f"mesh.{key}" for key in ("coordinator_address", "num_processes", "process_id")}
   | {f"train.{key}" for key in ("steps", "eval_batch_size", "progress", "time_budget_s")}
   | {f"train.{key}_every" for key in ("log", "eval", "grad_check", "checkpoint")}
 )
@@ -350,6 +352,17 @@ def _init(
   )
 
   est_loss = parallel.data_parallel(est_loss, mesh)  # the batch split along mesh.data
+  if (
+    cfg.estimator.regenerate
+    and cfg.mesh.data > 1
+    and jax.tree.leaves(nnx.state(model, nnx.BatchStat))
+  ):
+    log.warning(
+      "estimator.regenerate=true with mesh.data=%d: BatchNorm normalises with each device's "
+      "batch statistics (only the directional derivatives cross devices), so the run "
+      "differs from one device's",
+      cfg.mesh.data,
+    )
   data_key, est_key, check_key = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
   tx = make_tx(cfg, est_key, has_aux=True, mesh=mesh)
   state = init_state(tx, params, rest)
@@ -461,7 +474,8 @@ def _periodic_record(
 
 @contextlib.contextmanager
 def _progress(cfg: config_lib.Config, start: int) -> Iterator[Any]:
-  if not cfg.train.progress:
+  # One bar for a run of several processes: process 0's, as its log.
+  if not cfg.train.progress or (cfg.mesh.distributed and jax.process_index() != 0):
     yield None
     return
   from tqdm.auto import tqdm
@@ -634,6 +648,34 @@ def _keep_timings(summary: dict[str, Any], previous: Any) -> None:
     summary[key] = previous.get(key)
 
 
+@contextlib.contextmanager
+def _run_dir(run_dir: str | os.PathLike[str], primary: bool) -> Iterator[Path]:
+  """The run directory: locked by process 0 (:func:`rundir.lock`), shared by the others."""
+  if primary:
+    with rundir.lock(run_dir) as path:
+      yield path
+    return
+  path = Path(run_dir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise rundir.RunDirError(f"{path}: {e.strerror or e}") from e
+  yield path
+
+
+@contextlib.contextmanager
+def _quiet_unless(primary: bool) -> Iterator[None]:
+  """The library's INFO lines from process 0 only (the others log warnings and errors)."""
+  logger = logging.getLogger("fwdgrad_jax")
+  level = logger.level
+  if not primary:
+    logger.setLevel(max(logging.WARNING, level))
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
 def train(
   cfg: config_lib.Config,
   run_dir: str | os.PathLike[str],
@@ -642,6 +684,11 @@ def train(
   on_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
   """Trains ``cfg`` into ``run_dir`` and returns the summary (also in ``summary.json``).
+
+  Several processes (``mesh.distributed=true``, README "Many devices") each call this
+  with the same ``cfg`` (but ``mesh.process_id``) and the same ``run_dir``: process 0
+  holds the directory's lock and writes ``config.json``, ``metrics.jsonl``,
+  ``summary.json`` and the INFO log lines; all of them save and restore the checkpoints.
 
   Args:
     cfg: the run; validated first (:func:`fwdgrad_jax.training.config.validate`).
@@ -664,9 +711,19 @@ def train(
       when the run had started. One line naming the path.
   """
   config_lib.validate(cfg)
-  parallel.initialize_distributed(cfg.mesh.distributed)
+  parallel.initialize_distributed(cfg.mesh.distributed, **cfg.mesh.distributed_options())
   make_run_mesh(cfg.mesh)  # too few devices fails here, before the data are loaded
-  with rundir.lock(run_dir) as run_dir, _Interrupts() as interrupts:
+  # Several processes share the run directory: process 0 holds its lock and writes the
+  # metrics, the summary and the logs; every process saves and restores the checkpoints
+  # (orbax's saves are collective).
+  # (Asked only of a distributed run: the question starts JAX's backend, whose log lines
+  # must not reach a run directory that the checks below may yet refuse.)
+  primary = not cfg.mesh.distributed or jax.process_index() == 0
+  with (
+    _run_dir(run_dir, primary) as run_dir,
+    _quiet_unless(primary),
+    _Interrupts() as interrupts,
+  ):
     _check_resumable(run_dir, cfg)
     previous = rundir.read_json(run_dir / "summary.json")
     model = _create_model(cfg, dataset)  # bad model options fail before data loading
@@ -684,11 +741,12 @@ def train(
         )
       what = f"{cfg.model.name} on {cfg.data.name}, {cfg.estimator.name} + {cfg.optimizer.name}"
       log.info("%s: %s, lr %g, %d steps", run_dir, what, cfg.optimizer.lr, cfg.train.steps)
-      rundir.write_json(run_dir / "config.json", config_lib.to_dict(cfg))
-      if on_start is not None:
-        on_start()
+      if primary:
+        rundir.write_json(run_dir / "config.json", config_lib.to_dict(cfg))
+        if on_start is not None:
+          on_start()
       base_time = _base_time(run, state)
-      metrics_log = rundir.MetricsLog(run_dir, int(state.step))
+      metrics_log = rundir.MetricsLog(run_dir, int(state.step), write=primary)
       try:
         out = _loop(run, state, metrics_log, ckpts, interrupts)
       finally:
@@ -701,7 +759,8 @@ def train(
     if isinstance(out.error, rundir.RunDirLost):
       raise out.error  # the directory may be another run's now: write nothing more there
     try:
-      rundir.write_json(run_dir / "summary.json", summary)
+      if primary:
+        rundir.write_json(run_dir / "summary.json", summary)
     except rundir.RunDirError as e:
       if out.error is None:
         raise

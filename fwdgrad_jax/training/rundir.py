@@ -430,10 +430,15 @@ class MetricsLog:
       rewritten to exactly the records up to that step — records past it belong to
       steps that will run again, and a torn line or a duplicate would otherwise
       survive every later resume.
+    write: False for the processes of a multi-process run other than process 0: the
+      records are kept in memory (for the summary) and no file is touched.
   """
 
-  def __init__(self, run_dir: Path, resume_step: int):
+  def __init__(self, run_dir: Path, resume_step: int, *, write: bool = True):
     self.path = Path(run_dir) / METRICS_NAME
+    self._write = write
+    self._fd = None
+    self._tb = None
     kept: list[dict[str, Any]] = []
     if resume_step > 0:
       for r in read_metrics(self.path):
@@ -444,6 +449,8 @@ class MetricsLog:
           continue
         kept.append(r)
     self.records = kept
+    if not write:
+      return
     tmp = self.path.with_name(f".{METRICS_NAME}.tmp")
     try:
       tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
@@ -455,7 +462,6 @@ class MetricsLog:
       with contextlib.suppress(OSError):
         tmp.unlink(missing_ok=True)
       raise RunDirError(f"{self.path}: {_reason(e)}") from e
-    self._tb = None
     try:
       from tensorboardX import SummaryWriter  # the [tensorboard] extra
     except ImportError:
@@ -488,6 +494,9 @@ class MetricsLog:
       RunDirError: the file was replaced or deleted under the run, or the write failed
         (e.g. the disk is full); the file is left without a torn line. One line naming it.
     """
+    if not self._write:
+      self.records.append(record)
+      return
     self._check_same_file()
     data = (json.dumps(record) + "\n").encode()
     size = os.fstat(self._fd).st_size
@@ -519,6 +528,8 @@ class MetricsLog:
 
   def close(self) -> None:
     """Closes the file (and the TensorBoard writer)."""
+    if self._fd is None:
+      return
     with contextlib.suppress(OSError):
       os.close(self._fd)
     if self._tb is not None:
