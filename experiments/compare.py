@@ -98,9 +98,19 @@ def plan(
   base = {label: ["+experiment=demo", *row, *extra] for label, row in rows.items()}
   cfgs = {label: _compose(o) for label, o in base.items()}
   name = next(iter(cfgs.values())).data.name
-  timings = benchmark.time_configs(
-    cfgs, input_shape=data.input_shape(name), num_classes=data.num_classes(name), rounds=3, steps=5
-  )
+  # Rows of one model (and batch size) are timed together, interleaved; a row with its own
+  # model (the LocalMixer row) in its own group.
+  groups: dict[Any, dict[str, Any]] = {}
+  for label, cfg in cfgs.items():
+    groups.setdefault((repr(cfg.model), cfg.train.batch_size), {})[label] = cfg
+  timings = {}
+  for group in groups.values():
+    timings.update(
+      benchmark.time_configs(
+        group, input_shape=data.input_shape(name), num_classes=data.num_classes(name),
+        rounds=3, steps=5,
+      )  # fmt: skip
+    )
   out, seconds = {}, {}
   for label in base:
     seconds[label] = timings[label].median
