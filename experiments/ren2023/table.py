@@ -111,6 +111,8 @@ def _summary(job: str | Path) -> dict[str, Any]:
     test_loss=summary.get("test_loss"),
     final_val_loss=summary.get("final_val_loss"),
     step_time_ms=summary.get("step_time_ms"),
+    runtime_ratio=summary.get("runtime_ratio"),
+    job=str(job),
     cosine=last.get("cosine_to_true_grad"),
     cosine_blocks={k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("cosine_block/")},
     curve=[
@@ -171,12 +173,11 @@ def _stats(values: list[float | None]) -> tuple[float | None, float | None]:
 def report(result: dict[str, Any], out: Path) -> list[Path]:
   s, prov = result["settings"], result["provenance"]
   rows = result["rows"]
-  bp_ms = {}
-  for r in rows:
-    if r["label"] in ("BP", "MLP BP"):
-      bp_ms[r["label"].split()[0] if r["label"] != "BP" else "BP"] = _stats(
-        [x["step_time_ms"] for x in r["seeds"]]
-      )[0]
+  bp_r = {
+    r["label"].split()[0]: _stats([x.get("runtime_ratio") for x in r["seeds"]])[0]
+    for r in rows
+    if r["label"] in ("BP", "MLP BP")
+  }
   lines = [
     "# Ren et al. 2023 on Fashion-MNIST: local losses in true forward mode",
     "",
@@ -186,19 +187,20 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
     "",
     f"Fashion-MNIST (offline), {s['epochs']:g} epochs ({s['steps']} steps of batch "
     f"{s['batch_size']}), {s['optimizer']}; each row at its own lr (search on seed 0), "
-    f"{s['seeds']} seeds. Test error: mean ± half the range over seeds. Step time × BP: "
-    "the row's median step time over the same model's BP row's (runs one after another on "
-    "a shared machine: ±20 %). Cosine: of the estimate to `jax.grad` of the row's own loss "
+    f"{s['seeds']} seeds. Test error: mean ± half the range over seeds. R: the run's step "
+    "time over its own forward + loss time (both measured in the run, so the machine's load "
+    "cancels; mean over seeds), R / R_BP: over the same model's BP row's (Baydin's "
+    "R_f/R_b). Cosine: of the estimate to `jax.grad` of the row's own loss "
     "(LG rows: the local gradient) on one training batch at the last check, mean over seeds.",
     "",
   ]
   table = rep.Table(
-    ["row", "lr", "test error %", "test loss", "step × BP", "cosine", "cosine per block"]
+    ["row", "lr", "test error %", "test loss", "R", "R / R_BP", "cosine", "cosine per block"]
   )
   for r in rows:
     err, spread = _stats([x["test_error"] for x in r["seeds"]])
-    ms = _stats([x["step_time_ms"] for x in r["seeds"]])[0]
-    base = bp_ms.get("MLP" if r["label"].startswith("MLP") else "BP")
+    ratio = _stats([x.get("runtime_ratio") for x in r["seeds"]])[0]
+    base = bp_r.get("MLP" if r["label"].startswith("MLP") else "BP")
     blocks: dict[str, list[float]] = {}
     for x in r["seeds"]:
       for k, v in x["cosine_blocks"].items():
@@ -208,7 +210,8 @@ def report(result: dict[str, Any], out: Path) -> list[Path]:
       rep.lr(r["search"].get("best_lr")),
       f"{rep.num(err, '.2f')} ± {rep.num(spread, '.2f')}",
       rep.num(_stats([x["test_loss"] for x in r["seeds"]])[0]),
-      rep.num(None if ms is None or not base else ms / base, ".2f"),
+      rep.num(ratio, ".2f"),
+      rep.num(None if ratio is None or not base else ratio / base, ".2f"),
       rep.num(_stats([x["cosine"] for x in r["seeds"]])[0], ".2f"),
       ", ".join(f"{k} {statistics.mean(v):.2f}" for k, v in sorted(blocks.items())),
     )
