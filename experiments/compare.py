@@ -107,8 +107,11 @@ def plan(
   for group in groups.values():
     timings.update(
       benchmark.time_configs(
-        group, input_shape=data.input_shape(name), num_classes=data.num_classes(name),
-        rounds=3, steps=5,
+        group,
+        input_shape=data.input_shape(name),
+        num_classes=data.num_classes(name),
+        rounds=3,
+        steps=5,
       )  # fmt: skip
     )
   out, seconds = {}, {}

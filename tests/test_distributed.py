@@ -43,8 +43,20 @@ def _launch(run_dir: Path, processes: int, *extra: str) -> list[subprocess.Compl
   devices = 4 // processes
   procs = [
     subprocess.Popen(
-      [sys.executable, str(WORKER), str(run_dir), "--devices", str(devices),
-       "--processes", str(processes), "--process-id", str(i), "--port", str(port), *extra],
+      [
+        sys.executable,
+        str(WORKER),
+        str(run_dir),
+        "--devices",
+        str(devices),
+        "--processes",
+        str(processes),
+        "--process-id",
+        str(i),
+        "--port",
+        str(port),
+        *extra,
+      ],
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
@@ -89,7 +101,9 @@ def test_two_processes_give_the_one_process_losses_and_resume_after_a_kill(runs)
   ref = _summary(runs["one"][0])
   assert (ref["processes"], ref["devices"]) == (1, 4)
   # Both processes were killed at the checkpoint of step 4 (SIGKILL: -9), not earlier.
-  assert [p.returncode for p in runs["killed"]] == [-9, -9], [p.stderr[-2000:] for p in runs["killed"]]
+  assert [p.returncode for p in runs["killed"]] == [-9, -9], [
+    p.stderr[-2000:] for p in runs["killed"]
+  ]
   got = [_summary(p) for p in runs["resumed"]]
   assert [(g["process"], g["processes"], g["devices"]) for g in got] == [(0, 2, 4), (1, 2, 4)]
   # The rerun resumed: it ran steps 5-8 only, on top of the checkpoint of step 4.

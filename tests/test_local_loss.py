@@ -454,7 +454,9 @@ def test_sliced_local_losses_are_unbiased_and_lower_error_than_per_example():
   z_bias = np.max(np.abs(mean - 1.05 * true)[live] / se[live])
   diff = err_plain - err
   z_better = diff.mean() / (diff.std(ddof=1) / np.sqrt(num))
-  print(f"\nsliced: z={z:.2f} z(5% bias)={z_bias:.2f} mse ratio={err.mean() / err_plain.mean():.3f}")
+  print(
+    f"\nsliced: z={z:.2f} z(5% bias)={z_bias:.2f} mse ratio={err.mean() / err_plain.mean():.3f}"
+  )
   assert z < Z
   assert z_bias > Z
   assert z_better > Z

@@ -276,7 +276,9 @@ def test_the_gradient_check_gives_a_cosine_per_block_and_per_slice_exactness():
     check = jax.jit(steps_lib.make_grad_check_fn(loss, cfg, per_example))
     cos, ratio, _, per_block = check(params, jax.random.key(0), x, y)
     assert set(per_block) == names
-    np.testing.assert_allclose(per_block["blocks/1/heads"], 1.0, atol=1e-5)  # exact, after the sites
+    np.testing.assert_allclose(
+      per_block["blocks/1/heads"], 1.0, atol=1e-5
+    )  # exact, after the sites
     if exact:
       np.testing.assert_allclose([float(c) for c in per_block.values()], 1.0, atol=1e-4)
       np.testing.assert_allclose([cos, ratio], 1.0, atol=1e-4)

@@ -55,8 +55,14 @@ ROWS: dict[str, tuple[list[str], tuple[float, ...]]] = {
   # the guess is biased), alone and with 4 random tangents under the projection.
   "Guess": ([*_MIXER, *_LOCAL, _NO_STOP, *_GUESS, "estimator.num_tangents=1"], _FG_LRS),
   "Guess + 4 orthogonal": (
-    [*_MIXER, *_LOCAL, _NO_STOP, *_GUESS, "estimator.num_tangents=5",
-     "estimator.aggregation=orthogonal"],
+    [
+      *_MIXER,
+      *_LOCAL,
+      _NO_STOP,
+      *_GUESS,
+      "estimator.num_tangents=5",
+      "estimator.aggregation=orthogonal",
+    ],
     _FG_LRS,
   ),  # fmt: skip
   "MLP BP": ([*_MLP, *_GLOBAL, "estimator=backprop"], _BP_LRS),
@@ -107,7 +113,9 @@ def _summary(job: str | Path) -> dict[str, Any]:
   checks = [r for r in records if r.get("cosine_to_true_grad") is not None]
   last = checks[-1] if checks else {}
   return dict(
-    test_error=None if summary.get("test_accuracy") is None else 100 * (1 - summary["test_accuracy"]),
+    test_error=None
+    if summary.get("test_accuracy") is None
+    else 100 * (1 - summary["test_accuracy"]),
     test_loss=summary.get("test_loss"),
     final_val_loss=summary.get("final_val_loss"),
     step_time_ms=summary.get("step_time_ms"),
@@ -148,7 +156,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       )  # fmt: skip
       runs += list(more.extra["runs"][0])
     seeds = [_summary(job) for job in runs]
-    print(f"{label}: lr {search.best_lr}, test error {[s['test_error'] for s in seeds]}", flush=True)
+    print(
+      f"{label}: lr {search.best_lr}, test error {[s['test_error'] for s in seeds]}", flush=True
+    )
     rows.append(dict(label=label, overrides=overrides, search=search.as_dict(), seeds=seeds))
   return dict(
     settings=dict(

@@ -597,9 +597,7 @@ def activity_estimate(
   # markers every site has the empty key: one aggregation of d, as before. A site whose
   # losses are sliced like it (Ren et al.'s loss per patch and channel group) is
   # aggregated per slice, with its slice's d.
-  reached = [
-    [loss_jvps[j] for j in range(len(loss_jvps)) if j not in kb] for kb in unreached
-  ]
+  reached = [[loss_jvps[j] for j in range(len(loss_jvps)) if j not in kb] for kb in unreached]
   slices = [_sliced(u, r, per_example) for u, r in zip(site_tangents, reached)]
   cots: list[Any] = [None] * len(site_tangents)
   ns = [0] * len(site_tangents)

@@ -599,8 +599,7 @@ def make_grad_check_fn(
     true = jax.grad(loss, has_aux=stateful)(params, *args)
     true = true[0] if stateful else true
     per_block = {
-      name: metrics.cosine_similarity(g_b, t_b)
-      for name, (g_b, t_b) in _blocks(g, true).items()
+      name: metrics.cosine_similarity(g_b, t_b) for name, (g_b, t_b) in _blocks(g, true).items()
     }
     return (
       metrics.cosine_similarity(g, true), metrics.norm_ratio(g, true), metrics.tree_norm(true),
@@ -618,6 +617,7 @@ def _blocks(estimate: Any, true: Any) -> dict[str, tuple[Any, Any]]:
   For a model with local losses the true gradient is the local one (of the marked
   total), so the cosine per block is the cosine to each block's local gradient.
   """
+
   def name(path) -> str:
     keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
     head = [str(keys[0])] if keys else ["params"]
