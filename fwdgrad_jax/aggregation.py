@@ -98,7 +98,7 @@ def _weighted_sum(c: jax.Array, v: jax.Array) -> jax.Array:
   return jax.lax.fori_loop(0, blocks, block, acc)
 
 
-def combine(tangents: PyTree, coefficients: jax.Array) -> PyTree:
+def combine(tangents: PyTree, coefficients: jax.Array, *, reduce: bool = False) -> PyTree:
   """Σ_i c_i v_i for a tangent batch V and coefficients c of shape (k,).
 
   With c of shape (k, batch), example b of every leaf (axis 1) is combined with its own
@@ -107,6 +107,9 @@ def combine(tangents: PyTree, coefficients: jax.Array) -> PyTree:
   Args:
     tangents: a tangent batch (leaves (k, …) or :class:`~fwdgrad_jax.tangents.Rank1`).
     coefficients: c, (k,) or (k, batch).
+    reduce: one reduction over the tangent axis instead of k elementwise terms — for
+      tangents split over a mesh's ``"tangents"`` axis, where indexing tangent i would
+      gather V onto every device but a reduction is a partial sum and an all-reduce.
 
   Returns:
     A pytree like one tangent (per example with c of shape (k, batch)).
@@ -120,6 +123,8 @@ def combine(tangents: PyTree, coefficients: jax.Array) -> PyTree:
       # Elementwise, so XLA fuses it into the consumer (the optimizer's update) and,
       # with regenerated tangents, into the tangent's draw: no weight-sized buffer.
       return c[0].reshape(c.shape[1:] + (1,) * (v.ndim - c.ndim)) * v[0]
+    if c.ndim == 1 and reduce:
+      return jnp.sum(c.reshape((-1,) + (1,) * (v.ndim - 1)) * v, axis=0)
     if c.ndim == 1:
       return _weighted_sum(c, v)
     return jnp.einsum("kb,kb...->b...", c, v, precision=_HIGHEST)
@@ -203,14 +208,14 @@ def _pinv_solve(g: jax.Array, d: jax.Array, rcond: float | None) -> jax.Array:
   return jnp.einsum("...ij,...j->...i", q, w_inv * qtd, precision=_HIGHEST)
 
 
-def sum_(tangents: PyTree, jvps: jax.Array) -> PyTree:
+def sum_(tangents: PyTree, jvps: jax.Array, *, reduce: bool = False) -> PyTree:
   """g_Σ = Σ_i d_i v_i."""
-  return combine(tangents, jvps)
+  return combine(tangents, jvps, reduce=reduce)
 
 
-def mean(tangents: PyTree, jvps: jax.Array) -> PyTree:
+def mean(tangents: PyTree, jvps: jax.Array, *, reduce: bool = False) -> PyTree:
   """g_μ = (1/k) Σ_i d_i v_i: the same direction as the sum, 1/k of its length."""
-  return combine(tangents, jvps / jvps.shape[0])
+  return combine(tangents, jvps / jvps.shape[0], reduce=reduce)
 
 
 def _size(tangents: PyTree, per_example: bool) -> int:
@@ -254,7 +259,9 @@ def _orthogonal_in_parameter_space(tangents: PyTree, jvps: jax.Array, rcond) -> 
   return jax.tree.unflatten(treedef, out)
 
 
-def orthogonal(tangents: PyTree, jvps: jax.Array, *, rcond: float | None = None) -> PyTree:
+def orthogonal(
+  tangents: PyTree, jvps: jax.Array, *, rcond: float | None = None, reduce: bool = False
+) -> PyTree:
   """g_P = V (VᵀV)⁺ d, the orthogonal projection of ∇f onto span(V).
 
   Exact when the tangents span the parameter space (k ≥ n); otherwise the best
@@ -274,7 +281,7 @@ def orthogonal(tangents: PyTree, jvps: jax.Array, *, rcond: float | None = None)
     coef = _pinv_solve(g, jvps.T, rcond).T  # (k, batch)
   else:
     coef = _pinv_solve(g, jvps, rcond)
-  return combine(tangents, coef)
+  return combine(tangents, coef, reduce=reduce)
 
 
 def coefficients(aggregation: str, jvps: jax.Array, gram_matrix: jax.Array | None = None):

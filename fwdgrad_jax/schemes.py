@@ -30,6 +30,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -380,6 +381,8 @@ class Dense(Scheme):
       jvp_layout=isinstance(aggregation, str) and aggregation in aggregation_lib.LINEAR,
     )
     aggregate = aggregation_lib.get_aggregation(aggregation)
+    if parallel.axis_size(mesh, parallel.TANGENTS) > 1 and aggregation in aggregation_lib.LINEAR:
+      aggregate = functools.partial(aggregate, reduce=True)  # V stays split over devices
     marked = _marked_jvps(fun, params, args, kwargs, batch, has_aux)
     if marked is not None:  # local losses: each leaf credited with those it reaches
       out, d, losses = marked

@@ -55,3 +55,32 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if item.nodeid in slow:
       item.add_marker(pytest.mark.slow)
+
+
+_STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")
+
+
+@pytest.fixture(autouse=True)
+def _default_stop_signals():
+  """Every test starts with the stop signals at their defaults.
+
+  A run respects an ignored signal (a parent that set SIG_IGN, e.g. ``nohup``), and
+  something earlier in an xdist worker can leave SIGINT/SIGHUP ignored; the tests that
+  send a signal to their own run would then see it ignored.
+  """
+  import signal
+  import threading
+
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  saved = {}
+  for name in _STOP_SIGNALS:
+    sig = getattr(signal, name, None)
+    if sig is None:
+      continue
+    default = signal.default_int_handler if name == "SIGINT" else signal.SIG_DFL
+    saved[sig] = signal.signal(sig, default)
+  yield
+  for sig, handler in saved.items():
+    signal.signal(sig, handler)

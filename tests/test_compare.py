@@ -88,10 +88,16 @@ def test_compare_gives_every_row_the_same_time_budget(tiny_data, tmp_path, capsy
 
 @pytest.mark.slow
 def test_the_demo_rows_run_twice_into_the_same_directory_fresh(tiny_data, tmp_path):
-  # configs/demo.yaml's own rows, on a small MLP for 10 steps.
+  # configs/demo.yaml's own MLP rows (the LocalMixer row has its own model), on a small
+  # MLP for 10 steps.
   data_dir, _ = tiny_data
   compare = compare_script
-  argv = [f"data.data_dir={data_dir}", *SMALL, "train.steps=10", "train.log_every=5"]
+  demo = compare.load_rows(compare.ROOT / "configs" / "demo.yaml")
+  mlp_rows = {k: v for k, v in demo["rows"].items() if not any(o.startswith("model=") for o in v)}
+  config = tmp_path / "demo_mlp.yaml"
+  config.write_text(json.dumps({**demo, "rows": mlp_rows}))  # JSON is YAML
+  argv = ["--config", str(config), f"data.data_dir={data_dir}", *SMALL, "train.steps=10"]
+  argv += ["train.log_every=5"]
   argv += ["train.eval_every=5", "--out", str(tmp_path)]
   for _ in range(2):  # the second run starts fresh instead of resuming finished runs
     assert compare.main(argv) == 0
