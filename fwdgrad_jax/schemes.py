@@ -499,6 +499,8 @@ class Activity(Scheme):
   distribution: str = "normal"
 
   per_example: ClassVar[bool] = True
+  #: The sites' local guesses lead the tangent batch (:class:`LocalGuess`).
+  guess: ClassVar[bool] = False
 
   def __post_init__(self):
     if self.distribution not in perturbation_lib.ACTIVITY_TANGENTS:
@@ -513,6 +515,8 @@ class Activity(Scheme):
     has_aux=False, mesh=None, ratio_of=None,
   ):  # fmt: skip
     del has_aux, mesh  # the interpreter returns fun's whole output; no tangent mesh
+    if self.guess:
+      ratio_of = None  # no closed form to rescale by (norm_ratio is 1)
     out, grad, n = perturbation_lib.activity_estimate(
       fun,
       params,
@@ -524,6 +528,7 @@ class Activity(Scheme):
       aggregate=aggregation_lib.get_aggregation(aggregation),
       jvp_hook=hook,
       ratio_of=ratio_of,
+      guess=self.guess,
     )
     return out, grad, None if ratio_of is not None else n  # rescaled per site
 
@@ -532,7 +537,7 @@ class Activity(Scheme):
 
 
 @dataclasses.dataclass(frozen=True)
-class LocalGuess(Scheme):
+class LocalGuess(Activity):
   """Local-loss guesses as activity tangents (``tangents="local_guess"``, activity).
 
   Each activity site s (a :func:`fwdgrad_jax.site` marker, as for :class:`Activity`) gets
@@ -575,9 +580,7 @@ class LocalGuess(Scheme):
     projection).
   """
 
-  distribution: str = "normal"
-
-  per_example: ClassVar[bool] = True
+  guess: ClassVar[bool] = True
 
   def __post_init__(self):
     if self.distribution not in perturbation_lib.ACTIVITY_TANGENTS:
@@ -585,24 +588,6 @@ class LocalGuess(Scheme):
         f"LocalGuess(distribution={self.distribution!r}): the random tangents after the "
         f"guess are activity tangents; use one of {list(perturbation_lib.ACTIVITY_TANGENTS)}."
       )
-
-  def estimate(
-    self, fun, key, params, args, kwargs, *, num_tangents, aggregation, hook=None,
-    has_aux=False, mesh=None, ratio_of=None,
-  ):  # fmt: skip
-    del has_aux, mesh, ratio_of  # no closed form to rescale by (norm_ratio is 1)
-    return perturbation_lib.activity_estimate(
-      fun,
-      params,
-      args,
-      kwargs,
-      key=key,
-      num_tangents=num_tangents,
-      tangents=self.distribution,
-      aggregate=aggregation_lib.get_aggregation(aggregation),
-      jvp_hook=hook,
-      guess=True,
-    )
 
   def norm_ratio(self, n, num_tangents, aggregation):
     return 1.0

@@ -90,11 +90,8 @@ def unmarked(d: jax.Array, loss_jvps: Sequence[Any]) -> jax.Array:
   Zero up to rounding when the total is the sum of its marked losses; otherwise the
   unmarked rest, which may depend on any value and is credited to every one.
   """
-  out = d
-  for t in loss_jvps:
-    if t is not None:
-      out = out - _as_total(t.astype(d.dtype), d)
-  return out
+  every = tuple(range(len(loss_jvps)))
+  return credited(d, loss_jvps, [every])[every]
 
 
 def credited(
