@@ -50,11 +50,12 @@ _SECONDS, _THRESHOLD = _durations.load()
 
 
 def pytest_collection_modifyitems(config, items):
-  """Marks ``slow`` the tests measured above the threshold of ``durations.json``."""
+  """Marks ``slow`` the tests measured above the threshold of ``durations.json``; longest first."""
   slow = _durations.slow_ids(_SECONDS, _THRESHOLD)
   for item in items:
     if item.nodeid in slow:
       item.add_marker(pytest.mark.slow)
+  items[:] = _durations.longest_first(items, _SECONDS)
 
 
 _STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1")

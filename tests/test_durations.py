@@ -33,3 +33,42 @@ def test_the_threshold_fits_the_budget_and_every_file_keeps_a_test():
   # A file whose every test is over the threshold keeps its quickest one.
   only_big = {"tests/test_c.py::test_1": 9.0, "tests/test_c.py::test_2": 8.0}
   assert _durations.slow_ids(only_big, 1.0) == {"tests/test_c.py::test_1"}
+
+
+class _Def:
+  def __init__(self, scope):
+    self.scope = scope
+
+
+class _Info:
+  def __init__(self, scopes):
+    self.name2fixturedefs = {f"f{i}": [_Def(s)] for i, s in enumerate(scopes)}
+
+
+class _Item:
+  def __init__(self, nodeid, *scopes):
+    self.nodeid = nodeid
+    self._fixtureinfo = _Info(scopes)
+
+
+def test_longest_first_keeps_a_module_fixtures_tests_together():
+  seconds = _durations.parse(LOG)
+  items = [
+    _Item("tests/test_a.py::test_big[x-1]"),
+    _Item("tests/test_a.py::test_small"),
+    _Item("tests/test_b.py::test_only", "function"),
+    _Item("tests/test_b.py::test_tiny"),
+    _Item("tests/test_c.py::test_one", "module"),  # unmeasured: 1 s each, 2 s together
+    _Item("tests/test_c.py::test_two", "module"),
+    _Item("tests/test_d.py::test_new"),  # unmeasured: 1 s
+  ]
+  order = [i.nodeid for i in _durations.longest_first(items, seconds)]
+  assert order == [
+    "tests/test_b.py::test_only",
+    "tests/test_a.py::test_big[x-1]",
+    "tests/test_c.py::test_one",
+    "tests/test_c.py::test_two",
+    "tests/test_a.py::test_small",
+    "tests/test_d.py::test_new",
+    "tests/test_b.py::test_tiny",
+  ]
