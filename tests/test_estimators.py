@@ -80,7 +80,7 @@ def test_partition_with_sum_is_unbiased_and_blocks_cover_once():
   block = (np.arange(n) * k) // n
   var = np.array([np.sum(c[block == block[j]] ** 2) + c[j] ** 2 for j in range(n)])
   assert _max_z(g, c, var) < Z
-  batch = fg.tangents.sample(jax.random.key(3), params, k, "partition")
+  batch = jax.jit(lambda key: fg.tangents.sample(key, params, k, "partition"))(jax.random.key(3))
   nonzero = np.concatenate(
     [np.asarray(x).reshape(k, -1) != 0 for x in jax.tree.leaves(batch)], axis=1
   )
@@ -95,9 +95,14 @@ def test_one_gaussian_tangent_cosine_and_length_laws():
   f = lambda p: jnp.dot(p, c)
   vg = fg.value_and_forward_grad(f)
   keys = jax.random.split(jax.random.key(7), num)
-  _, g = jax.jit(jax.vmap(vg, in_axes=(0, None)))(keys, jnp.zeros(n))
-  cos = np.asarray(jax.vmap(fg.cosine_similarity, in_axes=(0, None))(g, c), np.float64)
-  ratio = np.asarray(jax.vmap(fg.norm_ratio, in_axes=(0, None))(g, c), np.float64)
+
+  @jax.jit  # one compiled program, the metrics too (eagerly every op compiles on its own)
+  def laws(keys):
+    _, g = jax.vmap(vg, in_axes=(0, None))(keys, jnp.zeros(n))
+    cos = jax.vmap(fg.cosine_similarity, in_axes=(0, None))(g, c)
+    return cos, jax.vmap(fg.norm_ratio, in_axes=(0, None))(g, c)
+
+  cos, ratio = (np.asarray(v, np.float64) for v in laws(keys))
   assert (cos > 0).all()  # always within 90° of the gradient
   # E|u₁| = Γ(n/2) / (√π Γ((n+1)/2)) exactly; Var|u₁| = 1/n − (E|u₁|)².
   mean_cos = math.exp(math.lgamma(n / 2) - math.lgamma((n + 1) / 2)) / math.sqrt(math.pi)
@@ -117,8 +122,8 @@ def test_more_tangents_give_a_better_direction():
     keys = jax.random.split(jax.random.key(k), num)  # the same tangents for both aggregations
     for agg in ("mean", "orthogonal"):
       vg = fg.value_and_forward_grad(f, num_tangents=k, aggregation=agg)
-      _, g = jax.jit(jax.vmap(vg, in_axes=(0, None)))(keys, jnp.zeros(n))
-      cos = np.asarray(jax.vmap(fg.cosine_similarity, in_axes=(0, None))(g, c), np.float64)
+      cos = jax.jit(jax.vmap(lambda key: fg.cosine_similarity(vg(key, jnp.zeros(n))[1], c)))(keys)
+      cos = np.asarray(cos, np.float64)
       cosines[k, agg] = cos
       means[k, agg] = (cos.mean(), cos.std() / math.sqrt(num))
   for agg in ("mean", "orthogonal"):
@@ -147,10 +152,9 @@ def _nonlinear_problem():
 def test_orthogonal_is_exact_with_k_at_least_n(extra):
   f, params = _nonlinear_problem()
   n = 10
-  _, g = fg.value_and_forward_grad(f, num_tangents=n + extra, aggregation="orthogonal")(
-    jax.random.key(0), params
-  )
-  true = jax.grad(f)(params)
+  vg = fg.value_and_forward_grad(f, num_tangents=n + extra, aggregation="orthogonal")
+  # One compiled program (eagerly every op compiles on its own).
+  (_, g), true = jax.jit(lambda key, p: (vg(key, p), jax.grad(f)(p)))(jax.random.key(0), params)
   # float32 Gram of 10 Gaussian tangents: cond(G) ≲ 1e4, so ~1e-3 relative error at most.
   np.testing.assert_allclose(_flat(g), _flat(true), rtol=0, atol=2e-3 * np.linalg.norm(_flat(true)))
 
@@ -173,14 +177,17 @@ def test_orthogonal_equals_numpy_projection_for_given_tangents():
   v = base + 0.5 * rng.normal(size=(3, 10))  # three correlated, non-orthogonal tangents
   true = _flat(jax.grad(f)(params))
   projection = v.T @ np.linalg.solve(v @ v.T, v @ true)
-  _, g = fg.value_and_forward_grad(
-    f, num_tangents=3, aggregation="orthogonal", tangents=_fixed_tangents(v, params)
+  # The orthogonal and the mean estimate of the same tangents, in one compiled program.
+  g, g_mean = jax.jit(
+    lambda key, p: [
+      fg.value_and_forward_grad(
+        f, num_tangents=3, aggregation=agg, tangents=_fixed_tangents(v, params)
+      )(key, p)[1]
+      for agg in ("orthogonal", "mean")
+    ]
   )(jax.random.key(0), params)
   np.testing.assert_allclose(_flat(g), projection, atol=1e-4 * np.linalg.norm(true))
   # and the mean of the same tangents is what the formula says
-  _, g_mean = fg.value_and_forward_grad(
-    f, num_tangents=3, aggregation="mean", tangents=_fixed_tangents(v, params)
-  )(jax.random.key(0), params)
   np.testing.assert_allclose(_flat(g_mean), v.T @ (v @ true) / 3, rtol=1e-4, atol=1e-5)
 
 
@@ -206,9 +213,12 @@ def test_orthogonal_is_robust_to_nearly_dependent_tangents(delta):
 
 def test_sum_is_k_times_mean_for_the_same_key():
   f, params = _nonlinear_problem()
-  key = jax.random.key(5)
-  _, g_sum = fg.value_and_forward_grad(f, num_tangents=4, aggregation="sum")(key, params)
-  _, g_mean = fg.value_and_forward_grad(f, num_tangents=4, aggregation="mean")(key, params)
+  g_sum, g_mean = jax.jit(
+    lambda key, p: [
+      fg.value_and_forward_grad(f, num_tangents=4, aggregation=agg)(key, p)[1]
+      for agg in ("sum", "mean")
+    ]
+  )(jax.random.key(5), params)
   np.testing.assert_allclose(_flat(g_sum), 4 * _flat(g_mean), rtol=1e-5, atol=1e-6)
 
 
@@ -228,15 +238,23 @@ def test_value_equals_fun_and_grad_keeps_structure_shapes_dtypes():
 def test_has_aux_and_forward_grad():
   f, params = _nonlinear_problem()
   f_aux = lambda p: (f(p), {"aux": p["b"] * 2})
-  key = jax.random.key(1)
-  (value, aux), g = fg.value_and_forward_grad(f_aux, has_aux=True, num_tangents=2)(key, params)
-  value2, g2 = fg.value_and_forward_grad(f, num_tangents=2)(key, params)
+
+  @jax.jit  # one compiled program (eagerly every op compiles on its own)
+  def estimates(key, params):
+    return (
+      fg.value_and_forward_grad(f_aux, has_aux=True, num_tangents=2)(key, params),
+      fg.value_and_forward_grad(f, num_tangents=2)(key, params),
+      fg.forward_grad(f_aux, has_aux=True, num_tangents=2)(key, params),
+      fg.forward_grad(f, num_tangents=2)(key, params),
+    )
+
+  ((value, aux), g), (value2, g2), (g3, aux3), g4 = estimates(jax.random.key(1), params)
   np.testing.assert_allclose(value, value2)
   np.testing.assert_allclose(aux["aux"], params["b"] * 2)
+  np.testing.assert_allclose(aux3["aux"], params["b"] * 2)
   np.testing.assert_allclose(_flat(g), _flat(g2))
-  g3, aux3 = fg.forward_grad(f_aux, has_aux=True, num_tangents=2)(key, params)
   np.testing.assert_allclose(_flat(g3), _flat(g2))
-  np.testing.assert_allclose(_flat(fg.forward_grad(f, num_tangents=2)(key, params)), _flat(g2))
+  np.testing.assert_allclose(_flat(g4), _flat(g2))
 
 
 def test_raw_and_typed_keys_give_the_same_estimate():
@@ -275,11 +293,16 @@ def test_exact_estimator_matches_jax_and_switches_by_name():
 
 def test_max_jvp_norm_caps_the_directional_derivatives():
   f, params = _nonlinear_problem()
-  key = jax.random.key(2)
-  _, g = fg.value_and_forward_grad(f, aggregation="sum", max_jvp_norm=1e-3)(key, params)
-  _, g_free = fg.value_and_forward_grad(f, aggregation="sum")(key, params)
+
+  @jax.jit  # one compiled program (eagerly every op compiles on its own)
+  def estimates(key, params):
+    capped = fg.value_and_forward_grad(f, aggregation="sum", max_jvp_norm=1e-3)(key, params)
+    free = fg.value_and_forward_grad(f, aggregation="sum")(key, params)
+    return capped[1], free[1], fg.tangents.sample(key, params, 1)
+
+  g, g_free, v = estimates(jax.random.key(2), params)
   ratio = np.linalg.norm(_flat(g)) / np.linalg.norm(_flat(g_free))
-  v = _flat(fg.tangents.sample(key, params, 1))
+  v = _flat(v)
   d = abs(_flat(g_free) @ v) / (v @ v)
   np.testing.assert_allclose(ratio, min(1.0, 1e-3 / d), rtol=1e-4)
 
@@ -342,10 +365,9 @@ def test_orthogonal_is_exact_in_float64_when_parameters_are_float64():
     a = jnp.asarray(rng.normal(size=(8, 8)), jnp.float64)
     f = lambda p: jnp.sum(jnp.sin(a @ p) ** 2)
     p = jnp.asarray(rng.normal(size=8), jnp.float64)
-    _, g = fg.value_and_forward_grad(f, num_tangents=8, aggregation="orthogonal")(
-      jax.random.key(0), p
-    )
-    true = jax.grad(f)(p)
+    vg = fg.value_and_forward_grad(f, num_tangents=8, aggregation="orthogonal")
+    # One compiled program (eagerly every op compiles on its own).
+    (_, g), true = jax.jit(lambda key, p: (vg(key, p), jax.grad(f)(p)))(jax.random.key(0), p)
     assert g.dtype == jnp.float64
     # float32 anywhere on the way would leave ~1e-7; float64 throughout leaves ~1e-13.
     assert np.max(np.abs(g - true)) / np.max(np.abs(true)) < 1e-10
@@ -410,8 +432,8 @@ def test_cone_angle_degrades_the_mean_but_not_the_orthogonal_projection():
 
   def cosines(tangents, aggregation):
     vg = fg.value_and_forward_grad(f, num_tangents=k, tangents=tangents, aggregation=aggregation)
-    g = jax.jit(jax.vmap(lambda key: vg(key, jnp.zeros(n))[1]))(keys)
-    return np.asarray(g @ c / (jnp.linalg.norm(g, axis=1) * jnp.linalg.norm(c)), np.float64)
+    cos = jax.jit(jax.vmap(lambda key: fg.cosine_similarity(vg(key, jnp.zeros(n))[1], c)))(keys)
+    return np.asarray(cos, np.float64)
 
   ortho = {a: cosines(fg.tangents.cone(a), "orthogonal") for a in (np.pi / 2, 0.2)}
   ortho_free = cosines("normal", "orthogonal")

@@ -16,17 +16,15 @@ N draws against the closed form at Z standard errors (per coordinate, the sample
 deviation), and the same statistic shown to flag the bias against the true gradient.
 """
 
+import functools
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_train import app_here  # noqa: F401  (the fixture: the Hydra app in this process)
 
 import fwdgrad_jax as fg
 from fwdgrad_jax import schemes
@@ -71,12 +69,14 @@ def _setup(widths=(5, 4), batch=7, seed=0):
   return p, x, y
 
 
+# The references are jitted (static ``stop``): eagerly every op of them compiles on its own.
+@functools.partial(jax.jit, static_argnums=3)
 def _true(p, x, y, stop=False):
   return jax.grad(lambda q: jnp.mean(_losses(q, x, y, stop)))(p)
 
 
-def _activity_parts(p, x, y, stop=False):
-  """Per example: the sites' gradients (∇1, ∇2) and the unit guesses (ĝ1, ĝ2)."""
+@functools.partial(jax.jit, static_argnums=3)
+def _site_gradients_and_guesses(p, x, y, stop):
   z1 = _blocks(p, x)
   z2 = _blocks(p, x, z1)
   e = (jnp.zeros_like(z1), jnp.zeros_like(z2))
@@ -84,7 +84,22 @@ def _activity_parts(p, x, y, stop=False):
   g1 = jax.grad(lambda z: jnp.sum(_ce(z @ p["h1"], y)))(z1)
   g2 = jax.grad(lambda z: jnp.sum(_ce(z @ p["h2"], y)))(z2)
   unit = [g / jnp.linalg.norm(g, axis=1, keepdims=True) for g in (g1, g2)]
+  return grads, unit
+
+
+def _activity_parts(p, x, y, stop=False):
+  """Per example: the sites' gradients (∇1, ∇2) and the unit guesses (ĝ1, ĝ2)."""
+  grads, unit = _site_gradients_and_guesses(p, x, y, stop)
   return [np.asarray(g, np.float64) for g in grads], [np.asarray(u, np.float64) for u in unit]
+
+
+@jax.jit
+def _blocks_vjp(p, x, e1, e2):
+  """The blocks' parameters' VJP of the sites' cotangents e1, e2 (the second block at z1)."""
+  z1 = _blocks(p, x)
+  _, vjp1 = jax.vjp(lambda w1, b1: _blocks({**p, "w1": w1, "b1": b1}, x), p["w1"], p["b1"])
+  _, vjp2 = jax.vjp(lambda w2, b2: _blocks({**p, "w2": w2, "b2": b2}, x, z1), p["w2"], p["b2"])
+  return vjp1(e1) + vjp2(e2)
 
 
 def _expected(p, x, y, c, stop=False):
@@ -95,11 +110,7 @@ def _expected(p, x, y, c, stop=False):
     proj = np.sum(g * u, axis=1, keepdims=True) * u
     est.append(proj + c * (g - proj))
   batch = x.shape[0]
-  z1 = _blocks(p, x)
-  _, vjp1 = jax.vjp(lambda w1, b1: _blocks({**p, "w1": w1, "b1": b1}, x), p["w1"], p["b1"])
-  _, vjp2 = jax.vjp(lambda w2, b2: _blocks({**p, "w2": w2, "b2": b2}, x, z1), p["w2"], p["b2"])
-  w1, b1 = vjp1(jnp.asarray(est[0] / batch, jnp.float32))
-  w2, b2 = vjp2(jnp.asarray(est[1] / batch, jnp.float32))
+  w1, b1, w2, b2 = _blocks_vjp(p, x, *(jnp.asarray(e / batch, jnp.float32) for e in est))
   heads = _true(p, x, y, stop)
   return dict(w1=w1, b1=b1, w2=w2, b2=b2, h1=heads["h1"], h2=heads["h2"])
 
@@ -285,25 +296,22 @@ def test_local_guess_in_the_optax_transform(jit):
   assert np.isfinite(float(state[0].value))
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_gradient", ["true", "false"])
-def test_the_hydra_app_trains_the_local_mixer_with_local_guesses(
-  tiny_data, tmp_path, stop_gradient
-):
-  """``python experiments/train.py model=local_mixer estimator=forward
-  estimator.perturbation=activity estimator.tangents=local_guess train.steps=20``, tiny."""
+def test_the_hydra_app_trains_the_local_mixer_with_local_guesses(tiny_data, tmp_path, request):
+  """``python experiments/train.py -m model=local_mixer estimator=forward
+  estimator.perturbation=activity estimator.tangents=local_guess train.steps=20
+  model.options.stop_gradient=true,false``, tiny: both jobs in one run of the app (in
+  this process, as test_train.py's app tests: no second start of jax and the app)."""
   data_dir, _ = tiny_data
-  run_dir = tmp_path / "run"
+  sweep = tmp_path / "sweep"
   overrides = [
+    "-m",
     "model=local_mixer",
     "estimator=forward",
     "estimator.perturbation=activity",
     "estimator.tangents=local_guess",
     "train.steps=20",
-    f"model.options.stop_gradient={stop_gradient}",
+    "model.options.stop_gradient=true,false",
     "model.options.channels=8",
     "model.options.hidden=16",
     "model.options.groups=2",
@@ -314,16 +322,16 @@ def test_the_hydra_app_trains_the_local_mixer_with_local_guesses(
     "train.log_every=10",
     "train.eval_every=20",
     "train.progress=false",
-    f"hydra.run.dir={run_dir}",
+    f"hydra.sweep.dir={sweep}",
   ]
-  env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
-  out = subprocess.run(
-    [sys.executable, str(ROOT / "experiments" / "train.py"), *overrides],
-    capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
-  )  # fmt: skip
+  out = request.getfixturevalue("app_here")(*overrides, cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
-  summary = json.loads((run_dir / "summary.json").read_text())
-  assert summary["steps"] == 20 and summary["error"] is None and not summary["diverged"]
-  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in records if "train_loss" in r] == [10, 20]
-  assert all(np.isfinite(r["train_loss"]) for r in records if "train_loss" in r)
+  for job, stop_gradient in enumerate((True, False)):
+    run_dir = sweep / str(job)
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["model"]["options"]["stop_gradient"] is stop_gradient
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["error"] is None and not summary["diverged"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [10, 20]
+    assert all(np.isfinite(r["train_loss"]) for r in records if "train_loss" in r)

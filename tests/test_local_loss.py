@@ -371,12 +371,14 @@ def test_a_marked_loss_of_the_wrong_shape_is_refused():
   params, x, y, _, _ = _ren_problem()
   # (5, batch): its first axis is not the batch (a (batch, 5) loss is sliced, see below).
   bad = lambda p, x, y: _ren(p, x, y) + jnp.sum(fg.local_loss(jnp.tanh(x @ p["w1"]).T))
+  # Refused while the program is read: abstractly, nothing needs compiling.
+  key = jax.random.key(0)
   with pytest.raises(ValueError, match="does not fit the total"):
-    fg.value_and_forward_grad(bad, perturbation="activity")(jax.random.key(0), params, x, y)
+    jax.eval_shape(fg.value_and_forward_grad(bad, perturbation="activity"), key, params, x, y)
   # Per-example marked losses of a scalar total (sum or mean? not known): refused.
   mean_of_marked = lambda p, x, y: jnp.mean(_ren(p, x, y))
   with pytest.raises(ValueError, match="mark scalars"):
-    fg.value_and_forward_grad(mean_of_marked)(jax.random.key(0), params, x, y)
+    jax.eval_shape(fg.value_and_forward_grad(mean_of_marked), key, params, x, y)
 
 
 @pytest.mark.parametrize(
@@ -442,7 +444,8 @@ def test_sliced_local_losses_are_unbiased_and_lower_error_than_per_example():
   params = _sliced_params()
   x, y = _data(_B, _D, _C)
   total = lambda p: jnp.mean(_sliced(p, x, y))
-  true = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(total)(params))[0], np.float64)
+  true = jax.jit(lambda p: jax.flatten_util.ravel_pytree(jax.grad(total)(p))[0])(params)
+  true = np.asarray(true, np.float64)
   num = 40_000
   opts = dict(perturbation="activity")
   mean, se, err = _errors(_sliced, params, (x, y), true, num, **opts)
@@ -467,14 +470,15 @@ def test_sliced_local_losses_orthogonal_with_k_at_least_a_slice_is_exact():
   params = _sliced_params()
   x, y = _data(_B, _D, _C)
   total = lambda p: jnp.mean(_sliced(p, x, y))
-  vg = jax.jit(
-    fg.value_and_forward_grad(
-      _sliced, num_tangents=_F + 2, perturbation="activity", aggregation="orthogonal"
-    )
+  vg = fg.value_and_forward_grad(
+    _sliced, num_tangents=_F + 2, perturbation="activity", aggregation="orthogonal"
   )
-  value, g = vg(jax.random.key(0), params, x, y)
-  np.testing.assert_allclose(value, total(params), rtol=1e-6)
-  _assert_tree_close(g, jax.grad(total)(params), 1e-4)
+  # One compiled program for the estimate and the reference.
+  (value, g), (true_value, true) = jax.jit(
+    lambda key, p: (vg(key, p, x, y), jax.value_and_grad(total)(p))
+  )(jax.random.key(0), params)
+  np.testing.assert_allclose(value, true_value, rtol=1e-6)
+  _assert_tree_close(g, true, 1e-4)
 
 
 def test_rescale_leaves_the_exact_tail_after_the_last_site_alone():
@@ -482,7 +486,15 @@ def test_rescale_leaves_the_exact_tail_after_the_last_site_alone():
   params = _sliced_params()
   x, y = _data(_B, _D, _C)
   total = lambda p: jnp.mean(_sliced(p, x, y))
-  for rescale in (False, True):
-    vg = fg.value_and_forward_grad(_sliced, perturbation="activity", rescale=rescale)
-    _, g = vg(jax.random.key(1), params, x, y)
-    np.testing.assert_allclose(g["a"], jax.grad(total)(params)["a"], rtol=1e-5, atol=1e-7)
+
+  @jax.jit  # one compiled program (eagerly every op compiles on its own)
+  def heads(key, p):
+    estimates = [
+      fg.value_and_forward_grad(_sliced, perturbation="activity", rescale=rescale)(key, p, x, y)
+      for rescale in (False, True)
+    ]
+    return [g["a"] for _, g in estimates], jax.grad(total)(p)["a"]
+
+  estimates, true = heads(jax.random.key(1), params)
+  for g in estimates:
+    np.testing.assert_allclose(g, true, rtol=1e-5, atol=1e-7)

@@ -96,16 +96,18 @@ def test_register_new_model_and_duplicate_name():
 # nnx.eval_shape: that traces the full init and forward pass, so any shape bug surfaces,
 # but skips drawing millions of random numbers, which alone takes ~10 s on 2 CPU cores.
 # Numerical checks run on shrunken configs of the same classes, with repeated layer
-# shapes because each distinct shape costs one more XLA compile of the initialiser.
+# shapes because each distinct shape costs one more XLA compile of the initialiser: the
+# MLPs here are 16 wide (kernels 784x16, 16x16, 16x10 for the whole file), the ResNet as
+# narrow as test_models_flugel.py's.
 
 _SMALL = {
   "logreg": {},
-  "mlp": {"hidden": (32, 16)},
-  "cnn": {"channels": 8, "hidden": 32},
-  "vgg": {"channels": (8, 8, 8), "hidden": 32},
-  "deep_mlp": {"depth": 2, "width": 32},
+  "mlp": {"hidden": (16, 16)},
+  "cnn": {"channels": 8, "hidden": 16},
+  "vgg": {"channels": (8, 8, 8), "hidden": 16},
+  "deep_mlp": {"depth": 2, "width": 16},
   "yao_cnn": {"channels": (4, 4, 4), "hidden": 16},
-  "resnet18": {"width": 4},
+  "resnet18": {"width": 2},
   "vit": {"hidden": 16, "heads": 2, "mlp": 16, "layers": 2},
   "local_mixer": {"patches": 2, "channels": 8, "hidden": 8, "groups": 2, "blocks": 1},
 }
@@ -165,13 +167,13 @@ def test_mlp_default_param_count():
 
 
 def test_mlp_options():
-  m = _make("mlp", hidden=(32, 16, 8), activation="tanh", use_bias=False)
+  m = _make("mlp", hidden=(16, 16, 16), activation="tanh", use_bias=False)
   _, params, _ = split(m)
-  assert count_params(params) == 784 * 32 + 32 * 16 + 16 * 8 + 8 * 10
+  assert count_params(params) == 784 * 16 + 2 * 16 * 16 + 16 * 10
   assert not any("bias" in n for n in _leaf_names(params))
   assert m(_images(MNIST)).shape == (2, 10)
   # Same seed, same weights: only the activation differs, so outputs must differ.
-  r = _make("mlp", hidden=(32, 16, 8), activation="relu", use_bias=False)
+  r = _make("mlp", hidden=(16, 16, 16), activation="relu", use_bias=False)
   x = _images(MNIST)
   assert not np.allclose(m(x), r(x))
 
@@ -246,7 +248,7 @@ def test_params_only_params_and_floating():
 
 
 def test_grad_has_params_structure():
-  m = _make("mlp", hidden=(32,))
+  m = _make("mlp", hidden=(16,))
   graphdef, params, rest = split(m)
   f = apply_fn(graphdef, rest)
   x, y = _images(MNIST, batch=4), jnp.array([0, 1, 2, 3])

@@ -33,16 +33,33 @@ def _params(key):
   }
 
 
-@pytest.mark.parametrize("aggregation", ["sum", "mean", "orthogonal"])
-@pytest.mark.parametrize("scheme,k", [("normal", 1), ("normal", 3), ("rademacher", 3)])
-def test_regenerated_tangents_give_the_stored_tangents_estimate(aggregation, scheme, k):
+# Every aggregation for k = 3 normal tangents. The aggregations share the regenerated draws
+# and differ only in their coefficients (aggregation.coefficients, the stored path's own);
+# orthogonal also redraws the tangents for the Gram matrix, so it covers every draw of a
+# sampler: Rademacher needs no other. At k = 1 (jvp without vmap) sum and mean are one
+# estimate.
+@pytest.mark.parametrize(
+  "scheme,k,aggregation",
+  [
+    ("normal", 3, "sum"),
+    ("normal", 3, "mean"),
+    ("normal", 3, "orthogonal"),
+    ("normal", 1, "mean"),
+    ("normal", 1, "orthogonal"),
+    ("rademacher", 3, "orthogonal"),
+  ],
+)
+def test_regenerated_tangents_give_the_stored_tangents_estimate(scheme, k, aggregation):
   params = _params(jax.random.PRNGKey(0))
   x = jax.random.normal(jax.random.PRNGKey(1), (7, 12))
   key = jax.random.PRNGKey(2)
   opts = dict(num_tangents=k, tangents=scheme, aggregation=aggregation, has_aux=True)
-  (v0, aux0), g0 = jax.jit(fg.value_and_forward_grad(_loss, **opts))(key, params, x)
+  stored = fg.value_and_forward_grad(_loss, **opts)
   est = fg.value_and_forward_grad(_loss, regenerate=True, **opts)
-  (v1, aux1), g1 = jax.jit(est)(key, params, x)
+  # One compiled program for both.
+  ((v0, aux0), g0), ((v1, aux1), g1) = jax.jit(
+    lambda key, params, x: (stored(key, params, x), est(key, params, x))
+  )(key, params, x)
   assert v1 == pytest.approx(float(v0), rel=1e-6) and aux1 == pytest.approx(float(aux0), rel=1e-6)
   for name in params:
     # Same draws; only float rounding (the order of the sums) differs.
@@ -58,10 +75,9 @@ def test_regenerated_estimate_under_vmap_over_keys():
   x = jax.random.normal(jax.random.PRNGKey(1), (7, 12))
   keys = jax.random.split(jax.random.PRNGKey(3), 4)
   f = lambda p, x: _loss(p, x)[0]  # noqa: E731
-  g0 = jax.jit(jax.vmap(lambda k: fg.forward_grad(f, num_tangents=2)(k, params, x)))(keys)
-  g1 = jax.jit(
-    jax.vmap(lambda k: fg.forward_grad(f, num_tangents=2, regenerate=True)(k, params, x))
-  )(keys)
+  stored = fg.forward_grad(f, num_tangents=2)
+  regenerated = fg.forward_grad(f, num_tangents=2, regenerate=True)
+  g0, g1 = jax.jit(jax.vmap(lambda k: (stored(k, params, x), regenerated(k, params, x))))(keys)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-6)
 
@@ -130,11 +146,18 @@ def test_a_regenerated_step_holds_a_few_layers_of_tangents_not_all(k):
 def test_a_share_of_the_tangents_is_those_rows_of_the_whole_draw(scheme):
   # Tangent parallelism: a device draws tangents start … start + k − 1 of the k in all.
   leaf = jnp.zeros((3, 5))
-  seed = tangents.leaf_seeds(jax.random.PRNGKey(4), [leaf])[0]
-  whole = tangents.regenerate_leaf(seed, leaf, 6, scheme)
-  share = jax.jit(lambda s: tangents.regenerate_leaf(seed, leaf, 2, scheme, start=s))(3)
-  # The same hash bits; the normal's float polynomial may round differently under jit.
+
+  @jax.jit  # one compiled program (eagerly every op of the draws compiles on its own)
+  def draws(start):
+    seed = tangents.leaf_seeds(jax.random.PRNGKey(4), [leaf])[0]
+    whole = tangents.regenerate_leaf(seed, leaf, 6, scheme)
+    # The share's start is traced: it must not be baked into the draw.
+    share = tangents.regenerate_leaf(seed, leaf, 2, scheme, start=start)
+    one = tangents.regenerate_leaf(seed, leaf, 2, scheme, index=1, start=3)
+    return whole, share, one
+
+  whole, share, one = draws(3)
+  # The same hash bits; the normal's float polynomial may round differently in another fusion.
   np.testing.assert_allclose(share, whole[3:5], rtol=1e-6, atol=1e-6)
-  one = tangents.regenerate_leaf(seed, leaf, 2, scheme, index=1, start=3)
   np.testing.assert_allclose(one, whole[4], rtol=1e-6, atol=1e-6)
   assert not np.allclose(share, whole[1:3])  # another start, other tangents

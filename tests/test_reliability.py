@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 from test_train import (
-  _app,
   _app_overrides,
   _cfg,
   _ckpt_steps,
   _records,
   _snapshot,
   _summary,
+  app_here,  # noqa: F401  (the fixture: the Hydra app in this process)
 )
 
 from fwdgrad_jax.training import config as config_lib
@@ -268,11 +268,12 @@ def test_a_second_signal_stops_at_once_in_one_line():
 # ---- 3. a sweep goes on past a refused job --------------------------------------------
 
 
-def test_a_refused_job_does_not_stop_the_sweep(tiny_data, tmp_path):
+def test_a_refused_job_does_not_stop_the_sweep(tiny_data, tmp_path, request):
+  # The app in this process (test_train.py runs it in a process of its own once).
   data_dir, _ = tiny_data
   sweep = tmp_path / "sweep"
   base = [o for o in _app_overrides(data_dir) if not o.startswith("train.eval_every")]
-  out = _app(
+  out = request.getfixturevalue("app_here")(
     "-m",
     *base,
     "train.eval_every=0",

@@ -119,6 +119,9 @@ class ResNet18(nnx.Module):
   Args:
     width: channels of the stem and the first stage (64 in the paper; smaller for tests
       and CPU timing).
+    blocks: basic blocks per stage (2: ResNet18). 1 keeps every kind of block (the first
+      stage's identity skip, the later stages' projected ones), the stages and the sites,
+      with half the convolutions to compile: the tests' short ResNet.
     norm: ``"batch"`` (BatchNorm, running statistics in ``rest``), ``"group"`` or
       ``"none"``.
     sites: put :func:`fwdgrad_jax.site` markers on the stage outputs and the logits
@@ -132,6 +135,7 @@ class ResNet18(nnx.Module):
     num_classes: int,
     rngs: nnx.Rngs,
     width: int = 64,
+    blocks: int = 2,
     norm: str = "batch",
     sites: bool = True,
   ):
@@ -139,17 +143,18 @@ class ResNet18(nnx.Module):
       raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
     if int(width) != width or width < 1:
       raise ValueError(f"width must be a positive integer, got {width!r}")
-    width = int(width)
+    if int(blocks) != blocks or blocks < 1:
+      raise ValueError(f"blocks must be a positive integer, got {blocks!r}")
+    width, blocks = int(width), int(blocks)
     self.sites = bool(sites)
     self.stem = _conv(input_shape[2], width, 3, 1, rngs)
     self.stem_norm = _norm(norm, width, rngs)
     stages, cin = [], width
     for i, stride in enumerate((1, 2, 2, 2)):
       cout = width * 2**i
+      first = _BasicBlock(cin, cout, stride, norm, rngs)
       stages.append(
-        nnx.List(
-          [_BasicBlock(cin, cout, stride, norm, rngs), _BasicBlock(cout, cout, 1, norm, rngs)]
-        )
+        nnx.List([first] + [_BasicBlock(cout, cout, 1, norm, rngs) for _ in range(blocks - 1)])
       )
       cin = cout
     self.stages = nnx.List(stages)
