@@ -55,12 +55,13 @@ def test_known_durations_give_the_right_ratios():
 
 @pytest.fixture(scope="module")
 def tiny():
-  return bench.benchmark("mlp", tangents=(1, 2), aggregations=("sum",), rounds=3, steps=2, **TINY)
+  # One forward variant: each is two compiles (step and loop) through the same code.
+  return bench.benchmark("mlp", tangents=(2,), aggregations=("sum",), rounds=3, steps=2, **TINY)
 
 
 def test_every_variant_is_timed_every_round_and_measured(tiny):
   names = [r["name"] for r in tiny["variants"]]
-  assert names == ["base", "backprop", "forward k=1 sum", "forward k=2 sum"]
+  assert names == ["base", "backprop", "forward k=2 sum"]
   for r in tiny["variants"]:
     t = r["ms_per_step"]
     assert len(r["times_ms"]) == 3 and min(r["times_ms"]) > 0, r["name"]
@@ -80,8 +81,15 @@ def _temp(result):
 
 @pytest.mark.parametrize("calls", ["loop", "single"])
 def test_each_tangent_holds_a_parameter_sized_buffer(calls):
+  # Without backprop: its step is not compared here (one compile fewer).
   res = bench.benchmark(
-    "mlp", tangents=(1, 2, 4), aggregations=("sum",), timed=False, calls=calls, **TINY
+    "mlp",
+    tangents=(1, 2, 4),
+    aggregations=("sum",),
+    backprop=False,
+    timed=False,
+    calls=calls,
+    **TINY,
   )
   temp = _temp(res)
   assert temp["forward k=2 sum"] - temp["forward k=1 sum"] >= PARAM_BYTES

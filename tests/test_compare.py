@@ -96,14 +96,23 @@ def test_the_demo_rows_run_twice_into_the_same_directory_fresh(tiny_data, tmp_pa
   mlp_rows = {k: v for k, v in demo["rows"].items() if not any(o.startswith("model=") for o in v)}
   config = tmp_path / "demo_mlp.yaml"
   config.write_text(json.dumps({**demo, "rows": mlp_rows}))  # JSON is YAML
-  argv = ["--config", str(config), f"data.data_dir={data_dir}", *SMALL, "train.steps=10"]
-  argv += ["train.log_every=5"]
+  argv = [f"data.data_dir={data_dir}", *SMALL, "train.steps=10", "train.log_every=5"]
   argv += ["train.eval_every=5", "--out", str(tmp_path)]
-  for _ in range(2):  # the second run starts fresh instead of resuming finished runs
-    assert compare.main(argv) == 0
-    rows = json.loads((tmp_path / "comparison.json").read_text())["rows"]
-    assert {"backprop", "forward k=1", "activity k=16 orthogonal"} <= set(rows)
-    assert all(r["steps"] == 10 and r["step_time_ms"] > 0 for r in rows.values())
+  assert compare.main(["--config", str(config), *argv]) == 0
+  rows = json.loads((tmp_path / "comparison.json").read_text())["rows"]
+  assert {"backprop", "forward k=1", "activity k=16 orthogonal"} <= set(rows)
+  assert all(r["steps"] == 10 and r["step_time_ms"] > 0 for r in rows.values())
+  # The second run starts fresh instead of resuming the finished run (one row is enough:
+  # every row's directory is handled alike).
+  label = next(iter(mlp_rows))
+  metrics = tmp_path / "runs" / label.replace(" ", "_").replace("=", "") / "metrics.jsonl"
+  written = metrics.stat().st_mtime_ns
+  first = tmp_path / "demo_first_row.yaml"
+  first.write_text(json.dumps({**demo, "rows": {label: mlp_rows[label]}}))
+  assert compare.main(["--config", str(first), *argv]) == 0
+  (row,) = json.loads((tmp_path / "comparison.json").read_text())["rows"].values()
+  assert row["steps"] == 10 and row["step_time_ms"] > 0
+  assert metrics.stat().st_mtime_ns != written  # trained again, not resumed as finished
 
 
 def test_compare_rejects_a_bad_value_with_exit_code_2(tmp_path, capsys):

@@ -17,23 +17,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "experiments"
 
-#: Scripts whose quick run takes more than ~30 s on 2 shared cores, with the reason
-#: (run them with ``-m slow``); the others together take a few minutes at most.
+#: Scripts whose quick run takes more than ~10 s of work on 2 cores with a cold compile
+#: cache, with the reason (run them with ``-m slow``). A quick run is mostly compiles: each
+#: script's ``--quick`` compiles as few programs as go through all of its code.
 SLOW = {
-  "experiments.baydin2022.fair": "tunes both methods through the Hydra app in subprocesses",
+  "experiments.baydin2022.fair": "tunes both methods: four runs of the app (in process)",
   "experiments.baydin2022.training": "trains three models with both methods on Fashion-MNIST",
-  "experiments.benchmarks.communication": "compiles 7 steps for 2 devices in a subprocess",
-  "experiments.benchmarks.gpu_check": "compiles and times 8 loops, then trains 4 demo rows",
-  "experiments.flugel2024.lr_transfer": "9 lr searches, each a compiled vmapped training run",
-  "experiments.flugel2024.table45": "compiles ResNet18 and ViT steps for every variant",
-  "experiments.perturbation.benchmark": "compiles and times every tangent scheme, then cosines",
-  "experiments.perturbation.training": "an Optuna lr sweep of the Hydra app per variant",
-  "experiments.repro.explosions": "a sweep of the Hydra app in subprocesses, on the real data",
-  "experiments.repro.fair": "tunes both methods through the Hydra app, on the real data",
+  "experiments.benchmarks.communication": "compiles 3 steps for 2 devices in a subprocess",
+  "experiments.benchmarks.gpu_check": "compiles and times 3 loops, then trains a demo row",
+  "experiments.flugel2024.fig6": "3 compiled, vmapped training runs",
+  "experiments.flugel2024.lr_transfer": "3 lr searches, each a compiled, vmapped training run",
+  "experiments.flugel2024.table45": "compiles 3 ViT steps",
+  "experiments.fournier2023.local_guess": "compiles a LocalMixer's step, 2 gradients, an estimator",
+  "experiments.perturbation.benchmark": "compiles and times 3 loops, then a cosine",
+  "experiments.repro.explosions": "two runs of the app (in process), on the real data",
+  "experiments.repro.fair": "tunes both methods: four runs of the app (in process), real data",
   "experiments.repro.table1": "trains two Table I rows through the app, on the real data",
-  "experiments.ren2023.table": "an lr sweep of the Hydra app per row, in subprocesses",
-  "experiments.yao.guided": "a compiled SGD scan per method and guided shuffle ratio (4)",
-  "experiments.yao.time": "compiles the app's training loop for every method and times it",
+  "experiments.ren2023.table": "a run of the app with gradient checks (in process)",
+  "experiments.yao.guided": "a compiled SGD scan per method and guided shuffle ratio (3)",
+  "experiments.yao.time": "compiles the app's training loop for 3 methods and times it",
 }
 #: Scripts whose --quick run (or a smaller one, on the tiny data set) a dedicated test makes
 #: and checks in more detail: run once, there.
@@ -41,7 +43,9 @@ COVERED = {
   "experiments.baydin2022.fair": "tests/test_baydin2022_training.py",
   "experiments.baydin2022.training": "tests/test_baydin2022_training.py",
   "experiments.baydin2022.scaling": "tests/test_benchmark.py (test_scaling_quick_writes_its_files)",
+  "experiments.baydin2022.fig1": "tests/test_experiments_fig.py (--quick is the same run)",
   "experiments.baydin2022.fig2": "tests/test_experiments_fig.py",
+  "experiments.benchmarks.benchmark": "tests/test_benchmark.py (test_cli_writes_json_with_provenance_and_md)",
   "experiments.repro.fair": "tests/test_repro.py",
   "experiments.repro.explosions": "tests/test_repro.py",
   "experiments.repro.table1": "tests/test_repro.py",

@@ -1,8 +1,9 @@
 """Tests of the reproduction-study scripts (repro_table1, repro_fair, repro_explosions).
 
 The Table I script runs in-process on the tiny data set; the fair comparison's and the
-explosion statistics' arithmetic is checked on hand-made records; their sweeps (Hydra
-subprocesses) run on the tiny data set in the slow tests.
+explosion statistics' arithmetic is checked on hand-made records; their sweeps run on the
+tiny data set in the slow tests, in process (``--quick``; the Hydra sweep itself, a
+diverging job included, is tests/test_lr_search.py's).
 """
 
 import json
@@ -126,10 +127,8 @@ def test_explosions_sweep_goes_on_after_a_divergence(tiny_data, tmp_path):
   # its summary and the sweep runs the next one.
   data_dir, _ = tiny_data
   exp = repro_explosions
-  argv = ["--lrs", "1e3", "--seeds", "2", "--steps", "20", "--log-every", "2"]
-  doc = exp.main(
-    [*argv, "--conditions", "none", "--out", str(tmp_path), f"data.data_dir={data_dir}", *SMALL]
-  )
+  # --quick: lr 1e3, 2 seeds, 20 steps, no safeguard (condition "none"), SMALL, in process.
+  doc = exp.main(["--quick", "--out", str(tmp_path), f"data.data_dir={data_dir}"])
   runs = doc["conditions"]["none"]["runs"]
   assert len(runs) == 2 and all(r["summary_written"] and r["diverged"] for r in runs)
   assert all(r["steps"] < 20 for r in runs) and not doc["conditions"]["none"]["failed_jobs"]
@@ -140,8 +139,8 @@ def test_explosions_sweep_goes_on_after_a_divergence(tiny_data, tmp_path):
 def test_fair_tunes_each_method_and_compares(tiny_data, tmp_path):
   data_dir, _ = tiny_data
   fair = repro_fair
-  argv = ["--optimizers", "sgd", "--steps", "20", "--evals", "4", "--factors", "1,3"]
-  doc = fair.main([*argv, "--out", str(tmp_path), f"data.data_dir={data_dir}", *SMALL])
+  # --quick: SGD, 20 steps, 4 evals, lr factors 1 and 3, SMALL, in process.
+  doc = fair.main(["--quick", "--out", str(tmp_path), f"data.data_dir={data_dir}"])
   methods = doc["optimizers"]["sgd"]["methods"]
   assert set(methods) == {"bp", "fwd"}
   assert methods["bp"]["grid"] == [0.1, 0.3] and methods["fwd"]["grid"] == [0.000464, 0.00139]

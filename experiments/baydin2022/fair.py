@@ -30,7 +30,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from experiments._lib import analysis, run_dirs, script
+from experiments._lib import analysis, run_dirs, script, sweep
 from experiments._lib import report as rep
 from experiments._lib.config import APP, compose
 from fwdgrad_jax.training import lr_search, records
@@ -77,7 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     "--sweeps-dir", type=Path, default=None, help="the sweeps' run directories (<out>/sweeps)"
   )
   parser.add_argument(
-    "--quick", action="store_true", help="smoke test: top lr + preset lr, 50 iterations"
+    "--quick",
+    action="store_true",
+    help="smoke test: top lr + preset lr, 50 iterations, in this process",
   )
   parser.add_argument("--app", type=Path, default=APP, help="the Hydra training app")
 
@@ -145,14 +147,15 @@ def compare_preset(preset: str, args: argparse.Namespace, data: str) -> dict[str
     grid = (hi,) if args.quick else lr_search.log_grid(lo, hi, n)
     grid = tuple(sorted({*grid, preset_lr}))
     print(f"== {preset} {method}: lrs {list(grid)}, {steps} iterations", flush=True)
-    searches[method] = lr_search.run_sweep(
-      args.app,
+    searches[method] = sweep.run_sweep(
       ((args.sweeps_dir or args.out / "sweeps") / preset / method).absolute(),
       grid,
+      app=args.app,
       seeds=range(args.seeds),
       presets=[preset],
       overrides=[*overrides, f"estimator={method}"],
       quiet=False,
+      in_process=args.quick,
     )
   tuned = {m: _pick(searches[m], searches[m].best_lr) for m in METHODS}
   same = {m: _pick(searches[m], preset_lr) for m in METHODS}

@@ -50,6 +50,11 @@ VARIANTS = {
   "activity k=1": {"num_tangents": 1, "perturbation": "activity"},
   "regenerated k=16": {"num_tangents": 16, "regenerate": True},
 }
+#: The smoke test's variants and demo rows: backprop (the reference of the ratios) and one
+#: forward step, the first demo row (a group choice and a value, the two kinds of override).
+#: The others run the same code with other options; each would be one more compile.
+QUICK_VARIANTS = ("backprop", "forward k=1")
+QUICK_DEMO_ROWS = 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--steps", type=int, default=10, help="steps per timed call")
   p.add_argument("--demo-steps", type=int, default=200)
   p.add_argument("--budget-s", type=float, default=420.0, help="start nothing new after this")
-  p.add_argument("--quick", action="store_true", help="a 32-wide MLP, batch 8, 2 rounds")
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="a 32-wide MLP, batch 8, 2 rounds, backprop and forward k=1, one demo row",
+  )
 
 
 def _config(model: str, options: dict, batch: int, estimator: dict, lr: float = 1e-4):
@@ -71,6 +80,10 @@ def _config(model: str, options: dict, batch: int, estimator: dict, lr: float = 
   cfg.optimizer = config_lib.OptimizerConfig(name="sgd", lr=lr)
   cfg.train = config_lib.TrainConfig(batch_size=batch, checkpoint_every=0, progress=False)
   return cfg
+
+
+def _variants(quick: bool) -> dict[str, dict[str, Any]]:
+  return {v: VARIANTS[v] for v in QUICK_VARIANTS} if quick else VARIANTS
 
 
 def step_times(label: str, model: tuple, batch: int, args: argparse.Namespace) -> list[dict]:
@@ -86,7 +99,8 @@ def step_times(label: str, model: tuple, batch: int, args: argparse.Namespace) -
     examples=batch * args.steps,
     seed=0,
   )
-  configs = {"base": None} | {v: _config(name, options, batch, est) for v, est in VARIANTS.items()}
+  variants = _variants(args.quick)
+  configs = {"base": None} | {v: _config(name, options, batch, est) for v, est in variants.items()}
   lowered, failed = {}, {}
   for v, cfg in configs.items():
     try:
@@ -219,7 +233,8 @@ def demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
   dataset, what = _dataset(args.quick)
   options = QUICK_MODELS["mlp"][1] if args.quick else MODELS["mlp"][1]
   rows = {}
-  for label, overrides in _demo_rows().items():
+  demo_rows = list(_demo_rows().items())
+  for label, overrides in demo_rows[:QUICK_DEMO_ROWS] if args.quick else demo_rows:
     cfg = _config("mlp", options, 64, {})
     for o in overrides:
       _apply(cfg, o)
@@ -253,7 +268,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "device": f"{device.platform}:{device.device_kind}",
       "models": {m: list(models[m][:2]) for m in models},
       "batch_sizes": args.batch_sizes,
-      "variants": VARIANTS,
+      "variants": _variants(args.quick),
       "rounds": args.rounds,
       "steps": args.steps,
       "budget_s": args.budget_s,

@@ -49,7 +49,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--quick",
     action="store_true",
-    help="tiny grid, MLP 784-8-10, k ∈ {1, 4}, mean and orthogonal (smoke test)",
+    help="tiny grid, MLP 784-8-10, k = 4 orthogonal (smoke test)",
   )
 
 
@@ -77,12 +77,13 @@ def _objective(loss, params, train, val, *, steps, batch_size, estimator):
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.quick:
-    args.steps, args.seeds, args.per_decade, args.train_examples = 20, 1, 1, 512
-    args.hidden, args.val_examples = 8, 256
+    # The objective closes over its data (a constant of each compile): few examples.
+    args.steps, args.seeds, args.per_decade, args.train_examples = 20, 1, 1, 128
+    args.hidden, args.val_examples = 8, 64
     args.lr_range = (1e-3, 1e1)
-  # Every variant is its own compile: the smoke test runs the code paths (k = 1 and k > 1,
-  # a plain and the projected aggregation, raw and rescaled), not all nine.
-  ks, aggregations = ((1, 4), ("mean", "orthogonal")) if args.quick else (KS, AGGREGATIONS)
+  # Every variant is its own compile, through the same code: the smoke test runs one k and
+  # aggregation (k > 1, the projected one), raw and rescaled (the report pairs them).
+  ks, aggregations = ((4,), ("orthogonal",)) if args.quick else (KS, AGGREGATIONS)
   lo, hi = args.lr_range
   lrs = lr_search.log_grid(lo, hi, round(np.log10(hi / lo) * args.per_decade) + 1)
   seeds = tuple(range(args.seeds))

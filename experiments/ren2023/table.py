@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from experiments._lib import report as rep
-from experiments._lib import script
-from experiments._lib.config import APP, ROOT
+from experiments._lib import script, sweep
+from experiments._lib.config import ROOT
 from fwdgrad_jax.training import lr_search
 from fwdgrad_jax.training import records as records_lib
 
@@ -85,7 +85,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--rows", type=rep.names, default=None, help="labels (default: all)")
   p.add_argument("--lrs", type=rep.floats, default=None, help="lr grid of every row run")
   p.add_argument("--sweeps-dir", type=Path, default=None, help="run dirs (<out>/sweeps)")
-  p.add_argument("--quick", action="store_true", help="20 steps, one lr, one seed, two rows")
+  p.add_argument(
+    "--quick", action="store_true", help="4 steps, one lr, one seed, one row, in this process"
+  )
 
 
 def _common(args: argparse.Namespace, steps: int) -> list[str]:
@@ -134,8 +136,12 @@ def _summary(job: str | Path) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
   steps = max(int(args.epochs * 55_000 / args.batch_size), 1)
   if args.quick:
-    steps, args.evals, args.seeds = 20, 2, 1
-  labels = args.rows or (["BP", "LG-FG-A"] if args.quick else list(ROWS))
+    steps, args.evals, args.seeds = 4, 2, 1
+  # A row is a run of the app, four large compiles: the smoke test's one row has every
+  # part (local losses, activity perturbation, the per-block gradient check) on the MLP,
+  # which compiles in half the LocalMixer's time (the mixer trains in the app in
+  # tests/test_local_models.py).
+  labels = args.rows or (["MLP LG-FG-A"] if args.quick else list(ROWS))
   sweeps = (args.sweeps_dir or args.out / "sweeps").absolute()
   rows = []
   for label in labels:
@@ -147,12 +153,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model=local_mixer" in overrides) else overrides  # fmt: skip
     name = label.replace(" ", "_")
     common = [*_common(args, steps), *overrides]
-    search = lr_search.run_sweep(APP, sweeps / name / "search", lrs, overrides=common, cwd=ROOT)
+    search = sweep.run_sweep(
+      sweeps / name / "search", lrs, overrides=common, cwd=ROOT, in_process=args.quick
+    )
     runs = [] if search.best_index is None else list(search.extra["runs"][search.best_index][:1])
     if search.best_lr is not None and args.seeds > 1:
-      more = lr_search.run_sweep(
-        APP, sweeps / name / "seeds", [search.best_lr], seeds=range(1, args.seeds),
-        overrides=common, cwd=ROOT,
+      more = sweep.run_sweep(
+        sweeps / name / "seeds", [search.best_lr], seeds=range(1, args.seeds),
+        overrides=common, cwd=ROOT, in_process=args.quick,
       )  # fmt: skip
       runs += list(more.extra["runs"][0])
     seeds = [_summary(job) for job in runs]

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from experiments._lib import report as rep
-from experiments._lib import run_dirs, script
+from experiments._lib import run_dirs, script, sweep
 from experiments._lib.config import APP, compose
-from fwdgrad_jax.training import lr_search, records
+from fwdgrad_jax.training import records
 
 PRESET = "repro_nn_mnist_sgd_fwd"
 
@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     "--conditions", default="all", help="comma-separated subset of: none, cap, clip, clip+cap"
   )
   parser.add_argument(
-    "--quick", action="store_true", help="lr 1e3, 2 seeds, 20 steps, no safeguard, small MLP"
+    "--quick",
+    action="store_true",
+    help="lr 1e3, 2 seeds, 20 steps, no safeguard, small MLP, in this process",
   )
   parser.add_argument("--spike", type=float, default=2.0, help="spike: loss > this × its min")
   parser.add_argument("--data", choices=["mnist", "fashion_mnist"], default="fashion_mnist")
@@ -136,14 +138,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   for name, overrides in conditions(args.clip, args.cap, args.conditions).items():
     sweep_dir = (args.sweeps_dir or args.out / "sweeps") / name.replace(" ", "_").replace("+", "")
     print(f"== {name}: lrs {list(lrs)}, {args.seeds} seeds, {args.steps} iterations", flush=True)
-    search = lr_search.run_sweep(
-      args.app,
+    search = sweep.run_sweep(
       sweep_dir.absolute(),
       lrs,
+      app=args.app,
       seeds=range(args.seeds),
       presets=[args.preset],
       overrides=[*base, *overrides],
       quiet=False,
+      in_process=args.quick,
     )
     runs = []
     for i, lr in enumerate(search.lrs):

@@ -47,7 +47,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from experiments._lib import analysis, run_dirs, script
+from experiments._lib import analysis, run_dirs, script, sweep
 from experiments._lib import report as rep
 from experiments._lib.config import APP, compose
 from fwdgrad_jax.training import lr_search, records
@@ -95,7 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--seeds", type=int, default=1, help="seeds per lr")
   parser.add_argument("--data", choices=["auto", "mnist", "fashion_mnist"], default="auto")
   parser.add_argument(
-    "--quick", action="store_true", help="SGD only, 20 steps, 4 evals, 2 lrs, small MLP"
+    "--quick",
+    action="store_true",
+    help="SGD only, 20 steps, 4 evals, 2 lrs, small MLP, in this process",
   )
   parser.add_argument("--name", default="fair", help="file name stem of the outputs")
   parser.add_argument("--sweeps-dir", type=Path, default=None, help="(<out>/sweeps)")
@@ -157,14 +159,15 @@ def tune(method: str, optimizer: str, args: argparse.Namespace, data: str) -> di
   print(f"== {optimizer} {method}: lrs {list(grid)}, {args.steps} iterations", flush=True)
   search = _finished(sweep_dir, grid, args.seeds, args.steps)
   if search is None:
-    search = lr_search.run_sweep(
-      args.app,
+    search = sweep.run_sweep(
       sweep_dir,
       grid,
+      app=args.app,
       seeds=range(args.seeds),
       presets=[preset],
       overrides=overrides,
       quiet=False,
+      in_process=args.quick,
     )
   else:  # the same sweep ran before (e.g. backprop, shared by both method lists): reuse it
     print(f"   reusing {sweep_dir}", flush=True)

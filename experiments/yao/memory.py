@@ -43,7 +43,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batches", default="64,256,1024,4096")
   p.add_argument("--cnn-batches", default="64,256,1024")
   p.add_argument("--models", default="mlp,yao_cnn")
-  p.add_argument("--quick", action="store_true", help="MLP only, batches 16, 64; two methods")
+  p.add_argument(
+    "--quick", action="store_true", help="MLP 784-64-64-10 only, batch 16; two methods"
+  )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -54,13 +56,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   for model in args.models.split(","):
     batches = [int(b) for b in (args.batches if model == "mlp" else args.cnn_batches).split(",")]
     methods = METHODS[model]
-    if args.quick:
-      batches, methods = [16, 64], methods[:2]
+    options = yao.MODEL_OPTIONS[model]
+    if args.quick:  # every (method, batch) is a compile: one batch, a narrow MLP
+      batches, methods, options = [16], methods[:2], {"hidden": (64, 64)}
       if model != "mlp":
         continue
     problem = benchmark.make_problem(
       model,
-      model_options=yao.MODEL_OPTIONS[model],
+      model_options=options,
       input_shape=(28, 28, 1),
       num_classes=10,
       examples=max(batches),
