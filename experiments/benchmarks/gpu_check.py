@@ -151,7 +151,13 @@ def _apply(cfg, override: str) -> None:
   import yaml
 
   key, value = override.split("=", 1)
-  if "." not in key:  # a group choice: the only ones the demo rows use are estimators
+  if key == "model":  # the group's file, read without Hydra (not on the GPU machine)
+    from fwdgrad_jax.training import config as config_lib
+
+    fields = yaml.safe_load((ROOT / "configs" / "model" / f"{value}.yaml").read_text())
+    cfg.model = config_lib.ModelConfig(**fields)
+    return
+  if "." not in key:  # the other group choices the demo rows use are estimators
     cfg.estimator.name = value
     return
   section, field = key.split(".", 1)
