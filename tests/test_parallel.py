@@ -45,7 +45,8 @@ def test_the_worker_sees_four_devices(four_devices):
   assert four_devices["devices"] == 4
 
 
-@pytest.mark.parametrize("aggregation", ["mean", "orthogonal"])
+# (mean: test_the_same_training_run_on_one_device_and_on_a_2x2_mesh[forward+batchnorm 2x2])
+@pytest.mark.parametrize("aggregation", ["orthogonal"])
 def test_a_2x2_mesh_gives_the_one_device_estimate(four_devices, aggregation):
   diff = four_devices["estimates"][aggregation]
   assert diff["value"] < 1e-5
@@ -59,7 +60,8 @@ def test_each_device_holds_only_its_share_of_the_tangents(four_devices):
   assert temp["1x4"] < 0.4 * temp["one"], temp
 
 
-@pytest.mark.parametrize("case", ["2x2 mean", "2x2 orthogonal", "4x1 sum", "1x4 orthogonal"])
+# (2x2 mean: test_the_same_training_run_on_one_device_and_on_a_2x2_mesh[forward regenerated])
+@pytest.mark.parametrize("case", ["2x2 orthogonal", "4x1 sum", "1x4 orthogonal"])
 def test_regenerated_tangents_on_a_mesh_give_the_one_device_estimate(four_devices, case):
   got = four_devices["regenerated"][case]
   assert got["value"] < 1e-5
@@ -67,7 +69,8 @@ def test_regenerated_tangents_on_a_mesh_give_the_one_device_estimate(four_device
   assert got["replicated"]
 
 
-@pytest.mark.parametrize("case", ["2x2 mean", "2x2 orthogonal", "4x1 sum", "1x4 orthogonal"])
+# (2x2 mean sends what 2x2 orthogonal sends: d and the loss)
+@pytest.mark.parametrize("case", ["2x2 orthogonal", "4x1 sum", "1x4 orthogonal"])
 def test_regenerated_tangents_on_a_mesh_send_k_numbers_not_a_gradient(four_devices, case):
   regen = four_devices["regenerated"]
   n = regen["params"]

@@ -199,20 +199,24 @@ def _can_reach(url: str, timeout: float = _PROBE_TIMEOUT_S) -> bool:
   """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds."""
   parts = urllib.parse.urlsplit(url)
   port = parts.port or (443 if parts.scheme == "https" else 80)
-  reached = threading.Event()
+  reached, done = threading.Event(), threading.Event()
 
   def attempt() -> None:
     # Any failure at all means "offline" here.
-    with (
-      contextlib.suppress(Exception),
-      socket.create_connection((parts.hostname, port), timeout=timeout),
-    ):
-      reached.set()
+    try:
+      with (
+        contextlib.suppress(Exception),
+        socket.create_connection((parts.hostname, port), timeout=timeout),
+      ):
+        reached.set()
+    finally:
+      done.set()  # a refused or unresolvable host answers at once: no need to wait
 
   # A thread because name resolution has no timeout of its own and can hang
   # far longer than `timeout` on a machine without network.
   threading.Thread(target=attempt, name="fwdgrad-net-probe", daemon=True).start()
-  return reached.wait(timeout)
+  done.wait(timeout)
+  return reached.is_set()
 
 
 def prepared_builder(
