@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import fwdgrad_jax as fg
+from fwdgrad_jax.models.layers import CONV_INIT
 
 NORMS = {
   "layer_norm": lambda n, rngs: nnx.LayerNorm(n, rngs=rngs),
@@ -39,7 +40,8 @@ class MLP(nnx.Module):
 
 class CNN(nnx.Module):
   def __init__(self, rngs):
-    self.conv = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+    # CONV_INIT: flax's initialiser drawn 2-D (a 4-D draw takes seconds to compile).
+    self.conv = nnx.Conv(1, 8, (3, 3), kernel_init=CONV_INIT, rngs=rngs)
     self.norm = nnx.GroupNorm(8, num_groups=2, rngs=rngs)
     self.head = nnx.Linear(8, 4, rngs=rngs)
 

@@ -279,8 +279,10 @@ def test_the_guess_raises_the_cosine_over_as_many_random_tangents():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_local_guess_in_the_optax_transform(jit):
+def test_local_guess_in_the_optax_transform():
+  # Jitted. The transform's eager path (the activity interpreter on concrete values, local
+  # losses marked, data closed over) is test_local_loss.py's jit=False cases: the guesses
+  # are ops of the same interpreter, with no branch on concrete values.
   p, x, y = _setup()
   tx = optax.chain(
     fg.forward_gradient(key=jax.random.key(0), num_tangents=8, aggregation="orthogonal", **GUESS),
@@ -291,7 +293,7 @@ def test_local_guess_in_the_optax_transform(jit):
   def update(p, state):
     return tx.update(p, state, p, value_fn=lambda q: _losses(q, x, y))
 
-  updates, state = (jax.jit(update) if jit else update)(p, state)
+  updates, state = jax.jit(update)(p, state)
   np.testing.assert_allclose(_flat(updates), -_flat(_true(p, x, y)), atol=1e-5)
   assert np.isfinite(float(state[0].value))
 

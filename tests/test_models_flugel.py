@@ -82,11 +82,11 @@ def test_vit_patch_must_divide_the_image_and_resnet_norm_is_checked():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, options", [("resnet18", TINY_RESNET), ("vit", TINY_VIT)])
-def test_jvp_through_the_stateful_apply_matches_the_gradient(name, options):
+def test_jvp_through_the_stateful_apply_matches_the_gradient():
+  # The ResNet: BatchNorm's state goes through the jvp. (Forward mode through every op of
+  # the stateless ViT is checked against jax.grad by its exact activity estimate below.)
   shape = (8, 8, 1)
-  model = _make(name, shape, patch=4, **options) if name == "vit" else _make(name, shape, **options)
-  graphdef, params, rest = models.split(model)
+  graphdef, params, rest = models.split(_make("resnet18", shape, **TINY_RESNET))
   loss = steps_lib.make_stateful_loss(graphdef)
   x, y = _images(shape, batch=4), jnp.arange(4) % 10
 
@@ -105,11 +105,11 @@ def test_jvp_through_the_stateful_apply_matches_the_gradient(name, options):
   )(params, v)
   expected = _flat(grad) @ _flat(v)
   np.testing.assert_allclose(dval, expected, rtol=1e-4, atol=1e-6)
-  # BatchNorm statistics come back updated (the ViT has no state to update).
+  # BatchNorm statistics come back updated.
   changed = [
     not np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_rest), jax.tree.leaves(rest))
   ]
-  assert any(changed) == (name == "resnet18")
+  assert any(changed)
 
 
 def _site_shapes(name, shape, options, batch=2):

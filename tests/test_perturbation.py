@@ -16,6 +16,7 @@ from flax import nnx
 
 import fwdgrad_jax as fg
 from fwdgrad_jax import perturbation
+from fwdgrad_jax.models.layers import CONV_INIT
 
 # |z| beyond 5 has probability 5.7e-7 per coordinate under the null; with the ≤ 100
 # coordinates tested at once the family-wise false-alarm rate stays below 6e-5.
@@ -113,7 +114,8 @@ class _ConvNet(nnx.Module):
   """nnx.Conv and nnx.Linear layers; ``mark`` puts a site on the hidden block's output."""
 
   def __init__(self, rngs, mark=False):
-    self.conv = nnx.Conv(2, 3, kernel_size=(3, 3), rngs=rngs)
+    # CONV_INIT: flax's initialiser drawn 2-D (a 4-D draw takes seconds to compile).
+    self.conv = nnx.Conv(2, 3, kernel_size=(3, 3), kernel_init=CONV_INIT, rngs=rngs)
     self.lin = nnx.Linear(4 * 4 * 3, 4, rngs=rngs)
     self.head = nnx.Linear(4, 3, rngs=rngs)
     self.mark = mark
