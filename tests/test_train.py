@@ -9,7 +9,8 @@ Adam), and the gradient check (a program of its own) runs only where a test read
 
 The app's behaviour (exit codes, one-line errors) is tested through its command line: in a
 subprocess, as a user runs it, where the process itself is under test (a fast refusal, a
-signal, a lock held by another process, a forward run), and otherwise in this process
+signal, a lock held by another process; the signal test and tests/test_lr_search.py's
+sweep are also runs that train in a process of their own), and otherwise in this process
 (the ``app_here`` fixture: the same ``sys.argv``, exit code and output, without paying
 the Python start, jax import and compiles of a new process for every run).
 """
@@ -694,16 +695,12 @@ def _one_error_line(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-  "estimator, subprocess_run", [("forward", True), ("backprop", False)], ids=["forward", "backprop"]
-)
-def test_app_runs_each_estimator_and_logs_to_train_log(
-  tiny_data, tmp_path, app_here, estimator, subprocess_run
-):
+@pytest.mark.parametrize("estimator", ["forward", "backprop"])
+def test_app_runs_each_estimator_and_logs_to_train_log(tiny_data, tmp_path, app_here, estimator):
   data_dir, _ = tiny_data
   run_dir = tmp_path / "run"
   args = [*_app_overrides(data_dir), f"estimator={estimator}", f"hydra.run.dir={run_dir}"]
-  out = _app(*args, cwd=tmp_path) if subprocess_run else app_here(*args, cwd=tmp_path)
+  out = app_here(*args, cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   summary = _summary(run_dir)
   assert summary["estimator"] == estimator and summary["steps"] == 20
