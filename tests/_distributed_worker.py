@@ -8,6 +8,10 @@ Each process has ``--devices`` CPU devices (set before JAX starts); with ``--pro
 the mesh ``mesh.data=4`` spans them all. ``--kill-at STEP``: the process sends itself
 SIGKILL right after the checkpoint of STEP is saved (a run killed mid-way, at a known
 point).
+
+LLVM's optimizations are off (``--xla_backend_optimization_level=0``, as in
+tests/_parallel_worker.py): a process's time is its imports and compiles, and the runs
+compared are compiled alike.
 """
 
 import argparse
@@ -17,7 +21,11 @@ import os
 import signal
 import sys
 
-import jax
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+).strip()
+
+import jax  # noqa: E402
 
 
 def dataset(n=128, seed=3):

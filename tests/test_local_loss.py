@@ -250,13 +250,19 @@ def test_a_marker_every_site_reaches_changes_nothing():
   np.testing.assert_array_equal(_flat(out[0][1]), _flat(out[1][1]))
 
 
-def _errors(fun, params, args, target, num, seed=0, **options):
-  """(mean of num estimates, their standard errors, per-key squared errors ‖ĝ − ∇f‖²)."""
-  vg = fg.value_and_forward_grad(fun, **options)
+def _errors(funs, params, args, target, num, seed=0, **options):
+  """Per function: (mean of num estimates, their standard errors, per-key squared errors
+  ‖ĝ − ∇f‖²). The functions' estimates with the same keys (the same tangents), in one
+  compiled program: the draws are shared, and so is the compile."""
+  vgs = [fg.value_and_forward_grad(f, **options) for f in funs]
   keys = jax.random.split(jax.random.key(seed), num)
-  g = jax.jit(jax.vmap(lambda k: jax.flatten_util.ravel_pytree(vg(k, params, *args)[1])[0]))(keys)
-  g = np.asarray(g, np.float64)
-  return g.mean(0), g.std(0, ddof=1) / np.sqrt(num), np.sum(np.square(g - target), 1)
+  flat = lambda vg, k: jax.flatten_util.ravel_pytree(vg(k, params, *args)[1])[0]
+  gs = jax.jit(jax.vmap(lambda k: [flat(vg, k) for vg in vgs]))(keys)
+  out = []
+  for g in gs:
+    g = np.asarray(g, np.float64)
+    out.append((g.mean(0), g.std(0, ddof=1) / np.sqrt(num), np.sum(np.square(g - target), 1)))
+  return out
 
 
 @pytest.mark.parametrize(
@@ -275,10 +281,9 @@ def test_local_losses_are_unbiased_and_lower_error_than_unmarked(options, num):
   plain = _ren_problem(mark=False, **kw)[3]
   true = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(total)(params))[0], np.float64)
   opts = options
-  mean, se, err = _errors(fun, params, (x, y), true, num, **opts)
+  (mean, se, err), (_, _, err_plain) = _errors([fun, plain], params, (x, y), true, num, **opts)
   z = np.max(np.abs(mean - true) / se)
   z_bias = np.max(np.abs(mean - 1.05 * true) / se)
-  _, _, err_plain = _errors(plain, params, (x, y), true, num, **opts)
   diff = err_plain - err  # paired: the same keys, hence the same tangents
   z_better = diff.mean() / (diff.std(ddof=1) / np.sqrt(num))
   print(
@@ -299,7 +304,7 @@ def test_local_losses_with_k_tangents_sum_mean_and_rademacher():
   _assert_tree_close(summed, jax.tree.map(lambda g: 4 * g, mean), 1e-5)
   # Rademacher tangents with k = 8 per call: unbiased too (mean of 20 000 calls).
   true = np.asarray(jax.flatten_util.ravel_pytree(jax.grad(total)(params))[0], np.float64)
-  m, se, _ = _errors(fun, params, (x, y), true, 20_000, num_tangents=8, tangents="rademacher",
+  [(m, se, _)] = _errors([fun], params, (x, y), true, 20_000, num_tangents=8, tangents="rademacher",
                      perturbation="activity")  # fmt: skip
   assert np.max(np.abs(m - true) / se) < Z
 
@@ -448,9 +453,9 @@ def test_sliced_local_losses_are_unbiased_and_lower_error_than_per_example():
   true = np.asarray(true, np.float64)
   num = 40_000
   opts = dict(perturbation="activity")
-  mean, se, err = _errors(_sliced, params, (x, y), true, num, **opts)
-  _, _, err_plain = _errors(
-    lambda p, x, y: _sliced(p, x, y, sliced=False), params, (x, y), true, num, **opts
+  per_example = lambda p, x, y: _sliced(p, x, y, sliced=False)
+  (mean, se, err), (_, _, err_plain) = _errors(
+    [_sliced, per_example], params, (x, y), true, num, **opts
   )
   live = se > 0  # the heads, after the site, have an exact gradient
   z = np.max(np.abs(mean - true)[live] / se[live])

@@ -4,12 +4,13 @@
 examples that do not import Flax must run with those packages made unimportable — the
 proof that ``pip install fwdgrad_jax`` without extras (jax, optax, numpy) is enough.
 
-The examples run in two Python processes, not one each (the start and the imports of
-jax were a third of their time): those without Flax under the blocker, then those with
-it. Each block runs as printed in a fresh namespace, and what a block imported of
-fwdgrad_jax beyond the core is unloaded again (``import fwdgrad_jax.nnx`` sets
-``fg.nnx``), so a block that forgets an import fails as in a new interpreter; a block
-that changes ``jax.config`` fails (it would leak into the next).
+The examples run in one Python process, not one each (the start and the imports of jax
+were a third of their time): first those without Flax, under the blocker, then the
+blocker is removed and those with Flax run. Each block runs as printed in a fresh
+namespace, and what a block imported of fwdgrad_jax beyond the core is unloaded again
+(``import fwdgrad_jax.nnx`` sets ``fg.nnx``), so a block that forgets an import fails as
+in a new interpreter; a block that changes ``jax.config`` fails (it would leak into the
+next).
 """
 
 import json
@@ -39,13 +40,17 @@ _BLOCKER = textwrap.dedent(
 )
 
 
-# Runs each block of the JSON list on stdin; prints one JSON list of results.
+# After _BLOCKER: runs each block of the JSON list on stdin ([code, light]: the blocks
+# without Flax first), removing the blocker before the first block with Flax; prints one
+# JSON list of results.
 _RUNNER = textwrap.dedent(
   """
   import contextlib, io, json, sys, traceback
   import jax, fwdgrad_jax
   results = []
-  for code in json.loads(sys.stdin.read()):
+  for code, light in json.loads(sys.stdin.read()):
+    if not light:
+      sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "_Block"]
     modules, config = set(sys.modules), dict(jax.config.values)
     out, err, ok = io.StringIO(), io.StringIO(), True
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -110,24 +115,17 @@ def test_the_blocker_blocks():
 
 @pytest.fixture(scope="module")
 def readme_runs():
-  """``run(index)``: the result of README python block ``index``, its group run once."""
+  """The result of every README python block, by index (one process for all of them)."""
   blocks = _python_blocks()
-  results = {}
-
-  def run(index):
-    if index not in results:
-      light = "flax" not in blocks[index]
-      group = [i for i, code in enumerate(blocks) if ("flax" not in code) == light]
-      out = _run((_BLOCKER if light else "") + _RUNNER, 600, json.dumps([blocks[i] for i in group]))
-      assert out.returncode == 0, out.stderr[-3000:]
-      results.update(zip(group, json.loads(out.stdout.strip().splitlines()[-1])))
-    return results[index]
-
-  return run
+  order = sorted(range(len(blocks)), key=lambda i: "flax" in blocks[i])  # light ones first
+  todo = [[blocks[i], "flax" not in blocks[i]] for i in order]
+  out = _run(_BLOCKER + _RUNNER, 600, json.dumps(todo))
+  assert out.returncode == 0, out.stderr[-3000:]
+  return dict(zip(order, json.loads(out.stdout.strip().splitlines()[-1])))
 
 
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
 def test_readme_example_runs_as_printed(index, readme_runs):
-  got = readme_runs(index)
+  got = readme_runs[index]
   assert got["ok"], f"README python block {index} failed:\n{got['stderr'][-3000:]}"
   assert got["stdout"].strip(), "every README example prints its result"
