@@ -78,10 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   # A smoke test checks the run end to end, not the numbers: a narrow MLP compiles and
   # sorts in a fraction of the time of the paper's 1.86M parameters.
   options = {"hidden": (64, 64)} if args.quick and args.model == "mlp" else None
-  # The data are a constant of the compile: the smoke test's are a few hundred examples.
-  n = yao.QUICK_EXAMPLES if args.quick else None
-  x, y = (ds.x_train[:n], ds.y_train[:n]) if n else (ds.x_train, ds.y_train)
-  problem = yao.make_problem(args.model, x, y, seed=args.seed, options=options)
+  problem = yao.make_problem(args.model, ds.x_train, ds.y_train, seed=args.seed, options=options)
   # One compilation per (method, shuffle_ratio): the lrs of backprop and the guided
   # decay rates (a field of the guided state) are vmapped.
   groups = [("backprop", yao.estimator_config("backprop"), [{"lr": args.lr}])]
@@ -110,8 +107,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.model == "mlp":
       out = jax.jit(
         jax.vmap(
-          lambda lr, d, est=est, changes=changes: yao.sgd_run(
-            problem,
+          lambda prob, lr, d, est=est, changes=changes: yao.sgd_run(
+            prob,
             est,
             lr=lr,
             seed=args.seed,
@@ -119,31 +116,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             batch_size=args.batch_size,
             cosine=True,
             state_changes=changes(d),
-          )
+          ),
+          in_axes=(None, 0, 0),
         )
-      )(lrs, decays)
+      )(problem, lrs, decays)
     else:
       # Convolutions inside a loop are ~20x slower on XLA:CPU (jax-ml/jax#12868): one
       # jitted (vmapped) step per Python call.
       init = jax.jit(
         jax.vmap(
-          lambda d, est=est, changes=changes: yao.sgd_init(
-            problem, est, seed=args.seed, state_changes=changes(d)
-          )
+          lambda prob, d, est=est, changes=changes: yao.sgd_init(
+            prob, est, seed=args.seed, state_changes=changes(d)
+          ),
+          in_axes=(None, 0),
         )
       )
       step = jax.jit(
         jax.vmap(
-          lambda c, lr, t, est=est: yao.sgd_step(
-            problem, est, c, t, lr=lr, batch_size=args.batch_size, cosine=True
+          lambda prob, c, lr, t, est=est: yao.sgd_step(
+            prob, est, c, t, lr=lr, batch_size=args.batch_size, cosine=True
           ),
-          in_axes=(0, 0, None),
+          in_axes=(None, 0, 0, None),
         ),
-        donate_argnums=0,
+        donate_argnums=1,
       )
-      carry, outs = init(decays), []
+      carry, outs = init(problem, decays), []
       for t in range(args.steps):
-        carry, o = step(carry, lrs, jnp.int32(t))
+        carry, o = step(problem, carry, lrs, jnp.int32(t))
         outs.append(o)
       out = {k: jnp.stack([o[k] for o in outs], axis=1) for k in outs[0]}
       out["true_grads"] = jax.vmap(yao.true_grads_of)(carry)
@@ -174,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings=dict(
       model=args.model,
       num_params=problem.num_params,
-      data="fashion_mnist (train split" + (f", first {n} examples)" if n else ")"),
+      data=f"fashion_mnist (train split, {problem.x.shape[0]} examples)",
       steps=args.steps,
       batch_size=args.batch_size,
       lr=args.lr,

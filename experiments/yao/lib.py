@@ -17,6 +17,8 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -31,7 +33,6 @@ from fwdgrad_jax.training import config as config_lib
 from fwdgrad_jax.training import steps as steps_lib
 
 __all__ = [
-  "QUICK_EXAMPLES",
   "host_stepped",
   "SCHEMES",
   "Problem",
@@ -64,11 +65,6 @@ SCHEMES: dict[str, config_lib.EstimatorConfig] = {
   ),
 }
 
-#: Training examples of the smoke tests' (``--quick``) problems. A jitted :func:`sgd_run`
-#: closes over the problem's data, which XLA compiles in as a constant: the whole training
-#: split (172 MB) costs about a minute per compile on 2 cores, 512 examples next to nothing.
-QUICK_EXAMPLES = 512
-
 #: The paper's models: the MLP 784-1024-1024-10 and the CNN (widths ours, fwdgrad_jax/models/yao.py).
 MODEL_OPTIONS: dict[str, dict[str, Any]] = {
   "mlp": {"hidden": (1024, 1024)},
@@ -84,8 +80,6 @@ def estimator_config(label: str, **changes: Any) -> config_lib.EstimatorConfig:
   """
   if label not in SCHEMES:
     raise ValueError(f"unknown scheme {label!r}; known: {', '.join(SCHEMES)}")
-  import dataclasses
-
   return dataclasses.replace(SCHEMES[label], **changes)
 
 
@@ -96,14 +90,24 @@ def make_transform(
   return registry.gradient_transform(est.name, key=key, **steps_lib.estimator_options(est))
 
 
-class Problem(NamedTuple):
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["params", "x", "y"],
+  meta_fields=["loss", "num_params"],
+)
+@dataclasses.dataclass(frozen=True)
+class Problem:
   """A model's loss, initial parameters and the training data.
 
+  A pytree whose leaves are the parameters and the data: pass it to a jitted function as an
+  argument, so the training split is an input of the program, not a constant compiled into
+  it (a 172 MB constant costs about a minute per compile on 2 cores).
+
   Attributes:
-    loss: ``loss(params, x, y)``, mean cross-entropy.
+    loss: ``loss(params, x, y)``, mean cross-entropy (static).
     params: initial parameters (plain pytree).
     x, y: training images (N, H, W, C) and labels.
-    num_params: parameter count.
+    num_params: parameter count (static).
   """
 
   loss: Callable[..., jax.Array]
@@ -202,7 +206,8 @@ def sgd_run(
   :func:`sgd_step` instead.
 
   Args:
-    problem: :func:`make_problem`'s model and data.
+    problem: :func:`make_problem`'s model and data; an argument of the jitted caller
+      (``in_axes=None`` under vmap), not a closure, or the data compile in as a constant.
     est: the estimator.
     lr: the learning rate (may be traced: vmap over a grid).
     seed: the seed of the batches and tangents (may be traced).

@@ -82,10 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   ds = data.load("fashion_mnist")
   # The smoke test checks the run end to end, not the numbers: a narrow MLP.
   options = {"hidden": (64, 64)} if args.quick and args.model == "mlp" else None
-  # The data are a constant of the compile: the smoke test's are a few hundred examples.
-  n = yao.QUICK_EXAMPLES if args.quick else None
-  x, y = (ds.x_train[:n], ds.y_train[:n]) if n else (ds.x_train, ds.y_train)
-  problem = yao.make_problem(args.model, x, y, options=options)
+  problem = yao.make_problem(args.model, ds.x_train, ds.y_train, options=options)
   out = []
   for label in schemes:
     est = yao.estimator_config(label)
@@ -107,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings=dict(
       model=args.model,
       num_params=problem.num_params,
-      data=f"fashion_mnist (train split, {n or 55000} examples)",
+      data=f"fashion_mnist (train split, {problem.x.shape[0]} examples)",
       steps=args.steps,
       batch_size=args.batch_size,
       seeds=seeds,
@@ -133,29 +130,31 @@ def _runner(problem, est, args):
 
   kw = dict(batch_size=args.batch_size)
   seq = est.tangents == "input"
+  # The problem (its data) is an argument of every program, not a constant compiled in.
   if args.model == "mlp":
-    one = jax.jit(lambda lr, s: yao.sgd_run(problem, est, lr=lr, seed=s, steps=args.steps, **kw))
-    if seq:
-      return lambda lr, seeds: {"loss": jnp.stack([one(lr, s)["loss"] for s in seeds])}
-    return jax.jit(jax.vmap(one, in_axes=(None, 0)))
-
-  init = jax.jit(lambda s: yao.sgd_init(problem, est, seed=s))
-  step = jax.jit(lambda c, lr, t: yao.sgd_step(problem, est, c, t, lr=lr, **kw), donate_argnums=0)
-  if not seq:
-    init, step = (
-      jax.jit(jax.vmap(init)),
-      jax.jit(
-        jax.vmap(
-          lambda c, lr, t: yao.sgd_step(problem, est, c, t, lr=lr, **kw), in_axes=(0, None, None)
-        ),
-        donate_argnums=0,
-      ),
+    run = jax.jit(
+      lambda prob, lr, s: yao.sgd_run(prob, est, lr=lr, seed=s, steps=args.steps, **kw)
     )
+    if seq:
+      return lambda lr, seeds: {"loss": jnp.stack([run(problem, lr, s)["loss"] for s in seeds])}
+    batched = jax.jit(jax.vmap(run, in_axes=(None, None, 0)))
+    return lambda lr, seeds: batched(problem, lr, seeds)
+
+  def init(prob, s):
+    return yao.sgd_init(prob, est, seed=s)
+
+  def step(prob, c, lr, t):
+    return yao.sgd_step(prob, est, c, t, lr=lr, **kw)
+
+  if not seq:
+    init = jax.vmap(init, in_axes=(None, 0))
+    step = jax.vmap(step, in_axes=(None, 0, None, None))
+  init, step = jax.jit(init), jax.jit(step, donate_argnums=1)
 
   def hosted(seeds_, lr):
-    carry, losses = init(seeds_), []
+    carry, losses = init(problem, seeds_), []
     for t in range(args.steps):
-      carry, out = step(carry, lr, jnp.int32(t))
+      carry, out = step(problem, carry, lr, jnp.int32(t))
       losses.append(out["loss"])
     return jnp.stack(losses, axis=-1)
 
