@@ -45,7 +45,7 @@ test-fast: install
 # Re-measure which tests are slow (tests/durations.json) after adding or changing tests.
 test-durations: install
 	$(PY) -m pytest -q --durations=0 tests > .durations.log || true
-	$(PY) tests/_durations.py .durations.log --budget-s 70 --workers 2
+	$(PY) tests/_durations.py .durations.log --budget-s 55 --workers 2
 
 # The GPU check (experiments/benchmarks/gpu_check.py; sized for ~8 min on one H100): step
 # ratios and peak memory of backprop / forward / rank-1 / activity / regenerated steps on the
