@@ -8,7 +8,7 @@ XLA:CPU's compiles are two thirds of the suite's CPU time (programs of a few ste
 models), so the tests compile with cheaper code generation (:data:`_FAST_COMPILE`): the same
 HLO programs and passes, XLA's elemental emitters instead of its fusion emitters, LLVM at
 -O1. Measured on a clean clone (2 cores): backend compile 671 → 333 CPU s, the full suite
-~10 → 7.5 min, no test slower by more than 2 s. ``FWDGRAD_TEST_XLA_DEFAULTS=1`` runs the
+588–650 s → 494–506 s, no test slower by more than 2 s. ``FWDGRAD_TEST_XLA_DEFAULTS=1`` runs the
 suite with XLA's defaults; the README's examples (tests/test_readme.py) always do.
 """
 

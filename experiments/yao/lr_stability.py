@@ -132,10 +132,10 @@ def _runner(problem, est, args):
   seq = est.tangents == "input"
   # The problem (its data) is an argument of every program, not a constant compiled in.
   if args.model == "mlp":
-    run = jax.jit(lambda prob, lr, s: yao.sgd_run(prob, est, lr=lr, seed=s, steps=args.steps, **kw))
+    one = jax.jit(lambda prob, lr, s: yao.sgd_run(prob, est, lr=lr, seed=s, steps=args.steps, **kw))
     if seq:
-      return lambda lr, seeds: {"loss": jnp.stack([run(problem, lr, s)["loss"] for s in seeds])}
-    batched = jax.jit(jax.vmap(run, in_axes=(None, None, 0)))
+      return lambda lr, seeds: {"loss": jnp.stack([one(problem, lr, s)["loss"] for s in seeds])}
+    batched = jax.jit(jax.vmap(one, in_axes=(None, None, 0)))
     return lambda lr, seeds: batched(problem, lr, seeds)
 
   def init(prob, s):
